@@ -1,0 +1,37 @@
+# hvtune: every target sets up what it needs. `make demo` runs the whole appliance on a tiny model; `make test` tests it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: venv test test-fast demo check lint bench clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make demo | test | test-fast | check | lint | bench | build-cpu | build-cuda | build-rocm | clean"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exact: this machine holds the CPU wheel; a bare `torch` would pull GBs of CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not container"
+
+check: $(STAMP)
+	cd examples/seed-project && ../../$(VENV)/bin/hvtune check --config config/config.json
+
+lint: $(STAMP)
+	$(PY) -m ruff check app tests
+	$(PY) -m ruff format --check app tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo

@@ -1,0 +1,555 @@
+"""Training and data-backend configuration with SimpleTuner's key names.
+
+Values come in layers, later winning: built-in defaults, the config file, environment variables `HVTUNE_<KEY>`,
+command-line flags `--key=value`. Every resolved value remembers where it came from (`ResolvedConfig.sources`), so
+`hvtune check` can show it and the run record can store it. Keys we do not know (SimpleTuner configs carry hundreds)
+are kept and reported once; they never change what runs.
+
+Validation collects every problem before reporting: a user fixing a config wants the whole list, not one per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Task = Literal["t2v", "i2v"]
+Flavour = Literal["t2v-480p", "t2v-720p", "i2v-480p", "i2v-720p"]
+FLAVOURS: tuple[str, ...] = Flavour.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class FlavourDefaults:
+    task: Task
+    resolution: tuple[int, int]  # (width, height), multiples of 16
+    flow_shift: float  # Tencent's inference shift, also SimpleTuner's training default
+
+
+FLAVOUR_DEFAULTS: dict[str, FlavourDefaults] = {
+    "t2v-480p": FlavourDefaults("t2v", (848, 480), 5.0),
+    "i2v-480p": FlavourDefaults("i2v", (848, 480), 5.0),
+    "t2v-720p": FlavourDefaults("t2v", (1280, 720), 9.0),
+    "i2v-720p": FlavourDefaults("i2v", (1280, 720), 7.0),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @property
+    def unknown_keys(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class VideoOptions(_Section):
+    num_frames: int = 61
+    min_frames: int | None = None
+    max_frames: int | None = None
+    frame_rate: float | None = None
+    bucket_strategy: str = "aspect_ratio"
+    frame_interval: int = 4
+
+
+class DatasetConfig(_Section):
+    id: str
+    type: str = "local"
+    dataset_type: Literal["video", "image", "text_embeds", "image_embeds"] = "video"
+    instance_data_dir: str | None = None
+    caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "textfile"
+    instance_prompt: str | None = None
+    metadata_file: str | None = None
+    resolution: int | str | None = None
+    video: VideoOptions = Field(default_factory=VideoOptions)
+    repeats: int = Field(0, ge=0)
+    default: bool = False
+    cache_dir: str | None = None
+    cache_dir_vae: str | None = None
+    disabled: bool = False
+
+
+class TrainConfig(_Section):
+    # model
+    model_type: Literal["lora"] = "lora"
+    model_family: Literal["hunyuanvideo"] = "hunyuanvideo"
+    pretrained_model_name_or_path: str = "tencent/HunyuanVideo-1.5"
+    revision: str | None = None
+    model_flavour: str = "t2v-480p"
+    text_encoder_path: str | None = None
+    vision_encoder_path: str | None = None
+    base_model_precision: Literal["bf16", "no_change", "int8-torchao"] = "bf16"
+    # data and outputs
+    data_backend_config: str | None = Field(None, alias="dataset_backend_config")
+    instance_data_dir: str | None = None
+    output_dir: str = "output/hunyuan-video"
+    cache_dir: str = "cache"
+    seed: int = 42
+    # LoRA
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float | None = None
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_init_type: Literal["default", "gaussian"] = "default"
+    lora_target_modules: list[str] | None = None
+    # optimisation
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_train_steps: int | None = Field(None, ge=1)
+    num_train_epochs: int = Field(1, ge=1)
+    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit"] = "adamw_bf16"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
+    flow_schedule_shift: float | None = Field(None, gt=0)
+    timestep_sampling: Literal["sigmoid", "uniform"] = "sigmoid"
+    # memory
+    gradient_checkpointing: bool = True
+    enable_group_offload: bool = False
+    group_offload_type: Literal["block_level", "leaf_level"] = "block_level"
+    group_offload_blocks_per_group: int = Field(1, ge=1)
+    group_offload_use_stream: bool = False
+    enable_model_cpu_offload: bool = False
+    vae_enable_patch_conv: bool = False
+    vae_enable_tiling: bool = False
+    vae_enable_slicing: bool = False
+    # checkpoints, validation, logging
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    resume_from_checkpoint: str | None = None
+    validation_steps: int = Field(0, ge=0)
+    validation_prompt: str = "A cat walks across a sunlit kitchen floor."
+    validation_negative_prompt: str = ""
+    validation_resolution: str | None = None
+    validation_num_video_frames: int = 61
+    validation_guidance: float = 6.0
+    validation_num_inference_steps: int = Field(30, ge=1)
+    validation_seed: int | None = None
+    validation_image: str | None = None
+    validation_fps: int = 24
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    deterministic: bool = True
+
+    @property
+    def flavour(self) -> FlavourDefaults:
+        return FLAVOUR_DEFAULTS[self.model_flavour]
+
+    @property
+    def shift(self) -> float:
+        return self.flow_schedule_shift if self.flow_schedule_shift is not None else self.flavour.flow_shift
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        if self.validation_resolution is None:
+            return self.flavour.resolution
+        return parse_wxh(self.validation_resolution)
+
+
+# ----------------------------------------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str  # a file path, an env var or a flag
+    key: str
+    value: Any
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.key} = {self.value!r}: {self.rule}"
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; str() lists them all."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------------------- resolution
+
+
+@dataclass
+class ResolvedConfig:
+    train: TrainConfig
+    datasets: list[DatasetConfig]
+    sources: dict[str, str]  # key -> "default" | "file:PATH" | "env:VAR" | "flag:--key"
+    config_path: Path | None
+    backend_path: Path | None
+    notices: list[str] = field(default_factory=list)
+    unknown: dict[str, Any] = field(default_factory=dict)  # unknown training keys, kept for the run record
+
+    @property
+    def task(self) -> Task:
+        return self.train.flavour.task
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "config": self.train.model_dump(mode="json", by_alias=False),
+            "datasets": [d.model_dump(mode="json") for d in self.datasets],
+            "sources": self.sources,
+            "unknown_keys": self.unknown,
+            "config_path": str(self.config_path) if self.config_path else None,
+            "backend_path": str(self.backend_path) if self.backend_path else None,
+        }
+
+
+_WXH = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_wxh(text: str) -> tuple[int, int]:
+    m = _WXH.match(text)
+    if not m:
+        raise ValueError(f"expected WIDTHxHEIGHT such as 848x480, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def read_json(path: Path) -> Any:
+    """Read JSON, turning syntax errors into a Problem with line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([Problem(str(path), "(file)", None, f"cannot read: {e.strerror}")]) from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        rule = f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        raise ConfigError([Problem(str(path), "(file)", None, rule)]) from e
+
+
+def _parse_scalar(text: str) -> Any:
+    """Env and flag values are strings; JSON gives numbers, booleans, null and lists their types."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_flags(argv: Sequence[str]) -> dict[str, str]:
+    flags: dict[str, str] = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError([Problem("command line", arg, None, "config overrides are written --key=value")])
+        key, value = arg[2:].split("=", 1)
+        flags[key.replace("-", "_")] = value
+    return flags
+
+
+def _field_keys() -> dict[str, str]:
+    """Every accepted spelling of a training key -> the field name (aliases included)."""
+    keys = {}
+    for name, info in TrainConfig.model_fields.items():
+        keys[name] = name
+        if info.alias:
+            keys[info.alias] = name
+    return keys
+
+
+def _resolve_path(text: str, config_path: Path | None) -> Path:
+    """Relative paths resolve against the working directory, like SimpleTuner, then beside the config file."""
+    p = Path(text).expanduser()
+    if p.is_absolute() or p.exists() or config_path is None:
+        return p
+    for base in (config_path.parent, config_path.parent.parent):
+        if (base / p).exists():
+            return base / p
+    return p
+
+
+def load_config(
+    config_path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    argv: Sequence[str] = (),
+    check_paths: bool = True,
+) -> ResolvedConfig:
+    env = os.environ if env is None else env
+    path = Path(config_path) if config_path else None
+    problems: list[Problem] = []
+    keys = _field_keys()
+
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ConfigError([Problem(str(path), "(file)", type(data).__name__, "must be a JSON object")])
+        for key, value in data.items():
+            name = keys.get(key, key)
+            raw[name] = value
+            sources[name] = f"file:{path}"
+            where[name] = str(path)
+    for key, name in keys.items():
+        var = f"HVTUNE_{key.upper()}"
+        if var in env:
+            raw[name] = _parse_scalar(env[var])
+            sources[name] = f"env:{var}"
+            where[name] = var
+    for key, value in _parse_flags(argv).items():
+        name = keys.get(key, key)
+        raw[name] = _parse_scalar(value)
+        sources[name] = f"flag:--{key}"
+        where[name] = f"flag --{key}"
+
+    train = _validate_section(TrainConfig, raw, lambda k: where.get(k, "defaults"), problems)
+    for name in TrainConfig.model_fields:
+        sources.setdefault(name, "default")
+    notices: list[str] = []
+    unknown = {k: v for k, v in raw.items() if k not in TrainConfig.model_fields}
+    if unknown:
+        notices.append(
+            f"ignoring {len(unknown)} key(s) hvtune does not use (kept in run.json): {', '.join(sorted(unknown))}"
+        )
+
+    _check_train_rules(train, lambda k: where.get(k, "defaults"), problems, notices)
+    flavour = train.flavour
+    if train.validation_resolution is None:
+        train.validation_resolution = "{}x{}".format(*flavour.resolution)
+        sources["validation_resolution"] = f"default for {train.model_flavour}"
+    if train.flow_schedule_shift is None:
+        train.flow_schedule_shift = flavour.flow_shift
+        sources["flow_schedule_shift"] = f"default for {train.model_flavour}"
+
+    backend_path = None
+    datasets: list[DatasetConfig] = []
+    if train.data_backend_config:
+        backend_path = _resolve_path(train.data_backend_config, path)
+        try:
+            datasets = _load_backends(backend_path, problems, notices)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    elif train.instance_data_dir:
+        datasets = _default_backends(train)
+    else:
+        problems.append(
+            Problem(
+                "config",
+                "data_backend_config",
+                None,
+                "set data_backend_config (a multidatabackend.json) or instance_data_dir",
+            )
+        )
+    if datasets:
+        _check_dataset_rules(datasets, str(backend_path or "instance_data_dir"), problems, check_paths, path)
+
+    if problems:
+        raise ConfigError(problems)
+    return ResolvedConfig(train, datasets, sources, path, backend_path, notices, unknown)
+
+
+def _validate_section(model: type, raw: dict[str, Any], where, problems: list[Problem]):
+    """Validate; on failure record every error, drop the offending keys and validate again, so the cross-field
+    rules still run on what is valid and the user sees every problem in one go."""
+    raw = dict(raw)
+    for _ in range(3):
+        try:
+            return model.model_validate(raw)
+        except ValidationError as e:
+            for err in e.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "(object)"
+                top = str(err["loc"][0]) if err["loc"] else ""
+                problems.append(Problem(where(top), key, err.get("input"), err["msg"]))
+                raw.pop(top, None)
+    return model.model_validate({})
+
+
+def _round16(value: int, key: str, notices: list[str]) -> int:
+    rounded = value // 16 * 16
+    if rounded != value:
+        notices.append(f"{key}: {value} rounded down to {rounded} (the model needs multiples of 16)")
+    return rounded
+
+
+def _check_frames(n: int | None, where: str, key: str, problems: list[Problem]) -> None:
+    if n is not None and (n < 1 or (n - 1) % 4 != 0):
+        problems.append(Problem(where, key, n, "(frames - 1) % 4 must be 0, e.g. 1, 33, 61, 121, 129"))
+
+
+def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: list[str]) -> None:
+    if t.model_flavour not in FLAVOUR_DEFAULTS:
+        problems.append(
+            Problem(where("model_flavour"), "model_flavour", t.model_flavour, f"must be one of {', '.join(FLAVOURS)}")
+        )
+        t.model_flavour = "t2v-480p"
+    _check_frames(
+        t.validation_num_video_frames, where("validation_num_video_frames"), "validation_num_video_frames", problems
+    )
+    if t.validation_resolution is not None:
+        try:
+            w, h = parse_wxh(t.validation_resolution)
+            w, h = (
+                _round16(w, "validation_resolution width", notices),
+                _round16(h, "validation_resolution height", notices),
+            )
+            if min(w, h) < 16:
+                raise ValueError("width and height must be at least 16")
+            t.validation_resolution = f"{w}x{h}"
+        except ValueError as e:
+            problems.append(
+                Problem(where("validation_resolution"), "validation_resolution", t.validation_resolution, str(e))
+            )
+    if t.group_offload_use_stream and t.enable_model_cpu_offload:
+        problems.append(
+            Problem(
+                where("group_offload_use_stream"),
+                "group_offload_use_stream",
+                True,
+                "never combine with enable_model_cpu_offload; choose one offload method",
+            )
+        )
+    if t.enable_group_offload and t.enable_model_cpu_offload:
+        problems.append(
+            Problem(
+                where("enable_model_cpu_offload"),
+                "enable_model_cpu_offload",
+                True,
+                "never combine with enable_group_offload; choose one offload method",
+            )
+        )
+
+
+def check_device_support(t: TrainConfig, device: str, where: str = "config") -> list[Problem]:
+    """Rules that depend on the machine: `device` is "cuda", "rocm" or "cpu" (see registry.detect_device)."""
+    problems = []
+    if t.group_offload_use_stream and device != "cuda":
+        problems.append(
+            Problem(
+                where,
+                "group_offload_use_stream",
+                True,
+                f"needs an NVIDIA CUDA GPU (this machine: {device}); set it to false",
+            )
+        )
+    return problems
+
+
+def _default_backends(t: TrainConfig) -> list[DatasetConfig]:
+    """No multidatabackend.json: one video dataset from instance_data_dir plus the text-embed cache."""
+    return [
+        DatasetConfig(id="videos", dataset_type="video", instance_data_dir=t.instance_data_dir),
+        DatasetConfig(id="text-embeds", dataset_type="text_embeds", default=True),
+    ]
+
+
+def _load_backends(path: Path, problems: list[Problem], notices: list[str]) -> list[DatasetConfig]:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise ConfigError([Problem(str(path), "(file)", type(data).__name__, "must be a JSON list of datasets")])
+    datasets = []
+    for i, entry in enumerate(data):
+        label = f"[{i}]" + (f" id={entry.get('id')}" if isinstance(entry, dict) and entry.get("id") else "")
+        if not isinstance(entry, dict):
+            problems.append(Problem(str(path), label, entry, "each dataset must be a JSON object"))
+            continue
+        problems_local: list[Problem] = []
+        ds = _validate_section(DatasetConfig, entry, lambda _k: str(path), problems_local)
+        for p in problems_local:
+            problems.append(Problem(p.where, f"{label}.{p.key}", p.value, p.rule))
+        if "id" not in entry:
+            continue
+        if isinstance(ds.resolution, str):
+            try:
+                w, h = parse_wxh(ds.resolution)
+                ds.resolution = (
+                    f"{_round16(w, f'{label}.resolution', notices)}x{_round16(h, f'{label}.resolution', notices)}"
+                )
+            except ValueError as e:
+                problems.append(Problem(str(path), f"{label}.resolution", ds.resolution, str(e)))
+        elif isinstance(ds.resolution, int):
+            ds.resolution = _round16(ds.resolution, f"{label}.resolution", notices)
+        if ds.unknown_keys:
+            notices.append(f"{path} {label}: ignoring key(s) {', '.join(sorted(ds.unknown_keys))}")
+        datasets.append(ds)
+    return datasets
+
+
+def _check_dataset_rules(
+    datasets: list[DatasetConfig], where: str, problems: list[Problem], check_paths: bool, config_path: Path | None
+) -> None:
+    seen: set[str] = set()
+    defaults = []
+    for i, ds in enumerate(datasets):
+        label = f"[{i}] id={ds.id}"
+        if ds.id in seen:
+            problems.append(Problem(where, f"{label}.id", ds.id, "dataset ids must be unique"))
+        seen.add(ds.id)
+        if ds.disabled:
+            continue
+        if ds.type != "local":
+            problems.append(Problem(where, f"{label}.type", ds.type, "only 'local' datasets are supported"))
+        if ds.dataset_type == "text_embeds":
+            if ds.default:
+                defaults.append(ds.id)
+            continue
+        if ds.dataset_type not in ("video", "image"):
+            problems.append(
+                Problem(where, f"{label}.dataset_type", ds.dataset_type, "must be video, image or text_embeds")
+            )
+            continue
+        v = ds.video
+        _check_frames(v.num_frames, where, f"{label}.video.num_frames", problems)
+        if v.bucket_strategy not in ("aspect_ratio", "resolution_frames"):
+            problems.append(
+                Problem(
+                    where,
+                    f"{label}.video.bucket_strategy",
+                    v.bucket_strategy,
+                    "must be aspect_ratio or resolution_frames",
+                )
+            )
+        if v.frame_interval < 1:
+            problems.append(Problem(where, f"{label}.video.frame_interval", v.frame_interval, "must be >= 1"))
+        if v.min_frames is not None and v.min_frames > v.num_frames:
+            problems.append(
+                Problem(where, f"{label}.video.min_frames", v.min_frames, f"must be <= num_frames ({v.num_frames})")
+            )
+        if v.max_frames is not None and v.max_frames < v.num_frames:
+            problems.append(
+                Problem(where, f"{label}.video.max_frames", v.max_frames, f"must be >= num_frames ({v.num_frames})")
+            )
+        if ds.caption_strategy == "instanceprompt" and not ds.instance_prompt:
+            problems.append(
+                Problem(where, f"{label}.instance_prompt", None, "caption_strategy instanceprompt needs it")
+            )
+        if ds.caption_strategy == "metadata" and not ds.metadata_file:
+            problems.append(
+                Problem(where, f"{label}.metadata_file", None, "caption_strategy metadata needs a jsonl or csv")
+            )
+        if not ds.instance_data_dir:
+            problems.append(Problem(where, f"{label}.instance_data_dir", None, "a video or image dataset needs it"))
+        elif check_paths:
+            data_dir = _resolve_path(ds.instance_data_dir, config_path)
+            if not data_dir.is_dir():
+                problems.append(
+                    Problem(
+                        where,
+                        f"{label}.instance_data_dir",
+                        ds.instance_data_dir,
+                        f"directory not found (looked for {data_dir.absolute()})",
+                    )
+                )
+            else:
+                ds.instance_data_dir = str(data_dir)
+    if len(defaults) != 1:
+        problems.append(
+            Problem(
+                where,
+                "text_embeds",
+                defaults or None,
+                'exactly one enabled text_embeds dataset must have "default": true',
+            )
+        )
