@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import ConfigError, ResolvedConfig, check_device_support, load_config
+from .config import ConfigError, ResolvedConfig, UserError, check_device_support, load_config
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -50,6 +50,63 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import build_cache, verify_cache
+
+    resolved = _config(args)
+    if args.action == "verify":
+        problems = verify_cache(resolved)
+        for problem in problems:
+            print(f"  {problem}")
+        print(f"cache verify: {len(problems)} problem(s)" if problems else "cache verify: every entry intact")
+        return EXIT_FAIL if problems else EXIT_OK
+    build_cache(resolved)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    result = train(_config(args))
+    if result.stopped_early:
+        print(f"stopped at step {result.global_step}; checkpoint in {result.output_dir / 'checkpoints'}")
+    else:
+        print(f"done: {result.global_step} steps; LoRA: {result.lora_path}; record: {result.output_dir / 'run.json'}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .cache import build_cache
+    from .demo import write_demo_project
+    from .trainer import train
+
+    config_path = write_demo_project(args.dir.resolve(), task=args.task, steps=args.steps)
+    print(f"demo project: {config_path.parent.parent}")
+    resolved = load_config(config_path, argv=args.overrides)
+    build_cache(resolved)
+    result = train(resolved)
+    out = result.output_dir
+    print("\ndemo finished:")
+    for label, path in [
+        ("LoRA (diffusers)", result.lora_path),
+        ("LoRA (ComfyUI)", out / "comfyui_lora.safetensors"),
+        ("validation videos", out / "validation"),
+        ("loss curve", out / "loss.png"),
+        ("run record", out / "run.json"),
+        ("config", config_path),
+    ]:
+        print(f"  {label:<18} {path}")
+    return EXIT_OK
+
+
+def cmd_synth_dataset(args: argparse.Namespace) -> int:
+    from .synth import write_synthetic_dataset
+
+    files = write_synthetic_dataset(args.out, clips=args.clips, seed=args.seed)
+    print(f"{len(files)} clips with captions written to {args.out}")
+    return EXIT_OK
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_model import write_tiny_model
 
@@ -70,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("check", cmd_check, "Validate the config and show every resolved value with its source.")
     with_config("fetch", cmd_fetch, "Resolve or download every model component the flavour needs.")
+    p = with_config("cache", cmd_cache, "Encode text, video latents and i2v conditions once (or verify the cache).")
+    p.add_argument("action", nargs="?", choices=["build", "verify"], default="build")
+    with_config("train", cmd_train, "Train the LoRA from the cache.")
+
+    p = sub.add_parser("demo", help="Tiny model + synthetic clips: cache, train, validate, export (minutes, CPU).")
+    p.add_argument("--dir", type=Path, default=Path("demo"))
+    p.add_argument("--task", choices=["t2v", "i2v"], default="t2v")
+    p.add_argument("--steps", type=int, default=40)
+    p.set_defaults(func=cmd_demo, takes_overrides=True)
+
+    p = sub.add_parser("synth-dataset", help="Write synthetic clips of moving shapes with captions.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_dataset)
 
     p = sub.add_parser("tiny-model", help="Write a tiny random HunyuanVideo 1.5 pipeline (tests, demo).")
     p.add_argument("out", type=Path)
@@ -80,8 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .registry import ModelSourceError
-
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_overrides", False):
@@ -89,12 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = rest
     try:
         return args.func(args)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ModelSourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

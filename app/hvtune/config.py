@@ -129,6 +129,7 @@ class TrainConfig(_Section):
     checkpoints_total_limit: int | None = Field(None, ge=1)
     resume_from_checkpoint: str | None = None
     validation_steps: int = Field(0, ge=0)
+    validation_disable: bool = False
     validation_prompt: str = "A cat walks across a sunlit kitchen floor."
     validation_negative_prompt: str = ""
     validation_resolution: str | None = None
@@ -170,7 +171,14 @@ class Problem:
         return f"{self.where}: {self.key} = {self.value!r}: {self.rule}"
 
 
-class ConfigError(Exception):
+class UserError(Exception):
+    """A problem the user can fix (bad config, missing file, wrong mount); the CLI prints it and exits 2.
+    Every stage's user-facing errors derive from it."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
     """One or more configuration problems; str() lists them all."""
 
     def __init__(self, problems: Sequence[Problem]):

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 
 TENCENT_REPO = "tencent/HunyuanVideo-1.5"
 # Tencent's repo holds the original checkpoint format; the community conversions hold the same weights in
@@ -48,7 +48,7 @@ TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 VISION = ("image_encoder", "feature_extractor")
 
 
-class ModelSourceError(Exception):
+class ModelSourceError(UserError):
     """A model component cannot be found, fetched or trusted; the message says what to do."""
 
 
