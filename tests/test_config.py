@@ -79,8 +79,15 @@ def test_unknown_keys_kept_with_one_notice(project):
 
 def test_all_problems_reported_at_once(project):
     cfg = json.loads((project / "config/config.json").read_text())
-    cfg.update({"model_flavour": "t2v-1080p", "validation_num_video_frames": 60, "lora_rank": "big",
-                "enable_model_cpu_offload": True, "group_offload_use_stream": True})
+    cfg.update(
+        {
+            "model_flavour": "t2v-1080p",
+            "validation_num_video_frames": 60,
+            "lora_rank": "big",
+            "enable_model_cpu_offload": True,
+            "group_offload_use_stream": True,
+        }
+    )
     write(project / "config/config.json", cfg)
     ds = backends(project)
     ds[0]["video"].update({"num_frames": 50, "bucket_strategy": "random", "min_frames": 81, "max_frames": 33})
@@ -141,7 +148,8 @@ def test_check_command_exit_codes(project):
     ok = subprocess.run(env_cmd + ["--lora_rank=4"], capture_output=True, text=True, env={"PYTHONPATH": app})
     assert ok.returncode == 0, ok.stderr
     assert "lora_rank" in ok.stdout and "flag:--lora_rank" in ok.stdout and "file:config/config.json" in ok.stdout
-    bad = subprocess.run(env_cmd + ["--validation_num_video_frames=62"], capture_output=True, text=True,
-                         env={"PYTHONPATH": app})
+    bad = subprocess.run(
+        env_cmd + ["--validation_num_video_frames=62"], capture_output=True, text=True, env={"PYTHONPATH": app}
+    )
     assert bad.returncode == 2 and "validation_num_video_frames = 62" in bad.stderr
     assert not list(project.glob("output*"))  # nothing written

@@ -44,8 +44,17 @@ def test_tiny_model_is_byte_identical_for_a_seed_and_differs_across_seeds(tiny_t
 
 def test_tiny_model_loads_through_the_registry(tiny_i2v):
     paths = resolve_model(cfg(tiny_i2v, model_flavour="i2v-480p"), env={})
-    assert set(paths.components) == {"transformer", "vae", "scheduler", "text_encoder", "tokenizer",
-                                     "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor"}
+    assert set(paths.components) == {
+        "transformer",
+        "vae",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "image_encoder",
+        "feature_extractor",
+    }
     transformer, vae = load_transformer(paths), load_vae(paths)
     assert transformer.config.in_channels == 65 and vae.config.latent_channels == 32
     assert vae.spatial_compression_ratio == 16 and vae.temporal_compression_ratio == 4
@@ -83,8 +92,9 @@ def test_incomplete_encoder_dir_names_missing_files_before_loading(tiny_i2v, tmp
     shutil.copytree(tiny_i2v / "image_encoder", vision_root / "image_encoder")
     (vision_root / "image_encoder" / "model.safetensors").unlink()
     with pytest.raises(ModelSourceError) as e:
-        resolve_model(cfg(tiny_i2v, model_flavour="i2v-480p"),
-                      env={"HUNYUANVIDEO_VISION_ENCODER_PATH": str(vision_root)})
+        resolve_model(
+            cfg(tiny_i2v, model_flavour="i2v-480p"), env={"HUNYUANVIDEO_VISION_ENCODER_PATH": str(vision_root)}
+        )
     msg = str(e.value)
     assert "env:HUNYUANVIDEO_VISION_ENCODER_PATH" in msg and str(vision_root) in msg
     assert "image_encoder/model.safetensors" in msg and "feature_extractor/preprocessor_config.json" in msg
@@ -108,11 +118,21 @@ def test_hub_id_resolves_offline_from_local_hf_cache(tiny_t2v, tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
     _fake_hf_cache(tmp_path / "hf", DIFFUSERS_REPOS["t2v-480p"], tiny_t2v, commit)
     env = {"PYTHONPATH": APP, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "hvtune", "fetch", f"--instance_data_dir={tmp_path}"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "hvtune", "fetch", f"--instance_data_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert f"snapshots/{commit}/transformer" in out.stdout and "all components present" in out.stdout
     # a repo missing from the cache is a clear error, not a network attempt
-    miss = subprocess.run([sys.executable, "-m", "hvtune", "fetch", f"--instance_data_dir={tmp_path}",
-                           "--model_flavour=t2v-720p"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    miss = subprocess.run(
+        [sys.executable, "-m", "hvtune", "fetch", f"--instance_data_dir={tmp_path}", "--model_flavour=t2v-720p"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert miss.returncode == 2 and "not in the local Hugging Face cache" in miss.stderr

@@ -163,7 +163,8 @@ def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tu
         raise ModelSourceError(f"{source.location}: revision {source.revision!r} not found ({source.origin})") from e
     except LocalEntryNotFoundError as e:
         raise ModelSourceError(
-            f"{source.location} is not in the local Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+            f"{source.location} is not in the local Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
             " and downloads are off (HF_HUB_OFFLINE=1): run `hvtune fetch` online first, or mount a local copy"
         ) from e
     missing = missing_files(path, components)
