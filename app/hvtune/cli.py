@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .compare import Tolerances
 from .config import ConfigError, ResolvedConfig, UserError, check_device_support, load_config
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -99,6 +100,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs, format_comparison
+
+    tol = Tolerances(args.loss_rtol, args.weight_rtol, args.min_cosine)
+    plot = args.plot or Path(args.run_b) / "compare_loss.png"
+    result = compare_runs(args.run_a, args.run_b, tol, plot=plot)
+    print(format_comparison(result, tol))
+    print(f"loss overlay: {plot}")
+    return result.exit_code
+
+
 def cmd_synth_dataset(args: argparse.Namespace) -> int:
     from .synth import write_synthetic_dataset
 
@@ -136,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["t2v", "i2v"], default="t2v")
     p.add_argument("--steps", type=int, default=40)
     p.set_defaults(func=cmd_demo, takes_overrides=True)
+
+    p = sub.add_parser("compare", help="Compare two runs: identical (exit 0), equivalent (3) or different (4).")
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument("--loss-rtol", type=float, default=Tolerances.loss_rtol)
+    p.add_argument("--weight-rtol", type=float, default=Tolerances.weight_rtol)
+    p.add_argument("--min-cosine", type=float, default=Tolerances.min_cosine)
+    p.add_argument("--plot", type=Path, help="loss overlay PNG (default: RUN_B/compare_loss.png)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("synth-dataset", help="Write synthetic clips of moving shapes with captions.")
     p.add_argument("out", type=Path)

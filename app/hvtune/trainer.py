@@ -101,6 +101,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     transformer = load_transformer(paths, dtype=dtype)
     transformer.requires_grad_(False)
     prepare_base(transformer, cfg, device)  # precision, checkpointing, offload: before LoRA so LoRA stays fp32
+    torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))  # LoRA A init uses the global RNG
     add_lora(transformer, cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
