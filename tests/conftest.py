@@ -27,3 +27,27 @@ def tiny_i2v(tmp_path_factory) -> Path:
     from hvtune.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-i2v", task="i2v", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory):
+    """The demo project (tiny t2v model, 8 synthetic clips) with its cache built once; tests train from it."""
+    from hvtune.cache import build_cache
+
+    from hvtune.config import load_config
+    from hvtune.demo import write_demo_project
+
+    config = write_demo_project(tmp_path_factory.mktemp("demo"), task="t2v", steps=12)
+    build_cache(load_config(config, env={}), progress=False)
+    return config
+
+
+def run_hvtune(*args: str, env: dict | None = None, cwd=None, timeout: int = 600):
+    """`python -m hvtune ...` in a subprocess, as a user would run it."""
+    import subprocess
+
+    app = str(Path(__file__).resolve().parents[1] / "app")
+    full_env = {**os.environ, "PYTHONPATH": app, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "hvtune", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
+    )

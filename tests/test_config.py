@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SEED_GUIDE
 
+from conftest import SEED_GUIDE
 from hvtune.config import ConfigError, check_device_support, load_config
 
 
@@ -145,11 +145,11 @@ def test_stream_offload_needs_cuda(project):
 def test_check_command_exit_codes(project):
     env_cmd = [sys.executable, "-m", "hvtune", "check", "--config", "config/config.json"]
     app = str(Path(__file__).resolve().parents[1] / "app")
-    ok = subprocess.run(env_cmd + ["--lora_rank=4"], capture_output=True, text=True, env={"PYTHONPATH": app})
+    ok = subprocess.run([*env_cmd, "--lora_rank=4"], capture_output=True, text=True, env={"PYTHONPATH": app})
     assert ok.returncode == 0, ok.stderr
     assert "lora_rank" in ok.stdout and "flag:--lora_rank" in ok.stdout and "file:config/config.json" in ok.stdout
     bad = subprocess.run(
-        env_cmd + ["--validation_num_video_frames=62"], capture_output=True, text=True, env={"PYTHONPATH": app}
+        [*env_cmd, "--validation_num_video_frames=62"], capture_output=True, text=True, env={"PYTHONPATH": app}
     )
     assert bad.returncode == 2 and "validation_num_video_frames = 62" in bad.stderr
     assert not list(project.glob("output*"))  # nothing written

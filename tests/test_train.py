@@ -1,0 +1,158 @@
+"""Training end to end on the tiny model: outputs, loss, resume, SIGTERM, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_hvtune
+from hvtune.config import load_config
+from hvtune.trainer import train
+
+pytestmark = pytest.mark.slow
+
+
+def resolved(config: Path, out: Path, **overrides):
+    argv = [f"--output_dir={out}", *(f"--{k}={v}" for k, v in overrides.items())]
+    return load_config(config, env={}, argv=argv)
+
+
+def test_train_writes_lora_record_videos_and_loss_goes_down(demo_project, tmp_path, tiny_t2v):
+    out = tmp_path / "run"
+    result = train(resolved(demo_project, out, max_train_steps=30, validation_steps=15, checkpointing_steps=10))
+    assert result.global_step == 30 and not result.stopped_early
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("transformer.transformer_blocks.") for k in lora)
+    assert (out / "comfyui_lora.safetensors").stat().st_size > 0
+    videos = sorted(p.relative_to(out).as_posix() for p in (out / "validation").rglob("*.mp4"))
+    assert videos == ["validation/step_000015/validation_0.mp4", "validation/step_000030/validation_0.mp4"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["world_size"] == 1 and record["global_step"] == 30 and record["dataset_manifest_hash"]
+    assert record["environment"]["packages"]["torch"].startswith("2.13")
+    losses = [json.loads(line)["loss"] for line in (out / "logs/loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns
+    assert (out / "loss.png").stat().st_size > 0 and list((out / "logs/tensorboard").iterdir())
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000010", "checkpoint-000020"]
+
+
+def test_resume_after_k_steps_gives_the_same_lora_bytes(demo_project, tmp_path):
+    full = tmp_path / "full"
+    train(resolved(demo_project, full, max_train_steps=8, validation_disable="true"))
+    part = tmp_path / "part"
+    first = train(resolved(demo_project, part, max_train_steps=8, validation_disable="true"), max_steps_this_run=3)
+    assert first.stopped_early and first.global_step == 3 and not (part / "pytorch_lora_weights.safetensors").exists()
+    second = train(
+        resolved(demo_project, part, max_train_steps=8, validation_disable="true", resume_from_checkpoint="latest")
+    )
+    assert second.global_step == 8
+    a = (full / "pytorch_lora_weights.safetensors").read_bytes()
+    assert a == (part / "pytorch_lora_weights.safetensors").read_bytes()
+    assert _same_losses(full, part)
+
+
+def _same_losses(a: Path, b: Path) -> bool:
+    def losses(p):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (p / "logs/loss.jsonl").read_text().splitlines())]
+
+    return losses(a) == losses(b)
+
+
+def test_half_written_checkpoint_is_ignored_on_resume(demo_project, tmp_path):
+    out = tmp_path / "run"
+    train(
+        resolved(demo_project, out, max_train_steps=6, validation_disable="true", checkpointing_steps=2),
+        max_steps_this_run=4,
+    )
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-000002", "checkpoint-000004"]
+    # a save killed mid-way: a hidden temp dir, and a checkpoint dir without its completion marker
+    (ckpts / ".checkpoint-000006.abc").mkdir()
+    (ckpts / "checkpoint-000005").mkdir()
+    result = train(
+        resolved(demo_project, out, max_train_steps=6, validation_disable="true", resume_from_checkpoint="latest")
+    )
+    assert result.global_step == 6
+    steps = [json.loads(line)["step"] for line in (out / "logs/loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(demo_project, tmp_path):
+    out = tmp_path / "run"
+    app = str(Path(__file__).resolve().parents[1] / "app")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hvtune",
+            "train",
+            "--config",
+            str(demo_project),
+            f"--output_dir={out}",
+            "--max_train_steps=100000",
+            "--validation_disable=true",
+            "--checkpointing_steps=100000",
+        ],
+        env={**os.environ, "PYTHONPATH": app},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = out / "logs/loss.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    ckpts = list((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and "SIGTERM" in output and "resume_from_checkpoint=latest" in output
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["global_step"] >= 3
+
+
+def test_missing_cache_exits_2_naming_it(demo_project, tmp_path):
+    cfg = json.loads(demo_project.read_text())
+    cfg["cache_dir"] = str(tmp_path / "empty-cache")
+    cfg["output_dir"] = str(tmp_path / "out")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg))
+    r = run_hvtune("train", "--config", str(config))
+    assert r.returncode == 2 and "hvtune cache" in r.stderr and "empty-cache" in r.stderr
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_unwritable_output_dir_fails_before_work(demo_project, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    r = run_hvtune("train", "--config", str(demo_project), f"--output_dir={blocker}/out")
+    assert r.returncode == 2 and "not writable" in r.stderr and str(blocker) in r.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_project, tmp_path):
+    out = tmp_path / "run"
+    r = run_hvtune(
+        "train",
+        "--config",
+        str(demo_project),
+        f"--output_dir={out}",
+        "--max_train_steps=50",
+        "--validation_disable=true",
+        "--checkpointing_steps=2",
+        "--learning_rate=1e12",
+        "--max_grad_norm=0",
+    )
+    assert r.returncode == 1 and "loss became" in r.stderr, r.stderr[-2000:]
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts, "the last good checkpoint is kept"
+    lora = load_file(ckpts[-1] / "lora.safetensors")
+    assert all(torch.isfinite(t).all() for t in lora.values())
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
