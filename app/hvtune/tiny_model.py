@@ -113,7 +113,7 @@ def build_components(task: Literal["t2v", "i2v"] = "t2v", seed: int = 0, num_lay
         in_channels=3,
         out_channels=3,
         latent_channels=LATENT_CHANNELS,
-        block_out_channels=(32, 32, 32, 32, 32),
+        block_out_channels=(16, 16, 32, 32, 64),  # last >= 2 x latent channels,
         layers_per_block=1,
         spatial_compression_ratio=16,
         temporal_compression_ratio=4,

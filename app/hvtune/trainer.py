@@ -290,6 +290,7 @@ def _validate(cfg, manifest, model, paths, step: int, device) -> list[Path]:
         seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
         image=image,
         device=device,
+        offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
     )
     model.train(was_training)
     target = validation_dir(cfg.output_dir, step) / "validation_0.mp4"
@@ -306,7 +307,7 @@ def _export(cfg, model, out: Path) -> Path:
         "hvtune.alpha": str(cfg.lora_alpha or cfg.lora_rank),
     }
     path = save_diffusers_lora(state_dict, out, meta)
-    save_comfyui_lora(state_dict, out / "comfyui_lora.safetensors")
+    save_comfyui_lora(state_dict, out / "comfyui_lora.safetensors", alpha=float(cfg.lora_alpha or cfg.lora_rank))
     return path
 
 

@@ -49,6 +49,7 @@ def sample_video(
     seed: int,
     image: ImageCondition | None = None,
     device: torch.device | str = "cpu",
+    offload_transformer_for_decode: bool = False,
 ) -> torch.Tensor:
     """Returns uint8 frames (F, 3, H, W)."""
     import numpy as np
@@ -104,7 +105,11 @@ def sample_video(
             noise_pred = uncond + guidance_scale * (noise_pred - uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
+    if offload_transformer_for_decode:  # enable_model_cpu_offload: the decode gets the GPU to itself
+        transformer.to("cpu")
     video = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    if offload_transformer_for_decode:
+        transformer.to(device)
     video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, F, H, W)
     return video.permute(1, 0, 2, 3).cpu()
 

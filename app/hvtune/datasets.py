@@ -1,0 +1,519 @@
+"""Samples from the data-backend config: media files, captions, buckets and the reasons a file is not used.
+
+Only metadata is read here (container index, image header, caption files); pixels are decoded later, one sample at a
+time, by the cache builder. Every file the scan looks at ends in exactly one place: a `Sample`, or an `Issue` with
+action "skipped" and a reason code. Samples that needed a conversion (rotation, EXIF orientation, 10-bit or 4:4:4
+video, variable frame rate) are used and also get an `Issue` with action "used", so the report never hides them.
+
+Decisions (documented for users in the module and the cache report):
+
+- Files: `instance_data_dir` is walked recursively in sorted order of the relative POSIX path. Hidden files (a name
+  starting with "."), caption files (.txt) and metadata files (.json/.jsonl/.csv) are not samples; any other file whose
+  extension is not a video (`media.VIDEO_EXTENSIONS`) or image (`media.IMAGE_EXTENSIONS`) is reported as
+  `unsupported_format`. Images are one-frame samples, in image and in video datasets; a video inside an
+  `dataset_type: image` dataset is skipped (`video_in_image_dataset`).
+- Captions: `textfile` reads `<stem>.txt` beside the file; every non-empty line is one caption variant (SimpleTuner's
+  multi-caption rule; the variant used for a draw is `draw % len(captions)`). `filename` uses the stem with `_` turned
+  into spaces. `instanceprompt` uses `instance_prompt`. `metadata` reads `metadata_file` (jsonl objects or a csv with
+  a header, columns `file` and `caption`; `file` is the path relative to `instance_data_dir`, or a bare file name).
+  A caption that is not valid UTF-8 is REJECTED (`caption_not_utf8`, with the byte offset): decoding with replacement
+  characters would silently train on text the user never wrote. A UTF-8 byte-order mark is accepted and dropped.
+  Missing or whitespace-only captions are skipped (`missing_caption`, `empty_caption`).
+- Buckets, spatial: `resolution` as an int R is the short side of the 16:9 frame at that area, i.e. a target area of
+  R*R*16/9 pixels, i.e. Tencent's `target_size` = R*4/3 (480 -> 640, the 480p model's own value; 720 -> 960). The
+  size follows the HunyuanVideo 1.5 pipeline's rule (`generate_crop_size_list(base_size=R*4/3, patch 16, max ratio
+  4)` then `get_closest_ratio`; restated in `crop_size_list`/`bucket_size`, tested equal to diffusers' functions):
+  width and height are multiples of 16, the area stays at or below the target, and the aspect is the listed one
+  nearest the source's (1920x1080 -> 848x480 at 480, 1280x720 at 720). A "WxH"
+  resolution is a fixed size for every sample. The source is scaled to cover the bucket and centre-cropped; it is
+  never upscaled: a source smaller than its bucket in either dimension is skipped (`too_small`). No `resolution`:
+  the flavour's short side (480 or 720).
+- Buckets, frames (after resampling to `video.frame_rate` when set): `min_frames` defaults to `num_frames`
+  (SimpleTuner). A clip with fewer than `min_frames` frames is skipped (`too_few_frames`); one with more than
+  `max_frames` (when set) is skipped (`too_many_frames`). `aspect_ratio`: F = `num_frames`, or for a clip between
+  `min_frames` and `num_frames` its own length rounded down to 4n+1. `resolution_frames`: F = min(frames,
+  `num_frames`) with F-1 rounded down to a multiple of `frame_interval`, then F rounded down to 4n+1 (the model needs
+  (F-1) % 4 == 0). The bucket is always (W, H, F): a batch never mixes sizes or lengths.
+- The window of a longer clip is `media.choose_window(frames, F, seed, sha256 of the file)`: deterministic from the
+  `seed` the cache is built with and the file's content (renaming a file does not move its window). The cache keeps
+  those windows: training with another seed changes the noise, not the frames (rebuild the cache to move windows).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DatasetConfig, ResolvedConfig, parse_wxh
+
+CAPTION_EXTENSIONS = {".txt"}
+METADATA_EXTENSIONS = {".json", ".jsonl", ".csv"}
+PATCH = 16  # VAE spatial compression = transformer patch grid: bucket sides are multiples of this
+
+
+class DatasetError(Exception):
+    """A sample (or a whole dataset's captions) cannot be used; `reason` is the report code."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(detail)
+
+
+@dataclass
+class Issue:
+    """One report line: a skipped sample (action "skipped") or a used one that needed a conversion ("used")."""
+
+    dataset: str
+    source: str
+    action: str
+    reason: str
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    dataset: str
+    source: Path  # absolute
+    rel: str  # POSIX path relative to instance_data_dir
+    kind: str  # "video" | "image"
+    captions: list[str]
+    repeats: int
+    size: tuple[int, int]  # bucket (W, H)
+    frames: int  # bucket F (1 for images)
+    frame_rate: float | None  # resample rate for videos (None: native)
+    start: int  # first frame of the window
+    sha256: str  # of the file bytes
+    info: Any = None  # media.VideoInfo for videos
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        return (self.size[0], self.size[1], self.frames)
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}/{self.rel}"
+
+
+@dataclass
+class ScanResult:
+    samples: list[Sample] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    found: dict[str, int] = field(default_factory=dict)  # dataset id -> files considered
+    datasets: list[str] = field(default_factory=list)  # enabled media dataset ids, config order
+
+    @property
+    def skipped(self) -> list[Issue]:
+        return [i for i in self.issues if i.action == "skipped"]
+
+    def skipped_by_reason(self) -> Counter:
+        return Counter(i.reason for i in self.skipped)
+
+    def used_by_dataset(self) -> Counter:
+        return Counter(s.dataset for s in self.samples)
+
+    def empty_datasets(self) -> list[str]:
+        used = self.used_by_dataset()
+        return [d for d in self.datasets if used[d] == 0]
+
+
+# ------------------------------------------------------------------------------------------------------ buckets
+
+
+def media_datasets(resolved: ResolvedConfig) -> list[DatasetConfig]:
+    return [d for d in resolved.datasets if not d.disabled and d.dataset_type in ("video", "image")]
+
+
+def dataset_resolution(ds: DatasetConfig, resolved: ResolvedConfig) -> int | tuple[int, int]:
+    """The dataset's `resolution` as an int (short side) or (W, H); default: the flavour's short side."""
+    if isinstance(ds.resolution, str):
+        return parse_wxh(ds.resolution)
+    if isinstance(ds.resolution, int):
+        return ds.resolution
+    return min(resolved.train.flavour.resolution)
+
+
+def crop_size_list(base_size: float, patch_size: int = PATCH, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """Tencent's `generate_crop_size_list` (diffusers `hunyuan_video1_5/image_processor.py`), restated here so that a
+    scan does not import diffusers (seconds on a fully cached rerun); tests check it against diffusers' own."""
+    num_patches = round((base_size / patch_size) ** 2)
+    sizes = []
+    wp, hp = num_patches, 1
+    while wp > 0:
+        if max(wp, hp) / min(wp, hp) <= max_ratio:
+            sizes.append((wp * patch_size, hp * patch_size))
+        if (hp + 1) * wp <= num_patches:
+            hp += 1
+        else:
+            wp -= 1
+    return sizes
+
+
+def bucket_size(width: int, height: int, resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(W, H) of the bucket for a source of display size width x height (see the module docstring): the pipeline's
+    `calculate_default_height_width(height, width, target_size=R*4/3)`, i.e. `get_closest_ratio`: the listed size
+    whose height/width ratio is nearest the source's among those >= it (landscape) or <= it (portrait)."""
+    if isinstance(resolution, tuple):
+        return resolution
+    crops = crop_size_list(resolution * 4 / 3)  # (h, w) pairs, as the pipeline reads them
+    aspect = float(height) / float(width)
+    best = None
+    for h, w in crops:
+        diff = round(float(h) / float(w), 5) - aspect
+        if (diff <= 0 if aspect >= 1 else diff >= 0) and (best is None or abs(diff) < best[0]):
+            best = (abs(diff), w, h)
+    if best is None:
+        raise DatasetError("aspect_out_of_range", f"aspect {width}x{height} is beyond 4:1, the widest bucket")
+    return best[1], best[2]
+
+
+def round_to_4n1(n: int) -> int:
+    return (n - 1) // 4 * 4 + 1 if n >= 1 else 0
+
+
+def interval_frames(n: int, frame_interval: int) -> int:
+    """`resolution_frames`: F-1 rounded down to a multiple of frame_interval, then F rounded down to 4n+1."""
+    if n < 1:
+        return 0
+    return round_to_4n1((n - 1) // frame_interval * frame_interval + 1)
+
+
+def bucket_frames(available: int, ds: DatasetConfig) -> int:
+    """Frames to train on for a clip with `available` frames; raises DatasetError when the clip is not usable."""
+    v = ds.video
+    min_frames = v.min_frames if v.min_frames is not None else v.num_frames
+    if available < min_frames:
+        raise DatasetError("too_few_frames", f"has {available} frames, min_frames is {min_frames}")
+    if v.max_frames is not None and available > v.max_frames:
+        raise DatasetError("too_many_frames", f"has {available} frames, max_frames is {v.max_frames}")
+    if v.bucket_strategy == "resolution_frames":
+        frames = interval_frames(min(available, v.num_frames), v.frame_interval)
+    else:
+        frames = v.num_frames if available >= v.num_frames else round_to_4n1(available)
+    if frames < 1:
+        raise DatasetError("too_few_frames", f"has {available} frames, fewer than one usable 4n+1 window")
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------- captions
+
+
+def _decode_caption(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            "caption_not_utf8",
+            f"{where} is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r}); "
+            "save it as UTF-8 (captions are rejected rather than decoded with replacement characters)",
+        ) from e
+
+
+def _split_captions(text: str, where: str) -> list[str]:
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    captions = [line for line in lines if line]
+    if not captions:
+        raise DatasetError("empty_caption", f"{where} is empty")
+    return captions
+
+
+class Captions:
+    """Caption lookup for one dataset; `metadata` files are read once."""
+
+    def __init__(self, ds: DatasetConfig, root: Path, config_path: Path | None):
+        self.ds, self.root = ds, root
+        self.table: dict[str, str] | None = None
+        self.table_error: DatasetError | None = None
+        self.notices: list[str] = []
+        if ds.caption_strategy == "metadata":
+            try:
+                self.table = self._read_metadata(self._metadata_path(config_path))
+            except DatasetError as e:
+                self.table_error = e
+
+    def _metadata_path(self, config_path: Path | None) -> Path:
+        p = Path(self.ds.metadata_file or "").expanduser()
+        candidates = [p] if p.is_absolute() else [self.root / p, Path.cwd() / p]
+        if config_path is not None and not p.is_absolute():
+            candidates += [config_path.parent / p, config_path.parent.parent / p]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise DatasetError("metadata_unreadable", f"metadata_file {self.ds.metadata_file} not found")
+
+    def _read_metadata(self, path: Path) -> dict[str, str]:
+        text = _decode_caption(path.read_bytes(), f"metadata_file {path}")
+        rows: list[dict[str, Any]] = []
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(io.StringIO(text)))
+        else:
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    self.notices.append(f"{path}:{n}: not JSON ({e.msg}); line ignored")
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+        table: dict[str, str] = {}
+        for row in rows:
+            name = row.get("file") or row.get("file_name")
+            if name is None or row.get("caption") is None:
+                continue
+            table[Path(str(name)).as_posix()] = str(row["caption"])
+        return table
+
+    def __call__(self, path: Path, rel: str) -> list[str]:
+        strategy = self.ds.caption_strategy
+        if strategy == "instanceprompt":
+            return _split_captions(self.ds.instance_prompt or "", "instance_prompt")
+        if strategy == "filename":
+            return _split_captions(re.sub(r"[_]+", " ", path.stem), f"file name {path.name}")
+        if strategy == "metadata":
+            if self.table_error is not None:
+                raise self.table_error
+            assert self.table is not None
+            caption = self.table.get(rel, self.table.get(path.name))
+            if caption is None:
+                raise DatasetError("missing_caption", f"no row for {rel} in metadata_file {self.ds.metadata_file}")
+            return _split_captions(caption, f"caption of {rel} in metadata_file")
+        txt = path.with_suffix(".txt")
+        if not txt.is_file():
+            raise DatasetError("missing_caption", f"caption file {txt.name} not found beside it")
+        return _split_captions(
+            _decode_caption(txt.read_bytes(), f"caption file {txt.name}"), f"caption file {txt.name}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- probe index
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ProbeIndex:
+    """Remembers each source's content hash and metadata, trusted while (size, mtime_ns) are unchanged (the rule make
+    and rsync use), so a fully cached rerun neither rehashes nor re-probes. `hvtune cache verify` rehashes entries."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.used: set[str] = set()
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if data.get("version") == self.VERSION:
+                    self.entries = data.get("files", {})
+            except (OSError, ValueError, AttributeError):
+                self.entries = {}
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def get(self, path: Path) -> dict[str, Any] | None:
+        entry = self.entries.get(str(path))
+        if entry is None or tuple(entry["stamp"]) != self._stamp(path):
+            return None
+        self.used.add(str(path))
+        return entry
+
+    def put(self, path: Path, sha256: str, meta: dict[str, Any]) -> dict[str, Any]:
+        entry = {"stamp": list(self._stamp(path)), "sha256": sha256, **meta}
+        self.entries[str(path)] = entry
+        self.used.add(str(path))
+        return entry
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        kept = {k: v for k, v in sorted(self.entries.items()) if k in self.used}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": self.VERSION, "files": kept}, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _video_meta(path: Path) -> dict[str, Any]:
+    from .media import probe_video
+
+    info = probe_video(path)
+    d = asdict(info)
+    d["path"] = None
+    d["notices"] = list(info.notices)
+    return {"video": d}
+
+
+def _video_info(path: Path, meta: dict[str, Any]):
+    from .media import VideoInfo
+
+    d = dict(meta["video"])
+    d["path"], d["notices"] = path, tuple(d["notices"])
+    return VideoInfo(**d)
+
+
+def _image_meta(path: Path) -> dict[str, Any]:
+    from PIL import Image, UnidentifiedImageError
+
+    from .media import MediaError
+
+    if path.stat().st_size == 0:
+        raise MediaError(path, "zero_byte", "file is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise MediaError(path, "corrupt", f"cannot be read as an image ({e})") from e
+    if orientation in (5, 6, 7, 8):  # EXIF transposes that swap width and height
+        width, height = height, width
+    return {"image": {"width": width, "height": height, "orientation": orientation}}
+
+
+# ------------------------------------------------------------------------------------------------------------ scan
+
+
+_NOTICE_CODES = (
+    ("-bit", "high_bit_depth"),
+    ("4:2:0", "chroma_converted"),
+    ("rotation", "rotated"),
+    ("variable frame rate", "variable_frame_rate"),
+)
+
+
+def _notice_issue(ds_id: str, path: Path, notices: tuple[str, ...] | list[str]) -> Issue | None:
+    if not notices:
+        return None
+    codes: list[str] = []
+    for text in notices:
+        code = next((c for key, c in _NOTICE_CODES if key in text), "converted")
+        if code not in codes:
+            codes.append(code)
+    return Issue(ds_id, str(path), "used", ",".join(codes), "; ".join(notices))
+
+
+def _walk(root: Path) -> list[tuple[Path, str]]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            files.append((path, path.relative_to(root).as_posix()))
+    files.sort(key=lambda t: t[1])
+    return files
+
+
+def scan(resolved: ResolvedConfig, *, probe_index: ProbeIndex | None = None, progress: bool = True) -> ScanResult:
+    """Every enabled video/image dataset -> samples and report lines. Reads metadata only; never raises for a bad
+    sample."""
+    from tqdm import tqdm
+
+    from .media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, choose_window, frames_available
+
+    index = probe_index or ProbeIndex(None)
+    seed = resolved.train.seed
+    result = ScanResult()
+    for ds in media_datasets(resolved):
+        result.datasets.append(ds.id)
+        result.found[ds.id] = 0
+        root = Path(ds.instance_data_dir or "").expanduser()
+        if not root.is_dir():
+            result.issues.append(Issue(ds.id, str(root), "skipped", "not_found", "instance_data_dir not found"))
+            continue
+        captions = Captions(ds, root, resolved.config_path)
+        for notice in captions.notices:
+            result.issues.append(Issue(ds.id, str(root), "used", "metadata_line_ignored", notice))
+        resolution = dataset_resolution(ds, resolved)
+        meta_name = Path(ds.metadata_file).name if ds.metadata_file else None
+        files = [
+            (p, rel)
+            for p, rel in _walk(root)
+            if p.suffix.lower() not in CAPTION_EXTENSIONS | METADATA_EXTENSIONS and p.name != meta_name
+        ]
+        bar = tqdm(files, desc=f"scan {ds.id}", unit="file", disable=not progress, dynamic_ncols=True)
+        for path, rel in bar:
+            result.found[ds.id] += 1
+            ext = path.suffix.lower()
+
+            def skip(reason: str, detail: str, path=path, ds_id=ds.id) -> None:
+                result.issues.append(Issue(ds_id, str(path), "skipped", reason, detail))
+
+            if ext not in VIDEO_EXTENSIONS and ext not in IMAGE_EXTENSIONS:
+                skip("unsupported_format", f"extension {ext or '(none)'} is neither a video nor an image we read")
+                continue
+            is_video = ext in VIDEO_EXTENSIONS
+            if is_video and ds.dataset_type == "image":
+                skip("video_in_image_dataset", "a video in a dataset_type image dataset (split them)")
+                continue
+            try:
+                caps = captions(path, rel)
+                entry = index.get(path)
+                if entry is None:
+                    if path.stat().st_size == 0:
+                        raise MediaError(path, "zero_byte", "file is empty (0 bytes)")
+                    meta = _video_meta(path) if is_video else _image_meta(path)
+                    entry = index.put(path, file_sha256(path), meta)
+                if is_video:
+                    info = _video_info(path, entry)
+                    width, height = info.width, info.height
+                else:
+                    info = None
+                    width, height = entry["image"]["width"], entry["image"]["height"]
+                size = bucket_size(width, height, resolution)
+                if width < size[0] or height < size[1]:
+                    raise DatasetError(
+                        "too_small",
+                        f"source is {width}x{height}, smaller than its bucket {size[0]}x{size[1]} (we do not upscale)",
+                    )
+                frames, start, rate = 1, 0, None
+                if is_video:
+                    rate = ds.video.frame_rate
+                    available = frames_available(info, rate)
+                    frames = bucket_frames(available, ds)
+                    start = choose_window(available, frames, seed, entry["sha256"])
+            except (DatasetError, MediaError) as e:
+                skip(e.reason, e.detail)
+                continue
+            except OSError as e:
+                skip("unreadable", f"cannot be read ({e.strerror or e})")
+                continue
+            sample = Sample(
+                ds.id, path, rel, "video" if is_video else "image", caps, ds.repeats, size, frames, rate, start,
+                entry["sha256"], info,
+            )  # fmt: skip
+            result.samples.append(sample)
+            if is_video:
+                notice = _notice_issue(ds.id, path, info.notices)
+            else:
+                o = entry["image"]["orientation"]
+                notice = (
+                    Issue(ds.id, str(path), "used", "exif_rotation", f"EXIF orientation {o} applied")
+                    if o != 1
+                    else None
+                )
+            if notice is not None:
+                result.issues.append(notice)
+        bar.close()
+    return result
