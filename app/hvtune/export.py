@@ -68,17 +68,33 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     return path
 
 
-def save_diffusers_lora(state_dict: dict[str, torch.Tensor], out_dir: Path, metadata: dict[str, str]) -> Path:
-    """`out_dir/pytorch_lora_weights.safetensors`, keys prefixed `transformer.` like the diffusers LoRA mixin writes."""
+def adapter_config(transformer) -> dict:
+    """The LoRA config (rank, alpha, targets) that diffusers stores so `load_lora_adapter` rebuilds the same scale."""
+    return transformer.peft_config["default"].to_dict()
+
+
+def save_diffusers_lora(
+    state_dict: dict[str, torch.Tensor], out_dir: Path, metadata: dict[str, str], config: dict | None = None
+) -> Path:
+    """`out_dir/pytorch_lora_weights.safetensors`, keys prefixed `transformer.` like the diffusers LoRA mixin writes,
+    with the adapter config in the file's metadata (without it a loader assumes alpha = rank)."""
     from diffusers.loaders import HunyuanVideoLoraLoaderMixin
+    from safetensors import safe_open
 
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
-        HunyuanVideoLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=state_dict, safe_serialization=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        HunyuanVideoLoraLoaderMixin.save_lora_weights(
+            tmp, transformer_lora_layers=state_dict, safe_serialization=True, transformer_lora_adapter_metadata=config
+        )
+        written = Path(tmp) / DIFFUSERS_FILE
+        with safe_open(written, "pt") as f:
+            written_meta = f.metadata() or {}
+        for key, value in metadata.items():
+            written_meta.setdefault(key, value)
         from safetensors.torch import load_file
 
-        tensors = load_file(Path(tmp) / DIFFUSERS_FILE)
-    return _atomic_save(tensors, out_dir / DIFFUSERS_FILE, {"format": "pt", **metadata})
+        return _atomic_save(load_file(written), out_dir / DIFFUSERS_FILE, written_meta)
 
 
 def to_comfyui(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

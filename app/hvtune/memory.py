@@ -22,12 +22,14 @@ MAIN_BLOCK_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_p
 
 
 def default_target_modules(num_layers: int) -> str:
-    """A regex over module names: the brief's projections in the main dual-stream blocks, not the token refiner,
-    and not the last block's `to_add_out`, whose text output the model drops (it would never get a gradient)."""
+    """A regex over module names: the brief's projections in the main dual-stream blocks, not the token refiner.
+    The last block's text output is dropped by the model, so its `to_add_out` never gets a gradient (DDP would need
+    find_unused_parameters) and its `add_q_proj` only ever gets zeros (text queries only feed text outputs): both
+    are left out rather than trained to nothing."""
     names = "|".join(t.replace(".", r"\.") for t in MAIN_BLOCK_TARGETS)
     last = num_layers - 1
-    no_last_add_out = rf"(?!{last}\.attn\.to_add_out$)"
-    return rf"^transformer_blocks\.{no_last_add_out}\d+\.attn\.({names})$"
+    not_dead_in_last_block = rf"(?!{last}\.attn\.(to_add_out|add_q_proj)$)"
+    return rf"^transformer_blocks\.{not_dead_in_last_block}\d+\.attn\.({names})$"
 
 
 def add_lora(transformer, cfg: TrainConfig) -> None:

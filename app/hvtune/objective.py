@@ -103,7 +103,8 @@ def training_loss(
     image_embed_shape: tuple[int, int] = (729, 1152),
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    dtype = next(p.dtype for p in transformer.parameters() if p.dtype.is_floating_point and not p.requires_grad)
+    floating = [p for p in transformer.parameters() if p.dtype.is_floating_point]
+    dtype = next((p.dtype for p in floating if not p.requires_grad), floating[0].dtype)  # the frozen base's dtype
     x0 = batch.latents.to(device, torch.float32)
     draws = batch.draws
     sigmas = sample_sigmas(draws, seed=seed, epoch=epoch, shift=shift, mode=mode).to(device)

@@ -19,7 +19,7 @@ from .batches import load_batch, plan_epoch, text_entry
 from .cache import load_manifest
 from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ResolvedConfig, UserError
-from .export import lora_state_dict, save_comfyui_lora, save_diffusers_lora
+from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json, write_json_atomic
@@ -306,7 +306,7 @@ def _export(cfg, model, out: Path) -> Path:
         "hvtune.rank": str(cfg.lora_rank),
         "hvtune.alpha": str(cfg.lora_alpha or cfg.lora_rank),
     }
-    path = save_diffusers_lora(state_dict, out, meta)
+    path = save_diffusers_lora(state_dict, out, meta, adapter_config(model))
     save_comfyui_lora(state_dict, out / "comfyui_lora.safetensors", alpha=float(cfg.lora_alpha or cfg.lora_rank))
     return path
 
