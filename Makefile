@@ -4,11 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: venv test test-fast demo check lint bench clean
+.PHONY: venv test test-fast demo check lint bench clean help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make demo | test | test-fast | check | lint | bench | build-cpu | build-cuda | build-rocm | clean"
+	@echo "make demo | test | test-fast | check | lint | bench | build-cpu | build-cuda | build-rocm | cache | train | clean"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not container"
 
+demo: $(STAMP)
+	$(VENV)/bin/hvtune demo --dir demo
+
 check: $(STAMP)
 	cd examples/seed-project && ../../$(VENV)/bin/hvtune check --config config/config.json
 
@@ -33,5 +36,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check app tests
 	$(PY) -m ruff format --check app tests
 
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_seqlen.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo
+
+include docker/docker.mk

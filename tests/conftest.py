@@ -33,7 +33,6 @@ def tiny_i2v(tmp_path_factory) -> Path:
 def demo_project(tmp_path_factory):
     """The demo project (tiny t2v model, 8 synthetic clips) with its cache built once; tests train from it."""
     from hvtune.cache import build_cache
-
     from hvtune.config import load_config
     from hvtune.demo import write_demo_project
 
@@ -51,3 +50,14 @@ def run_hvtune(*args: str, env: dict | None = None, cwd=None, timeout: int = 600
     return subprocess.run(
         [sys.executable, "-m", "hvtune", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def demo_project_i2v(tmp_path_factory):
+    from hvtune.cache import build_cache
+    from hvtune.config import load_config
+    from hvtune.demo import write_demo_project
+
+    config = write_demo_project(tmp_path_factory.mktemp("demo-i2v"), task="i2v", clips=4, steps=4)
+    build_cache(load_config(config, env={}), progress=False)
+    return config

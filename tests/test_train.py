@@ -156,3 +156,32 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_project, tmp_path):
     lora = load_file(ckpts[-1] / "lora.safetensors")
     assert all(torch.isfinite(t).all() for t in lora.values())
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_i2v_trains_on_real_image_conditions_and_validates(demo_project_i2v, tmp_path):
+    from hvtune.batches import load_batch, plan_epoch
+    from hvtune.cache import load_manifest
+
+    config = resolved(demo_project_i2v, tmp_path / "run", max_train_steps=2, validation_num_inference_steps=2)
+    manifest = load_manifest(config)
+    batch = load_batch(manifest, plan_epoch(manifest, global_batch_size=2, seed=0, epoch=0)[0])
+    assert batch.image_embeds is not None and batch.image_embeds.abs().sum() > 0  # real SigLIP, not zeros
+    assert batch.cond_mask[:, :, 0].eq(1).all() and batch.cond_mask[:, :, 1:].eq(0).all()
+    assert batch.cond_latents[:, :, 1:].eq(0).all() and batch.cond_latents[:, :, 0].abs().sum() > 0
+    result = train(config)
+    assert result.global_step == 2
+    assert list((tmp_path / "run" / "validation").rglob("*.mp4"))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["resolved"]["config"]["model_flavour"] == "i2v-480p"
+
+
+def test_cuda_only_features_refused_on_cpu(demo_project, tmp_path):
+    r = run_hvtune(
+        "train",
+        "--config",
+        str(demo_project),
+        f"--output_dir={tmp_path / 'o'}",
+        "--enable_group_offload=true",
+        "--group_offload_use_stream=true",
+    )
+    assert r.returncode == 2 and "group_offload_use_stream" in r.stderr and "CUDA" in r.stderr

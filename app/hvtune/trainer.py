@@ -18,12 +18,12 @@ from pathlib import Path
 from .batches import load_batch, plan_epoch, text_entry
 from .cache import load_manifest
 from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import ResolvedConfig, UserError
+from .config import ConfigError, ResolvedConfig, UserError, check_device_support
 from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json, write_json_atomic
-from .registry import load_scheduler, load_transformer, load_vae, resolve_model
+from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
 from .validation import ImageCondition, TextCondition, sample_video, validation_dir
 
 
@@ -80,6 +80,9 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     from tqdm import tqdm
 
     cfg = resolved.train
+    problems = check_device_support(cfg, detect_device(), str(resolved.config_path or "config"))
+    if problems:
+        raise ConfigError(problems)
     out = Path(cfg.output_dir)
     _check_output_dir(out)
     manifest = load_manifest(resolved)
