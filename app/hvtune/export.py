@@ -53,14 +53,33 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """safetensors writes `__metadata__` from a Rust HashMap, so its key order (and the file's bytes) changes from
+    process to process. Sort it: the same weights and metadata then give the same bytes, which is what lets a resumed
+    run be checked against an uninterrupted one byte for byte. The header keeps its length, so offsets stay valid."""
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    if len(header.get("__metadata__") or {}) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:
+        return data
+    return data[:8] + text.ljust(length, b" ") + data[8 + length :]
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = canonical_safetensors(save(tensors, metadata=metadata))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
