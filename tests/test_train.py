@@ -139,22 +139,29 @@ def test_unwritable_output_dir_fails_before_work(demo_project, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_project, tmp_path):
     out = tmp_path / "run"
+    train(
+        resolved(demo_project, out, max_train_steps=10, validation_disable="true", checkpointing_steps=2),
+        max_steps_this_run=2,
+    )
+    good = out / "checkpoints" / "checkpoint-000002"
+    before = (good / "lora.safetensors").read_bytes()
     r = run_hvtune(
         "train",
         "--config",
         str(demo_project),
         f"--output_dir={out}",
-        "--max_train_steps=50",
+        "--max_train_steps=10",
         "--validation_disable=true",
         "--checkpointing_steps=2",
         "--learning_rate=1e12",
         "--max_grad_norm=0",
+        "--resume_from_checkpoint=latest",
     )
-    assert r.returncode == 1 and "loss became" in r.stderr, r.stderr[-2000:]
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
-    assert ckpts, "the last good checkpoint is kept"
-    lora = load_file(ckpts[-1] / "lora.safetensors")
-    assert all(torch.isfinite(t).all() for t in lora.values())
+    assert r.returncode == 1 and "loss became" in r.stderr and "last good checkpoint" in r.stderr, r.stderr[-2000:]
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts[0] == "checkpoint-000002" and (good / "lora.safetensors").read_bytes() == before
+    for ckpt in ckpts:  # whatever was saved before the blow-up holds finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints" / ckpt / "lora.safetensors").values())
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
 

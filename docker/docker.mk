@@ -1,0 +1,57 @@
+# Container targets; the top Makefile includes this file (`include docker/docker.mk`).
+#   make build-cuda | build-rocm | build-cpu   build an image (compose build of the `cache` service of that profile)
+#   make cache | train                         docker compose up cache / train (vendor: COMPOSE_PROFILES, default cuda)
+#   make pin                                   resolve base image digests (online) into docker/compose.vendors.yaml
+#   make lock                                  regenerate docker/requirements-py3*.lock (hashed) from pyproject.toml
+#   make lint-docker                           hadolint + shellcheck (also run by `make lint`)
+#   make engine                                CI: Docker engine + compose v2 + local Debian base (docker/ci-engine.sh)
+#   make container-test                        static container tests + the real end-to-end test (needs an engine)
+VENV ?= .venv
+COMPOSE ?= docker compose
+HV_TOOLS := $(if $(wildcard $(VENV)/bin/hadolint),$(VENV)/bin/,)
+TORCH_VERSION := $(shell sed -n 's/^x-torch-version: &torch-version "\(.*\)"/\1/p' docker/compose.vendors.yaml)
+TORCH_CPU_WHEEL := docker/wheels/torch-$(TORCH_VERSION)+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+# where build-cpu looks for the cpu torch wheel when docker/wheels/ lacks it (a directory or a pip index URL)
+TORCH_CPU_WHEEL_SOURCE ?= $(if $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-cp311-*.whl),/opt/wheels,https://download.pytorch.org/whl/cpu)
+
+.PHONY: build-cuda build-rocm build-cpu cache train pin lock lint-docker engine container-test
+
+build-cuda:
+	COMPOSE_PROFILES=cuda $(COMPOSE) build cache
+
+build-rocm:
+	COMPOSE_PROFILES=rocm $(COMPOSE) build cache
+
+build-cpu: $(TORCH_CPU_WHEEL)
+	COMPOSE_PROFILES=cpu $(COMPOSE) build cache
+
+# the cpu image installs torch from docker/wheels/ (gitignored) so that it builds where download.pytorch.org is not
+# reachable from inside containers
+$(TORCH_CPU_WHEEL):
+	mkdir -p docker/wheels
+	if [ -d "$(TORCH_CPU_WHEEL_SOURCE)" ]; then cp "$(TORCH_CPU_WHEEL_SOURCE)/$(notdir $@)" $@; \
+	else python3 -m pip download --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+	  --index-url "$(TORCH_CPU_WHEEL_SOURCE)" -d docker/wheels "torch==$(TORCH_VERSION)+cpu"; fi
+
+cache:
+	$(COMPOSE) up --abort-on-container-failure cache
+
+train:
+	$(COMPOSE) up --abort-on-container-failure --attach-dependencies train
+
+pin:
+	docker/pin.sh
+
+lock:
+	docker/lock.sh
+
+lint: lint-docker
+lint-docker:
+	$(HV_TOOLS)hadolint docker/Dockerfile
+	$(HV_TOOLS)shellcheck -x entrypoints/all entrypoints/cache entrypoints/train entrypoints/fetch-encoders entrypoints/lib.sh docker/*.sh
+
+engine:
+	docker/ci-engine.sh
+
+container-test:
+	$(VENV)/bin/python -m pytest -q -rs tests/test_container_static.py tests/test_container.py

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make pin`: resolve the base images' tags to digests and write them where the build reads them (the
+# ${<VENDOR>_BASE_DIGEST:-...} defaults in docker/compose.vendors.yaml, passed to docker/Dockerfile as BASE_DIGEST,
+# which makes FROM use tag@digest and lands in the image label org.opencontainers.image.base.digest).
+#
+# Online it asks the registry (Docker Hub's token + manifest HEAD; no docker login, no pull). Offline, or for a
+# registry it cannot reach, it keeps the digest already written and says so; --strict makes that an error.
+#   docker/pin.sh [--strict] [--check]     --check: only print tag -> digest, change nothing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FILE=docker/compose.vendors.yaml
+STRICT=0; CHECK=0
+for a in "$@"; do
+  case "$a" in
+    --strict) STRICT=1 ;; --check) CHECK=1 ;;
+    *) echo "usage: $0 [--strict] [--check]" >&2; exit 2 ;;
+  esac
+done
+
+ACCEPT='application/vnd.oci.image.index.v1+json,application/vnd.docker.distribution.manifest.list.v2+json,application/vnd.docker.distribution.manifest.v2+json,application/vnd.oci.image.manifest.v1+json'
+
+# tag reference -> sha256 digest of its manifest (list), from Docker Hub; empty output when it cannot be resolved
+resolve() {
+  local ref=$1 repo tag token digest
+  repo=${ref%:*}; tag=${ref##*:}
+  case "$repo" in */*) ;; *) repo="library/$repo" ;; esac
+  case "$repo" in
+    *.*/*|localhost/*|local/*) return 0 ;;   # another registry or a local image: not resolved here
+  esac
+  token=$(curl -fsS --max-time 20 "https://auth.docker.io/token?service=registry.docker.io&scope=repository:$repo:pull" \
+          2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])' 2>/dev/null) || return 0
+  digest=$(curl -fsS --max-time 20 -I -H "Authorization: Bearer $token" -H "Accept: $ACCEPT" \
+          "https://registry-1.docker.io/v2/$repo/manifests/$tag" 2>/dev/null \
+          | tr -d '\r' | awk -F': ' 'tolower($1)=="docker-content-digest" {print $2}') || return 0
+  case "$digest" in sha256:*) printf '%s' "$digest" ;; esac
+}
+
+failed=0
+for vendor in CUDA ROCM CPU; do
+  ref=$(sed -n "s/.*\${${vendor}_BASE_IMAGE:-\([^}]*\)}.*/\1/p" "$FILE")
+  [ -n "$ref" ] || { echo "pin: no ${vendor}_BASE_IMAGE default in $FILE" >&2; exit 1; }
+  old=$(sed -n "s/.*\${${vendor}_BASE_DIGEST:-\([^}]*\)}.*/\1/p" "$FILE")
+  new=$(resolve "$ref")
+  if [ -z "$new" ]; then
+    echo "pin: $ref: digest not resolvable here (offline or registry unreachable); keeping '${old:-tag only}'" >&2
+    failed=1; continue
+  fi
+  echo "pin: $ref -> $new"
+  if [ "$CHECK" = 0 ] && [ "$new" != "$old" ]; then
+    sed -i "s|\${${vendor}_BASE_DIGEST:-[^}]*}|\${${vendor}_BASE_DIGEST:-$new}|" "$FILE"
+  fi
+done
+if [ "$failed" = 1 ] && [ "$STRICT" = 1 ]; then exit 1; fi
+exit 0

@@ -1,0 +1,155 @@
+# shellcheck shell=bash
+# Shared helpers for the hvtune container entrypoints (sourced, not executed).
+#
+# Every check runs before anything is written, prints ONE actionable line and exits non-zero (2 = bad input,
+# the same code hvtune uses), so a misconfigured run leaves nothing half-written behind.
+#
+# Layout inside the container (HVTUNE_DATA_ROOT, default /data; /workspace on RunPod for `all`):
+#   datasets/  clips + captions (read-only)     models/  HF_HOME and mounted encoders
+#   cache/     hvtune caches + every tool cache  outputs/ LoRA, checkpoints, run.json, validation videos
+
+HV_NAME=${HV_NAME:-$(basename "$0")}
+HV_IMAGE_ROOT=/data
+HV_MEDIA_EXT='mp4|mov|mkv|webm|avi|m4v|png|jpg|jpeg|webp|bmp'
+
+hv_log() { printf '[%s] %s\n' "$HV_NAME" "$*" >&2; }
+hv_die() { printf '[%s] error: %s\n' "$HV_NAME" "$*" >&2; exit 2; }
+
+# A path under the image's /data moves under HVTUNE_DATA_ROOT when that differs (RunPod: /workspace).
+hv_rebase() {
+  local value=$1
+  if [ "$HV_DATA_ROOT" != "$HV_IMAGE_ROOT" ] && [[ "$value" == "$HV_IMAGE_ROOT"/* ]]; then
+    value="$HV_DATA_ROOT${value#"$HV_IMAGE_ROOT"}"
+  fi
+  printf '%s' "$value"
+}
+
+# Value of config key $1: env HVTUNE_<KEY>, else the config file (key or --key), else default $2.
+hv_cfg() {
+  local key=$1 default=$2 var value
+  var="HVTUNE_${key^^}"
+  if [ -n "${!var:-}" ]; then printf '%s' "${!var}"; return; fi
+  if [ -n "${HV_CONFIG:-}" ]; then
+    value=$(python3 - "$HV_CONFIG" "$key" <<'PY'
+import json, sys
+path, key = sys.argv[1:3]
+with open(path) as f:
+    data = json.load(f)
+v = data.get(key, data.get("--" + key)) if isinstance(data, dict) else None
+print("" if v is None else v, end="")
+PY
+) || hv_die "config file $HV_CONFIG is not valid JSON; fix it or unset HVTUNE_CONFIG"
+    if [ -n "$value" ]; then
+      # relative paths in a config file are relative to the file, as hvtune reads them
+      if [[ "$value" != /* ]] && [[ "$key" == *_dir || "$key" == *_config ]]; then
+        value="$(cd "$(dirname "$HV_CONFIG")" && pwd)/$value"
+      fi
+      printf '%s' "$value"; return
+    fi
+  fi
+  printf '%s' "$default"
+}
+
+# Environment shared by every entrypoint: data root, caches under it, config file, dataset/cache/output dirs.
+hv_env() {
+  HV_DATA_ROOT=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
+  HV_DATA_ROOT=${HV_DATA_ROOT%/}
+  export HVTUNE_DATA_ROOT=$HV_DATA_ROOT
+  local var
+  for var in HF_HOME TORCH_HOME XDG_CACHE_HOME TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR MPLCONFIGDIR \
+             HUNYUANVIDEO_TEXT_ENCODER_PATH HUNYUANVIDEO_VISION_ENCODER_PATH; do
+    if [ -n "${!var:-}" ]; then export "$var=$(hv_rebase "${!var}")"; fi
+  done
+  : "${HF_HOME:=$HV_DATA_ROOT/models/huggingface}"
+  export HF_HOME
+
+  HV_CONFIG=${HVTUNE_CONFIG:-}
+  if [ -z "$HV_CONFIG" ] && [ -f "$HV_DATA_ROOT/config/config.json" ]; then HV_CONFIG=$HV_DATA_ROOT/config/config.json; fi
+  if [ -n "$HV_CONFIG" ] && [ ! -f "$HV_CONFIG" ]; then
+    hv_die "config file $HV_CONFIG (HVTUNE_CONFIG) does not exist; mount it or unset HVTUNE_CONFIG to configure with HVTUNE_* variables"
+  fi
+  # HV_CONFIG_ARGS is used by the entrypoints that source this file
+  # shellcheck disable=SC2034
+  HV_CONFIG_ARGS=()
+  # shellcheck disable=SC2034
+  if [ -n "$HV_CONFIG" ]; then HV_CONFIG_ARGS=(--config "$HV_CONFIG"); fi
+
+  # container defaults for the keys that name folders, unless the environment or the config file sets them
+  HV_BACKEND=$(hv_cfg data_backend_config "")
+  HV_OUTPUT_DIR=$(hv_cfg output_dir "$HV_DATA_ROOT/outputs")
+  HV_CACHE_DIR=$(hv_cfg cache_dir "$HV_DATA_ROOT/cache/hvtune")
+  HV_DATASET_DIR=""
+  if [ -z "$HV_BACKEND" ]; then HV_DATASET_DIR=$(hv_cfg instance_data_dir "$HV_DATA_ROOT/datasets"); fi
+  export HVTUNE_OUTPUT_DIR=$HV_OUTPUT_DIR HVTUNE_CACHE_DIR=$HV_CACHE_DIR
+  if [ -n "$HV_DATASET_DIR" ]; then export HVTUNE_INSTANCE_DATA_DIR=$HV_DATASET_DIR; fi
+  cd "$HV_DATA_ROOT" 2>/dev/null || cd /
+}
+
+hv_is_mountpoint() {
+  local dir
+  dir=$(cd "$1" 2>/dev/null && pwd -P) || return 1
+  awk -v d="$dir" '$5 == d {found=1} END {exit !found}' /proc/self/mountinfo
+}
+
+# Missing dataset mount / empty dataset folder. A multidatabackend.json is validated by `hvtune check` instead.
+hv_check_dataset() {
+  [ -n "$HV_DATASET_DIR" ] || return 0
+  local dir=$HV_DATASET_DIR
+  if [ ! -d "$dir" ]; then
+    hv_die "dataset folder $dir does not exist: mount your clips there (compose: DATASET_DIR in .env; docker run: -v /path/to/clips:$dir:ro)"
+  fi
+  if [ ! -r "$dir" ] || [ ! -x "$dir" ]; then
+    hv_die "dataset folder $dir is not readable by uid $(id -u): make it readable on the host (chmod -R a+rX) or set PUID/PGID to its owner"
+  fi
+  if ! find -L "$dir" -type f -regextype posix-extended -iregex ".*\.($HV_MEDIA_EXT)$" -print -quit 2>/dev/null | grep -q .; then
+    if [[ "$dir" == "$HV_IMAGE_ROOT"/* ]] && ! hv_is_mountpoint "$dir" && [ -z "$(ls -A "$dir" 2>/dev/null)" ]; then
+      hv_die "dataset folder $dir is not mounted: set DATASET_DIR in .env to your clips folder (docker run: -v /path/to/clips:$dir:ro)"
+    fi
+    hv_die "dataset folder $dir${HVTUNE_HOST_DATASET_DIR:+ (host: $HVTUNE_HOST_DATASET_DIR)} has no video or image files: put .mp4 clips with .txt captions there, or point DATASET_DIR at them"
+  fi
+}
+
+# A folder the run writes to must accept a new file from this uid/gid. A folder that does not exist yet is judged by
+# its nearest existing parent (it is created later by hvtune), so a failed check leaves nothing behind.
+# $3: the host-side path, when known, to word the fix.
+hv_check_writable() {
+  local dir=$1 what=$2 host=${3:-} probe ids at
+  ids="$(id -u):$(id -g)"
+  at=$dir
+  while [ ! -d "$at" ] && [ "$at" != / ]; do at=$(dirname "$at"); done
+  if ! probe=$(mktemp -p "$at" .hvtune-write-test.XXXXXX 2>/dev/null); then
+    if [ "$at" = "$dir" ]; then
+      hv_die "$what folder $dir is not writable by uid:gid $ids: run 'sudo chown -R $ids ${host:-<the mounted folder>}' on the host, or set PUID/PGID in .env to its owner"
+    fi
+    hv_die "$what folder $dir cannot be created by uid:gid $ids ($at is not writable): run 'sudo chown $ids ${host:-<the mounted folder>}' on the host, or set PUID/PGID in .env to the owner"
+  fi
+  rm -f "$probe"
+}
+
+# No GPU visible in the cuda/rocm image. HVTUNE_SKIP_GPU_CHECK=1 skips it (e.g. `hvtune check` on a login node).
+hv_check_gpu() {
+  [ "${HVTUNE_SKIP_GPU_CHECK:-0}" = 1 ] && return 0
+  case "${HVTUNE_VENDOR:-cpu}" in
+    cuda)
+      if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+        hv_die "no NVIDIA GPU visible in the container: install the NVIDIA Container Toolkit on the host and run with --gpus all (compose: profile cuda), or use the cpu profile"
+      fi ;;
+    rocm)
+      if [ ! -e /dev/kfd ] || ! compgen -G '/dev/dri/renderD*' >/dev/null; then
+        hv_die "no AMD GPU visible in the container: run with --device /dev/kfd --device /dev/dri --group-add video --group-add render (compose: profile rocm)"
+      fi
+      if [ ! -r /dev/kfd ] || [ ! -w /dev/kfd ]; then
+        hv_die "/dev/kfd is not accessible to uid $(id -u): add the container user to the host's video and render groups (group_add, or --group-add \$(getent group render | cut -d: -f3))"
+      fi ;;
+    cpu) ;;
+    *) hv_die "HVTUNE_VENDOR=$HVTUNE_VENDOR is not one of cuda, rocm, cpu" ;;
+  esac
+}
+
+hv_gpu_count() {
+  case "${HVTUNE_VENDOR:-cpu}" in
+    cuda) nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true ;;
+    rocm) compgen -G '/dev/dri/renderD*' | wc -l ;;
+    *) echo 0 ;;
+  esac
+}
