@@ -305,8 +305,8 @@ def test_docker_stop_checkpoints_and_exits_cleanly(image, tmp_path):
         ("incomplete encoder mount", r"/data/models/text-encoder is incomplete; missing"),
         ("no NVIDIA GPU", r"no NVIDIA GPU visible in the container"),
         ("no AMD GPU", r"no AMD GPU visible in the container"),
-        ("bad NUM_PROCESSES", r"NUM_PROCESSES=2 needs GPUs"),
-        ("NUM_PROCESSES above GPUs", r"NUM_PROCESSES=2 but only 1 GPU\(s\) are visible"),
+        ("bad NUM_PROCESSES", r"NUM_PROCESSES=3 is not a multiple of NUM_MACHINES=2"),
+        ("NUM_PROCESSES above GPUs", r"NUM_PROCESSES=2 on 1 machine\(s\) needs 2 GPU\(s\) here but 1 are visible"),
     ],
 )
 def test_bad_input_one_line_nonzero_nothing_written(image, tmp_path, case, expect):
@@ -341,7 +341,7 @@ def test_bad_input_one_line_nonzero_nothing_written(image, tmp_path, case, expec
     elif case == "no AMD GPU":
         env.append("HVTUNE_VENDOR=rocm")
     elif case == "bad NUM_PROCESSES":
-        env.append("NUM_PROCESSES=2")
+        env += ["NUM_PROCESSES=3", "NUM_MACHINES=2"]
     elif case == "NUM_PROCESSES above GPUs":  # a stand-in nvidia-smi that sees one GPU
         smi = tmp_path.parent / f"{tmp_path.name}-nvidia-smi"
         smi.write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\n")

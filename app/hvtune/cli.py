@@ -69,6 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     result = train(_config(args))
+    if not result.is_main_process:
+        return EXIT_OK
     if result.stopped_early:
         print(f"stopped at step {result.global_step}; checkpoint in {result.output_dir / 'checkpoints'}")
     else:

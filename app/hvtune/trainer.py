@@ -41,6 +41,7 @@ class TrainResult:
     global_step: int
     stopped_early: bool
     lora_path: Path | None
+    is_main_process: bool = True
 
 
 class _StopFlag:
@@ -128,6 +129,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         set_peft_model_state_dict(model, lora)
         optimizer.load_state_dict(opt_state)
         lr_scheduler.load_state_dict(sched_state)
+        _apply_learning_rate(lr_scheduler, cfg.learning_rate, accelerator.print)
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
 
     loss_log = LossLog(out / "logs" / "loss.jsonl", resume_from_step=state.global_step) if main else None
@@ -239,7 +241,20 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
             _run_record(resolved, manifest, paths, determinism, world, state, started, stopped_early, lora_path),
         )
     accelerator.end_training()
-    return TrainResult(out, state.global_step, stopped_early, lora_path)
+    return TrainResult(out, state.global_step, stopped_early, lora_path, main)
+
+
+def _apply_learning_rate(lr_scheduler, learning_rate: float, log) -> None:
+    """A checkpoint restores the schedule it was saved with; a learning_rate changed for the resumed run (the fix
+    for a diverged run) must win, or the setting would silently do nothing."""
+    if all(base == learning_rate for base in lr_scheduler.base_lrs):
+        return
+    log(f"learning_rate changed at resume: {lr_scheduler.base_lrs[0]:g} -> {learning_rate:g}")
+    lr_scheduler.base_lrs = [learning_rate] * len(lr_scheduler.base_lrs)
+    for group, factor in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [g["lr"] for g in lr_scheduler.optimizer.param_groups]
 
 
 def _agree(accelerator, flag: bool) -> bool:
