@@ -9,6 +9,7 @@ continues exactly where an uninterrupted run would be.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import tempfile
 import time
@@ -76,7 +77,7 @@ def _text_condition(manifest, key) -> TextCondition:
 def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) -> TrainResult:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from peft.utils import set_peft_model_state_dict
     from tqdm import tqdm
 
@@ -90,7 +91,10 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     started = time.time()
     determinism = apply_determinism(cfg.deterministic)
 
+    trackers = _trackers(cfg)
     accelerator = Accelerator(
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs" / "tensorboard")),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=not torch.cuda.is_available(),
@@ -98,6 +102,9 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
+    if trackers:
+        scalars = {k: v for k, v in cfg.model_dump().items() if isinstance(v, int | float | str | bool)}
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hvtune"), config=scalars)
     components = ["transformer", "scheduler"] + (["vae"] if _validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
 
@@ -133,7 +140,6 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
 
     loss_log = LossLog(out / "logs" / "loss.jsonl", resume_from_step=state.global_step) if main else None
-    tracker = _tensorboard(cfg, out) if main else None
     stop = _StopFlag()
     bar = tqdm(
         total=total_steps, initial=state.global_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
@@ -194,9 +200,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                         epoch=state.epoch,
                         seconds=round(now - step_started, 4),
                     )
-                    if tracker is not None:
-                        tracker.add_scalar("train/loss", step_loss, state.global_step)
-                        tracker.add_scalar("train/lr", lr, state.global_step)
+                if trackers:
+                    accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=state.global_step)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_step=f"{now - step_started:.2f}")
                 bar.update(1)
                 step_started = now
@@ -226,8 +231,6 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         bar.close()
         if loss_log is not None:
             loss_log.close()
-        if tracker is not None:
-            tracker.close()
 
     accelerator.wait_for_everyone()
     lora_path = None
@@ -329,17 +332,20 @@ def _export(cfg, model, out: Path) -> Path:
     return path
 
 
-def _tensorboard(cfg, out: Path):
+def _trackers(cfg) -> list[str]:
+    """accelerate trackers for `report_to`: TensorBoard always (unless "none"), wandb when asked and configured."""
     if cfg.report_to == "none":
-        return None
+        return []
     if cfg.report_to == "wandb":
-        import os
+        from importlib.util import find_spec
 
-        if not os.environ.get("WANDB_API_KEY"):
-            print("notice: report_to=wandb but WANDB_API_KEY is not set; logging to TensorBoard instead")
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out / "logs" / "tensorboard"))
+        if find_spec("wandb") is None:
+            print("notice: report_to=wandb but wandb is not installed (pip install wandb): TensorBoard only")
+        elif os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            return ["tensorboard", "wandb"]
+        else:
+            print("notice: report_to=wandb but WANDB_API_KEY is not set: logging to TensorBoard only")
+    return ["tensorboard"]
 
 
 def _run_record(resolved, manifest, paths, determinism, world, state, started, stopped_early, lora_path) -> dict:
