@@ -18,6 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import TrainConfig, UserError
+from .encoder_layouts import (
+    DIFFUSERS,
+    TENCENT,
+    load_tencent_text_encoders,
+    missing_text_files,
+    text_component_dirs,
+    text_layout,
+    text_layout_hint,
+    vision_root,
+)
 
 TENCENT_REPO = "tencent/HunyuanVideo-1.5"
 # Tencent's repo holds the original checkpoint format; the community conversions hold the same weights in
@@ -119,17 +129,30 @@ def missing_files(root: Path, components: tuple[str, ...] | list[str]) -> list[s
     return missing
 
 
-def _check_local(source: Source, components: list[str]) -> Path:
+def _check_local(source: Source, components: list[str]) -> dict[str, Path]:
+    """Each component's folder under a local root, once the root is complete. A text-encoder-only root may be in
+    Tencent's layout (llm/, byt5-small/, Glyph-SDXL-v2/, or Tencent's ckpts/ above them); a vision-only root may be
+    Tencent's ckpts/ or vision_encoder/ above siglip/."""
     root = Path(source.location).expanduser()
     if not root.is_dir():
         raise ModelSourceError(f"{source.origin}: {root} is not a directory")
-    missing = missing_files(root, components)
-    if missing:
-        raise ModelSourceError(
-            f"{source.origin}: {root} is incomplete; missing {', '.join(missing)} "
-            "(expected the diffusers layout: one subfolder per component)"
+    text_only = set(components) <= set(TEXT)
+    if text_only and text_layout(root) == TENCENT:
+        missing, hint = missing_text_files(root, TENCENT), text_layout_hint(root, TENCENT)
+        dirs = text_component_dirs(root, TENCENT)
+    else:
+        if set(components) <= set(VISION):
+            root = vision_root(root)
+        missing = missing_files(root, components)
+        hint = (
+            text_layout_hint(root, DIFFUSERS)
+            if text_only
+            else "expected the diffusers layout: one subfolder per component"
         )
-    return root
+        dirs = {name: root / name for name in components}
+    if missing:
+        raise ModelSourceError(f"{source.origin}: {root} is incomplete; missing {', '.join(missing)} ({hint})")
+    return {name: dirs[name] for name in components}
 
 
 def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tuple[Path, str]:
@@ -208,12 +231,13 @@ def resolve_model(
     paths = ModelPaths({})
     for source, names in groups.items():
         if source in roots:
-            root, revision = roots[source], None
+            dirs, revision = roots[source], None
         else:
             root, revision = _fetch(source, names, allow_download=allow_download)
+            dirs = {name: root / name for name in names}
         paths.revisions[source.location] = revision
         for name in names:
-            paths.components[name] = root / name
+            paths.components[name] = dirs[name]
             paths.origins[name] = source.origin
     return paths
 
@@ -251,6 +275,9 @@ def load_scheduler(paths: ModelPaths):
 def load_text_encoders(paths: ModelPaths, dtype=None) -> dict:
     from transformers import AutoTokenizer, ByT5Tokenizer, Qwen2_5_VLTextModel, T5EncoderModel
 
+    root = paths["text_encoder"].parent
+    if text_layout(root) == TENCENT:
+        return load_tencent_text_encoders(root, dtype)
     return {
         "tokenizer": AutoTokenizer.from_pretrained(paths["tokenizer"]),
         "text_encoder": Qwen2_5_VLTextModel.from_pretrained(paths["text_encoder"], dtype=dtype).eval(),
