@@ -187,16 +187,7 @@ def write_entry(root: Path, key: str, tensors: dict[str, Any], meta: dict[str, s
     # same entry must be the same bytes whichever process wrote it
     info = json.dumps({"format": FORMAT, "key": key, **meta}, sort_keys=True, ensure_ascii=False)
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"hvtune": info})
-    tmp = path.parent / f".{key}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return _write_atomic(path, data), hashlib.sha256(data).hexdigest()
 
 
 def read_entry(root: Path, key: str) -> dict[str, Any]:
