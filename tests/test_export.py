@@ -1,15 +1,45 @@
-"""LoRA files: the diffusers file loads with load_lora_adapter and changes the output; ComfyUI names are fused."""
+"""LoRA files: the diffusers file loads with load_lora_adapter into a fresh pipeline and reproduces the trained model;
+the ComfyUI file has ComfyUI's HunyuanVideo names, and merging it the way ComfyUI does gives the trained model back."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hvtune.config import TrainConfig
-from hvtune.export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
+from hvtune.export import (
+    _comfy_name,
+    adapter_config,
+    lora_state_dict,
+    save_comfyui_lora,
+    save_diffusers_lora,
+    to_comfyui,
+)
 from hvtune.memory import add_lora
 from hvtune.registry import load_transformer, resolve_model
+
+ALL_MAPPABLE = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "norm1.linear",
+    "norm1_context.linear",
+    "norm_out.linear",
+    "proj_out",
+]
 
 
 def _inputs(transformer):
@@ -27,73 +57,136 @@ def _inputs(transformer):
     )
 
 
-def _trained_lora(tiny_t2v, rank=4, alpha=8.0):
+def _trained_lora(tiny_t2v, rank=4, alpha=8.0, targets=None):
     paths = resolve_model(TrainConfig(pretrained_model_name_or_path=str(tiny_t2v)), ["transformer"], env={})
     transformer = load_transformer(paths)
     torch.manual_seed(0)
-    add_lora(transformer, TrainConfig(lora_rank=rank, lora_alpha=alpha))
+    add_lora(transformer, TrainConfig(lora_rank=rank, lora_alpha=alpha, lora_target_modules=targets))
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # stand-in for training: non-zero B so the adapter changes the output
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return paths, transformer
 
 
 def test_diffusers_lora_loads_with_load_lora_adapter_and_changes_output(tiny_t2v, tmp_path):
-    paths, trained = _trained_lora(tiny_t2v)
-    state = lora_state_dict(trained)
-    path = save_diffusers_lora(state, tmp_path, {"hvtune.rank": "4"}, adapter_config(trained))
-    keys = list(load_file(path))
-    assert path.name == "pytorch_lora_weights.safetensors"
-    assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
-    assert not any("token_refiner" in k for k in keys)
-    with safe_open(path, "pt") as f:
-        assert f.metadata()["hvtune.rank"] == "4"
+    from diffusers import HunyuanVideo15Pipeline
 
-    fresh = load_transformer(paths)
+    _, trained = _trained_lora(tiny_t2v, rank=4, alpha=8.0)  # alpha != rank: the scale must travel with the file
+    state = lora_state_dict(trained)
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+    path = save_diffusers_lora(state, tmp_path, {"hvtune.flavour": "t2v-480p"}, adapter_config(trained))
+    assert path == tmp_path / "pytorch_lora_weights.safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
+    saved = load_file(path)
+    assert saved and all(k.startswith("transformer.transformer_blocks.") for k in saved)
+    assert all(torch.equal(saved[f"transformer.{k}"], v) for k, v in state.items())  # fp32, bit-exact
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["hvtune.rank"] == "4" and meta["hvtune.alpha"] == "8.0" and meta["hvtune.flavour"] == "t2v-480p"
+    targets = json.loads(meta["hvtune.target_modules"])
+    assert "transformer_blocks.0.attn.to_add_out" in targets and "transformer_blocks.1.attn.to_add_out" not in targets
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
+
+    pipe = HunyuanVideo15Pipeline.from_pretrained(tiny_t2v)  # a freshly loaded pipeline, as a user would
+    fresh = pipe.transformer
     with torch.no_grad():
         base = fresh(**_inputs(fresh))[0]
         fresh.load_lora_adapter(tmp_path, prefix="transformer", use_safetensors=True)
         loaded = fresh(**_inputs(fresh))[0]
         expected = trained(**_inputs(trained))[0]
     assert not torch.allclose(base, loaded, atol=1e-4)  # the LoRA changes the output
-    torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-4)  # and is the trained one
+    torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-4)  # and is the trained one, at alpha / rank
 
 
-def test_last_block_to_add_out_is_not_targeted(tiny_t2v):
-    _, trained = _trained_lora(tiny_t2v)
-    last = trained.config.num_layers - 1
-    names = [n for n, _ in trained.named_parameters() if "lora_A" in n]
-    assert any(f"transformer_blocks.{last}.attn.to_q" in n for n in names)
-    assert not any(f"transformer_blocks.{last}.attn.to_add_out" in n for n in names)
-    assert any("transformer_blocks.0.attn.to_add_out" in n for n in names)
+def _merge_comfy(transformer, comfy: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ComfyUI does with the file, expressed back in diffusers names: W += alpha / rank * B @ A on Tencent's fused
+    qkv weights (rows q, k, v) and (shift, scale)-ordered final modulation, then split/swapped to diffusers."""
+    names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    names = [n.removesuffix(".base_layer") for n in names]
+    inverse: dict[str, list[tuple[str, int]]] = {}
+    for name in names:
+        mapped = _comfy_name(name)
+        if mapped:
+            inverse.setdefault(mapped[0], []).append((name, mapped[2]))
+    state = {k.replace(".base_layer", ""): v.clone() for k, v in transformer.state_dict().items() if "lora_" not in k}
+    lora_names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
+    for full in lora_names:
+        name = full.removeprefix("diffusion_model.")
+        a, b = comfy[f"{full}.lora_A.weight"], comfy[f"{full}.lora_B.weight"]
+        delta = comfy[f"{full}.alpha"].item() / a.shape[0] * b @ a
+        members = sorted(inverse[name], key=lambda m: m[1])
+        if name == "final_layer.adaLN_modulation.1":
+            delta = torch.cat(delta.chunk(2)[::-1])  # Tencent (shift, scale) -> diffusers (scale, shift)
+        chunks = delta.chunk(3) if len(members) == 3 else [delta]
+        for (module, _), chunk in zip(members, chunks, strict=True):
+            state[f"{module}.weight"] += chunk
+    return state
 
 
-def test_comfyui_names_and_fused_qkv_equal_separate_deltas(tiny_t2v, tmp_path):
-    _, trained = _trained_lora(tiny_t2v, rank=4, alpha=8.0)
+@pytest.mark.parametrize(
+    "targets",
+    [None, ALL_MAPPABLE, ["to_q", "add_v_proj"]],
+    ids=["default", "every-mappable-module", "partial-qkv"],
+)
+def test_comfyui_file_merged_as_comfyui_does_reproduces_the_trained_model(tiny_t2v, tmp_path, targets):
+    paths, trained = _trained_lora(tiny_t2v, rank=4, alpha=8.0, targets=targets)
     state = lora_state_dict(trained)
-    comfy = to_comfyui(state, alpha=8.0)
-    assert set(comfy) >= {
-        "diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight",
-        "diffusion_model.double_blocks.0.img_attn_qkv.alpha",
-        "diffusion_model.double_blocks.0.txt_attn_qkv.lora_B.weight",
-        "diffusion_model.double_blocks.0.img_attn_proj.lora_A.weight",
-        "diffusion_model.double_blocks.0.txt_attn_proj.lora_B.weight",
-    }
-    assert all(k.startswith("diffusion_model.double_blocks.") for k in comfy)
-    # ComfyUI applies alpha / rank * (B @ A) to the fused weight; it must equal the stacked separate deltas.
-    a, b = (
-        comfy["diffusion_model.double_blocks.1.img_attn_qkv.lora_A.weight"],
-        comfy["diffusion_model.double_blocks.1.img_attn_qkv.lora_B.weight"],
-    )
-    scale = comfy["diffusion_model.double_blocks.1.img_attn_qkv.alpha"].item() / a.shape[0]
-    fused_delta = scale * b @ a
-    separate = [
-        (8.0 / 4)
-        * state[f"transformer_blocks.1.attn.{m}.lora_B.weight"]
-        @ state[f"transformer_blocks.1.attn.{m}.lora_A.weight"]
-        for m in ("to_q", "to_k", "to_v")
-    ]
-    torch.testing.assert_close(fused_delta, torch.cat(separate), atol=1e-6, rtol=1e-5)
-    out = save_comfyui_lora(state, tmp_path / "comfy.safetensors", alpha=8.0)
-    assert set(load_file(out)) == set(comfy)
+    out = save_comfyui_lora(state, tmp_path / "comfyui_lora.safetensors", alpha=8.0)
+    comfy = load_file(out)
+    assert set(comfy) == set(to_comfyui(state, alpha=8.0))
+    assert all(k.startswith("diffusion_model.") for k in comfy)
+    if targets is None:
+        expected = {
+            f"diffusion_model.double_blocks.{n}.{m}.{s}"
+            for n in (0, 1)
+            for m in ("img_attn_qkv", "txt_attn_qkv", "img_attn_proj", "txt_attn_proj")
+            for s in ("lora_A.weight", "lora_B.weight", "alpha")
+        }
+        expected -= {
+            f"diffusion_model.double_blocks.1.txt_attn_proj.{s}" for s in ("lora_A.weight", "lora_B.weight", "alpha")
+        }
+        assert set(comfy) == expected
+        # fused: A stacks q, k, v (3r rows), B is block diagonal, alpha 3a keeps alpha / rank
+        a, b = (
+            comfy["diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight"],
+            comfy["diffusion_model.double_blocks.0.img_attn_qkv.lora_B.weight"],
+        )
+        inner = trained.config.num_attention_heads * trained.config.attention_head_dim
+        assert a.shape == (12, inner) and b.shape == (3 * inner, 12)
+        assert comfy["diffusion_model.double_blocks.0.img_attn_qkv.alpha"].item() == 24.0
+        fused = 24.0 / 12 * b @ a
+        separate = [
+            2.0
+            * state[f"transformer_blocks.0.attn.{m}.lora_B.weight"]
+            @ state[f"transformer_blocks.0.attn.{m}.lora_A.weight"]
+            for m in ("to_q", "to_k", "to_v")
+        ]
+        torch.testing.assert_close(fused, torch.cat(separate), atol=1e-6, rtol=1e-5)
+    if targets == ALL_MAPPABLE:
+        names = {k.rsplit(".", 2)[0] for k in comfy if k.endswith("lora_A.weight")}
+        assert {
+            "diffusion_model.double_blocks.0.img_mod.linear",
+            "diffusion_model.double_blocks.0.txt_mlp.fc2",
+            "diffusion_model.txt_in.individual_token_refiner.blocks.0.self_attn_qkv",
+            "diffusion_model.txt_in.individual_token_refiner.blocks.0.mlp.fc1",
+            "diffusion_model.txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1",
+            "diffusion_model.final_layer.linear",
+            "diffusion_model.final_layer.adaLN_modulation.1",
+        } <= names
+
+    merged = load_transformer(paths)
+    merged.load_state_dict(_merge_comfy(trained, comfy))
+    with torch.no_grad():
+        expected_out = trained(**_inputs(trained))[0]
+        merged_out = merged(**_inputs(merged))[0]
+        base_out = load_transformer(paths)(**_inputs(merged))[0]
+    assert not torch.allclose(base_out, expected_out, atol=1e-4)
+    torch.testing.assert_close(merged_out, expected_out, atol=1e-5, rtol=1e-4)
+
+
+def test_comfyui_export_names_what_it_cannot_map(tiny_t2v):
+    _, trained = _trained_lora(tiny_t2v, targets=["context_embedder_2.linear_1"])
+    with pytest.raises(ValueError, match=r"context_embedder_2\.linear_1"):
+        to_comfyui(lora_state_dict(trained), alpha=4.0)

@@ -1,28 +1,55 @@
-"""LoRA files: diffusers format (loads with `transformer.load_lora_adapter`) and ComfyUI format.
+"""LoRA files: diffusers format (loads with `transformer.load_lora_adapter`) and ComfyUI format. docs/LORA_FORMATS.md
+describes both for users.
+
+Stored dtype: float32, as trained. A rank-16 LoRA on the default targets is ~110 MB in fp32 (~55 MB in bf16); keeping
+fp32 makes the file an exact copy of the trained weights (a resumed run can be checked byte for byte, and bf16 would
+round the small lora_B values). Loaders cast to the model's dtype when they apply it.
 
 Diffusers: `pytorch_lora_weights.safetensors`, keys `transformer.<module>.lora_A.weight` / `.lora_B.weight` as written
 by `HunyuanVideoLoraLoaderMixin.save_lora_weights` (diffusers 0.42.1 has no `load_lora_weights` on the HunyuanVideo
-1.5 pipelines; `pipe.transformer.load_lora_adapter(dir, prefix="transformer")` loads it). Stored in float32, as trained.
+1.5 pipelines; `pipe.transformer.load_lora_adapter(dir, prefix="transformer", use_safetensors=True)` loads it). The
+peft adapter config (rank, alpha, targets) is in the metadata key `lora_adapter_metadata`, which `load_lora_adapter`
+reads, so alpha != rank loads at the trained strength; hvtune adds `hvtune.rank`, `hvtune.alpha`,
+`hvtune.target_modules`.
 
-ComfyUI: its HunyuanVideo 1.5 model uses Tencent's original layout with FUSED q/k/v projections, and its LoRA loader
-(comfy/lora.py `model_lora_keys_unet`, HunyuanVideo branch) accepts names `diffusion_model.double_blocks.N.<name>` and
-has no entry for split q/k/v (same finding: finetrainers #231/#255, musubi-tuner #756). Mapping (diffusers module ->
-ComfyUI LoRA name; Tencent names from diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py):
+ComfyUI: its HunyuanVideo 1.5 model (`comfy.model_base.HunyuanVideo15`, a subclass of `HunyuanVideo`) uses Tencent's
+layout with Flux-style double blocks whose attention has ONE fused `qkv` linear (rows q, k, v). Its LoRA loader
+(comfyanonymous/ComfyUI comfy/lora.py `model_lora_keys_unet`, `HunyuanVideo` branch) accepts, for a model weight
+`diffusion_model.X.weight`, the LoRA name `diffusion_model.` + X with `_attn.qkv.` -> `_attn_qkv.`, `_attn.proj.` ->
+`_attn_proj.`, `mlp.0.` -> `mlp.fc1.`, `mlp.2.` -> `mlp.fc2.`, `_mod.lin.` -> `_mod.linear.` (i.e. Tencent's names),
+and has no entry for split q/k/v (finetrainers #231/#255, musubi-tuner #756 ran into the same). It reads
+`<name>.lora_A.weight`, `<name>.lora_B.weight` and scales by `<name>.alpha / rank` (1.0 when `.alpha` is missing, so
+`.alpha` is always written). Diffusers -> Tencent names from diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py
+(`convert_hyvideo15_transformer_to_diffusers`). Mapping (N = block, i = refiner block):
 
-  transformer_blocks.N.attn.to_q/to_k/to_v              -> diffusion_model.double_blocks.N.img_attn_qkv   (fused)
-  transformer_blocks.N.attn.to_out.0                    -> diffusion_model.double_blocks.N.img_attn_proj
-  transformer_blocks.N.attn.add_q_proj/add_k_proj/add_v_proj -> diffusion_model.double_blocks.N.txt_attn_qkv (fused)
-  transformer_blocks.N.attn.to_add_out                  -> diffusion_model.double_blocks.N.txt_attn_proj
-  transformer_blocks.N.ff.net.0.proj / ff.net.2         -> diffusion_model.double_blocks.N.img_mlp.fc1 / img_mlp.fc2
-  transformer_blocks.N.ff_context.net.0.proj / .net.2   -> diffusion_model.double_blocks.N.txt_mlp.fc1 / txt_mlp.fc2
+  diffusers module                                          ComfyUI LoRA name (prefix `diffusion_model.`)
+  transformer_blocks.N.attn.to_q + to_k + to_v              double_blocks.N.img_attn_qkv         (fused)
+  transformer_blocks.N.attn.add_q_proj + add_k_proj + add_v_proj
+                                                            double_blocks.N.txt_attn_qkv         (fused)
+  transformer_blocks.N.attn.to_out.0                        double_blocks.N.img_attn_proj
+  transformer_blocks.N.attn.to_add_out                      double_blocks.N.txt_attn_proj
+  transformer_blocks.N.ff.net.0.proj / ff.net.2             double_blocks.N.img_mlp.fc1 / img_mlp.fc2
+  transformer_blocks.N.ff_context.net.0.proj / net.2        double_blocks.N.txt_mlp.fc1 / txt_mlp.fc2
+  transformer_blocks.N.norm1.linear / norm1_context.linear  double_blocks.N.img_mod.linear / txt_mod.linear
+  context_embedder.token_refiner.refiner_blocks.i.attn.to_q + to_k + to_v
+                                                            txt_in.individual_token_refiner.blocks.i.self_attn_qkv
+  ...refiner_blocks.i.attn.to_out.0                         txt_in.individual_token_refiner.blocks.i.self_attn_proj
+  ...refiner_blocks.i.ff.net.0.proj / ff.net.2              txt_in.individual_token_refiner.blocks.i.mlp.fc1 / fc2
+  ...refiner_blocks.i.norm_out.linear                       txt_in.individual_token_refiner.blocks.i.adaLN_modulation.1
+  proj_out                                                  final_layer.linear
+  norm_out.linear                                           final_layer.adaLN_modulation.1  (lora_B halves swapped:
+                                                            diffusers stores (scale, shift), Tencent (shift, scale))
+
+Other modules (embedders) have no mapping and raise ValueError naming them.
 
 Fusing q, k, v adapters (rank r, alpha a each) is exact: A = cat(A_q, A_k, A_v) (3r x in), B = block_diag(B_q, B_k,
-B_v) (3 out x 3r), alpha = 3a so alpha/rank stays a/r. A missing member (e.g. only to_q trained) is a zero block.
-ComfyUI scales by `alpha / rank` and by 1.0 when `.alpha` is missing, so `.alpha` is always written.
+B_v) (3 out x 3r), alpha = 3a, so alpha / rank stays a / r and (alpha / rank) B A = cat of the three separate deltas.
+A member that was not trained (e.g. only to_q targeted) is a zero block.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -31,33 +58,70 @@ from pathlib import Path
 import torch
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-_FUSED = {
-    ("to_q", "to_k", "to_v"): "img_attn_qkv",
-    ("add_q_proj", "add_k_proj", "add_v_proj"): "txt_attn_qkv",
-}
-_SINGLE = {
-    "attn.to_out.0": "img_attn_proj",
-    "attn.to_add_out": "txt_attn_proj",
-    "ff.net.0.proj": "img_mlp.fc1",
-    "ff.net.2": "img_mlp.fc2",
-    "ff_context.net.0.proj": "txt_mlp.fc1",
-    "ff_context.net.2": "txt_mlp.fc2",
-}
-_KEY = re.compile(r"^(?:transformer\.)?transformer_blocks\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+COMFYUI_FORMAT = "comfyui-hunyuanvideo15"
+
+_BLOCK = (r"transformer_blocks\.(\d+)\.", "double_blocks.{}.")
+_REFINER = (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.", "txt_in.individual_token_refiner.blocks.{}.")
+# (block pattern, ComfyUI block prefix, {diffusers module in the block: ComfyUI name}); tuples are fused q/k/v
+_RULES = (
+    (
+        *_BLOCK,
+        {
+            ("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn_qkv",
+            ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "txt_attn_qkv",
+            "attn.to_out.0": "img_attn_proj",
+            "attn.to_add_out": "txt_attn_proj",
+            "ff.net.0.proj": "img_mlp.fc1",
+            "ff.net.2": "img_mlp.fc2",
+            "ff_context.net.0.proj": "txt_mlp.fc1",
+            "ff_context.net.2": "txt_mlp.fc2",
+            "norm1.linear": "img_mod.linear",
+            "norm1_context.linear": "txt_mod.linear",
+        },
+    ),
+    (
+        *_REFINER,
+        {
+            ("attn.to_q", "attn.to_k", "attn.to_v"): "self_attn_qkv",
+            "attn.to_out.0": "self_attn_proj",
+            "ff.net.0.proj": "mlp.fc1",
+            "ff.net.2": "mlp.fc2",
+            "norm_out.linear": "adaLN_modulation.1",
+        },
+    ),
+    ("", "", {"proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}),
+)
+_SWAP_B = {"final_layer.adaLN_modulation.1"}  # diffusers' converter swapped (shift, scale) -> (scale, shift) here
+_KEY = re.compile(r"^(?:transformer\.)?(.+)\.lora_([AB])\.weight$")
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
-    """The adapter's weights with peft/diffusers module names (no prefix), fp32, on the CPU."""
+    """The adapter's weights with peft/diffusers module names (no prefix, no adapter name), float32, on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    model = getattr(transformer, "module", transformer)  # DDP-wrapped or not
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_config(transformer) -> dict:
+    """The LoRA config (rank, alpha, targets) that diffusers stores in the file so `load_lora_adapter` rebuilds the
+    same adapter at the same scale. `target_modules` becomes the sorted list of the modules that really carry the
+    adapter (the training config's regex minus `exclude_modules`), so a loader neither needs the exclusions nor warns
+    that they excluded nothing."""
+    from peft.tuners.lora import LoraLayer
+
+    model = getattr(transformer, "module", transformer)
+    config = model.peft_config["default"].to_dict()
+    adapted = sorted(name for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A)
+    config["target_modules"] = adapted
+    config["exclude_modules"] = None
+    return config
 
 
 def canonical_safetensors(data: bytes) -> bytes:
     """safetensors writes `__metadata__` from a Rust HashMap, so its key order (and the file's bytes) changes from
     process to process. Sort it: the same weights and metadata then give the same bytes, which is what lets a resumed
     run be checked against an uninterrupted one byte for byte. The header keeps its length, so offsets stay valid."""
-    import json
     import struct
 
     (length,) = struct.unpack("<Q", data[:8])
@@ -72,6 +136,7 @@ def canonical_safetensors(data: bytes) -> bytes:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """safetensors bytes written to a temp file beside `path`, fsynced, then renamed over it."""
     from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +145,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -87,71 +154,105 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     return path
 
 
-def adapter_config(transformer) -> dict:
-    """The LoRA config (rank, alpha, targets) that diffusers stores so `load_lora_adapter` rebuilds the same scale."""
-    return transformer.peft_config["default"].to_dict()
+def _config_metadata(config: dict | None) -> dict[str, str]:
+    if not config:
+        return {}
+    targets = config.get("target_modules")
+    if isinstance(targets, (set, frozenset, list, tuple)):
+        targets = json.dumps(sorted(targets))
+    return {
+        "hvtune.rank": str(config.get("r")),
+        "hvtune.alpha": str(config.get("lora_alpha")),
+        "hvtune.target_modules": str(targets),
+    }
 
 
 def save_diffusers_lora(
     state_dict: dict[str, torch.Tensor], out_dir: Path, metadata: dict[str, str], config: dict | None = None
 ) -> Path:
-    """`out_dir/pytorch_lora_weights.safetensors`, keys prefixed `transformer.` like the diffusers LoRA mixin writes,
-    with the adapter config in the file's metadata (without it a loader assumes alpha = rank)."""
+    """`out_dir/pytorch_lora_weights.safetensors`, keys prefixed `transformer.` exactly as the diffusers LoRA mixin
+    writes them, with the adapter config (`config`, from `adapter_config`) in the metadata (without it a loader assumes
+    alpha = rank) plus `metadata` and hvtune's rank/alpha/targets. The mixin's own write is not atomic, so it writes
+    into a temp dir and the result is renamed into place."""
     from diffusers.loaders import HunyuanVideoLoraLoaderMixin
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".lora.", dir=out_dir) as tmp:
         HunyuanVideoLoraLoaderMixin.save_lora_weights(
             tmp, transformer_lora_layers=state_dict, safe_serialization=True, transformer_lora_adapter_metadata=config
         )
         written = Path(tmp) / DIFFUSERS_FILE
         with safe_open(written, "pt") as f:
-            written_meta = f.metadata() or {}
-        for key, value in metadata.items():
-            written_meta.setdefault(key, value)
-        from safetensors.torch import load_file
+            meta = dict(f.metadata() or {})
+        for key, value in {**_config_metadata(config), **metadata}.items():
+            meta.setdefault(key, str(value))
+        return _atomic_save(load_file(written), out_dir / DIFFUSERS_FILE, meta)
 
-        return _atomic_save(load_file(written), out_dir / DIFFUSERS_FILE, written_meta)
+
+def _comfy_name(module: str) -> tuple[str, str | None, int] | None:
+    """diffusers module -> (ComfyUI LoRA name, fused group key or None, position in the fused group)."""
+    for pattern, prefix, table in _RULES:
+        m = re.match(pattern, module)
+        if not m:
+            continue
+        rest = module[m.end() :]
+        out_prefix = prefix.format(*m.groups())
+        for members, name in table.items():
+            if isinstance(members, tuple) and rest in members:
+                return out_prefix + name, out_prefix + name, members.index(rest)
+            if rest == members:
+                return out_prefix + name, None, 0
+    return None
 
 
 def to_comfyui(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Diffusers-named LoRA -> ComfyUI HunyuanVideo names, q/k/v fused (see the module docstring)."""
-    modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    """Diffusers-named LoRA (as `lora_state_dict` returns it) -> ComfyUI HunyuanVideo 1.5 names, q/k/v fused (see the
+    module docstring). `alpha` is the adapter's lora_alpha (one for all modules, as hvtune trains)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         m = _KEY.match(key)
         if not m:
-            raise ValueError(f"no ComfyUI name for LoRA weight {key!r} (only the main blocks are mapped)")
-        modules.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
-    out: dict[str, torch.Tensor] = {}
-    blocks = sorted({block for block, _ in modules})
-    for block in blocks:
-        prefix = f"diffusion_model.double_blocks.{block}."
-        for members, name in _FUSED.items():
-            parts = [modules.get((block, f"attn.{m}")) for m in members]
-            if not any(parts):
-                continue
-            present = next(p for p in parts if p)
-            rank, in_features = present["A"].shape
-            out_features = present["B"].shape[0]
-            zero_a, zero_b = torch.zeros(rank, in_features), torch.zeros(out_features, rank)
-            out[prefix + name + ".lora_A.weight"] = torch.cat([p["A"] if p else zero_a for p in parts])
-            out[prefix + name + ".lora_B.weight"] = torch.block_diag(*[p["B"] if p else zero_b for p in parts])
-            out[prefix + name + ".alpha"] = torch.tensor(alpha * 3)
-        for module, name in _SINGLE.items():
-            part = modules.get((block, module))
-            if part:
-                out[prefix + name + ".lora_A.weight"] = part["A"]
-                out[prefix + name + ".lora_B.weight"] = part["B"]
-                out[prefix + name + ".alpha"] = torch.tensor(float(alpha))
-    mapped = {(b, m) for b, m in modules if m in _SINGLE or m.split(".", 1)[-1] in sum(_FUSED, ())}
-    unmapped = sorted(f"transformer_blocks.{b}.{m}" for b, m in set(modules) - mapped)
+            raise ValueError(f"not a LoRA weight name: {key!r}")
+        modules.setdefault(m.group(1), {})[m.group(2)] = tensor
+    unmapped = sorted(name for name in modules if _comfy_name(name) is None)
     if unmapped:
         raise ValueError(f"no ComfyUI name for LoRA modules: {', '.join(unmapped[:5])}")
+    incomplete = sorted(name for name, ab in modules.items() if set(ab) != {"A", "B"})
+    if incomplete:
+        raise ValueError(f"LoRA modules without both lora_A and lora_B: {', '.join(incomplete[:5])}")
+
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[dict[str, torch.Tensor] | None]] = {}
+    for module, ab in sorted(modules.items()):
+        name, group, position = _comfy_name(module)
+        if group is not None:
+            fused.setdefault(group, [None, None, None])[position] = ab
+            continue
+        b = ab["B"]
+        if name in _SWAP_B:
+            b = torch.cat(b.chunk(2, dim=0)[::-1])
+        out[f"diffusion_model.{name}.lora_A.weight"] = ab["A"].contiguous()
+        out[f"diffusion_model.{name}.lora_B.weight"] = b.contiguous()
+        out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(alpha))
+    for name, parts in sorted(fused.items()):
+        present = next(p for p in parts if p is not None)
+        rank, in_features = present["A"].shape
+        out_features = present["B"].shape[0]
+        zero_a = torch.zeros(rank, in_features, dtype=present["A"].dtype)
+        zero_b = torch.zeros(out_features, rank, dtype=present["B"].dtype)
+        out[f"diffusion_model.{name}.lora_A.weight"] = torch.cat([p["A"] if p else zero_a for p in parts])
+        out[f"diffusion_model.{name}.lora_B.weight"] = torch.block_diag(*[p["B"] if p else zero_b for p in parts])
+        out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(alpha) * 3)
     return out
 
 
-def save_comfyui_lora(state_dict: dict[str, torch.Tensor], path: Path, alpha: float) -> Path:
-    tensors = {k: v.contiguous() for k, v in to_comfyui(state_dict, alpha).items()}
-    return _atomic_save(tensors, Path(path), {"format": "pt", "hvtune.format": "comfyui-hunyuanvideo15"})
+def save_comfyui_lora(
+    state_dict: dict[str, torch.Tensor], path: Path, alpha: float, metadata: dict[str, str] | None = None
+) -> Path:
+    """The ComfyUI-format copy (names and fusing in the module docstring), written atomically to `path`."""
+    tensors = to_comfyui(state_dict, alpha)
+    meta = {"format": "pt", "hvtune.format": COMFYUI_FORMAT, "hvtune.alpha": str(alpha), **(metadata or {})}
+    return _atomic_save(tensors, Path(path), meta)

@@ -1,41 +1,63 @@
 """The trainable model and what makes it fit: base precision, LoRA, gradient checkpointing, offload, optimizers.
 
-Memory options follow SimpleTuner's guide, and each one does something real:
-- `base_model_precision`: bf16 casts the frozen base to bf16; int8-torchao quantizes its linear weights
-  (torchao Int8WeightOnlyConfig) before LoRA is added, so LoRA layers stay full precision; no_change keeps the dtype.
-- `gradient_checkpointing`: diffusers' block-level activation recomputation.
-- `enable_group_offload`: diffusers group offload; weights live on the CPU and groups of blocks are moved to the GPU
-  as they run (`group_offload_use_stream` overlaps the copies with compute: CUDA only).
-- `enable_model_cpu_offload`: in a training loop every transformer block runs every step, so whole-model offload
-  would copy 16 GB per step; as in SimpleTuner it applies to validation: the transformer moves to the CPU while the
-  VAE decodes (the decode's peak is then the VAE's alone) and comes back after. Never with stream offload.
-LoRA parameters are always float32.
+Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_lora(transformer, cfg)`, then
+`build_optimizer` over the parameters that require grad. Every memory option does something real:
+
+- `base_model_precision`: `bf16` casts the frozen base to bf16; `int8-torchao` casts it to bf16 and quantizes its
+  linear weights in place (torchao `Int8WeightOnlyConfig`, LoRA layers skipped), so the LoRA layers added afterwards
+  wrap int8 base layers and stay float32; `no_change` keeps the loaded dtype. LoRA parameters are always float32.
+- `gradient_checkpointing`: diffusers' block-level activation recomputation (`enable_gradient_checkpointing`).
+- `enable_group_offload`: diffusers group offload (`enable_group_offload`, offload device = CPU): the frozen base
+  weights live on the CPU and groups of blocks (`block_level`, `group_offload_blocks_per_group` per group) or single
+  layers (`leaf_level`) are copied to the GPU as they run; `group_offload_use_stream` overlaps the copies with compute
+  and needs CUDA (a clear error otherwise). diffusers' offload is written for frozen weights: it moves whatever a
+  block holds at each call and, with streams, restores the CPU copies it took at setup. Trainable LoRA weights must not
+  take part (their gradients and optimizer state would sit on another device than the weights, and with streams the
+  LoRA weights have no CPU copy at all), so `prepare_base` pins every offload group to the base parameters that
+  exist when it is applied, and `add_lora` keeps the LoRA weights resident on the training device (rank 16 on all
+  54 blocks: ~110 MB in fp32).
+- `enable_model_cpu_offload`: in a training loop every transformer block runs every step, so whole-model offload would
+  copy the 16 GB model twice per step; training only ever loads the transformer (the encoders ran in `hvtune cache`),
+  so there is nothing else to offload while training. hvtune gives the flag the meaning it has in a pipeline at the
+  one point where several models share the GPU, validation: the transformer moves to the CPU while the VAE decodes
+  (`validation.render(offload_transformer_for_decode=...)`) and comes back afterwards. Never combined with group offload
+  (the config refuses it, and so does `prepare_base`).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
 from .config import TrainConfig, UserError
 
 MAIN_BLOCK_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# In the last dual-stream block the model drops the text stream's output (forward() keeps only hidden_states after the
+# loop), so these modules get no gradient (to_add_out, ff_context: None) or an all-zero one (add_q_proj: text queries
+# only produce text outputs). LoRA on them would train nothing, and DDP would need find_unused_parameters=True.
+LAST_BLOCK_DEAD = ("attn.to_add_out", "attn.add_q_proj", "ff_context.net.0.proj", "ff_context.net.2")
 
 
-def default_target_modules(num_layers: int) -> str:
-    """A regex over module names: the brief's projections in the main dual-stream blocks, not the token refiner.
-    The last block's text output is dropped by the model, so its `to_add_out` never gets a gradient (DDP would need
-    find_unused_parameters) and its `add_q_proj` only ever gets zeros (text queries only feed text outputs): both
-    are left out rather than trained to nothing."""
-    names = "|".join(t.replace(".", r"\.") for t in MAIN_BLOCK_TARGETS)
-    last = num_layers - 1
-    not_dead_in_last_block = rf"(?!{last}\.attn\.(to_add_out|add_q_proj)$)"
-    return rf"^transformer_blocks\.{not_dead_in_last_block}\d+\.attn\.({names})$"
+def default_target_modules() -> str:
+    """A regex (peft full-matches it against module names): the brief's projections in the main dual-stream blocks,
+    not the token refiner's same-named layers. The last block's dead modules are removed by `add_lora`."""
+    names = "|".join(re.escape(t) for t in MAIN_BLOCK_TARGETS)
+    return rf"transformer_blocks\.\d+\.attn\.({names})"
 
 
-def add_lora(transformer, cfg: TrainConfig) -> None:
+def dead_modules(transformer) -> list[str]:
+    """Full names of the last block's modules whose LoRA would never get a (non-zero) gradient."""
+    last = transformer.config.num_layers - 1
+    return [f"transformer_blocks.{last}.{name}" for name in LAST_BLOCK_DEAD]
+
+
+def lora_config(transformer, cfg: TrainConfig):
+    """The peft LoraConfig for this run: rank, alpha (default = rank), dropout, init, targets minus the dead modules."""
     from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    targets = cfg.lora_target_modules or default_target_modules(transformer.config.num_layers)
+    targets = cfg.lora_target_modules or default_target_modules()
     config = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
@@ -43,66 +65,156 @@ def add_lora(transformer, cfg: TrainConfig) -> None:
         init_lora_weights="gaussian" if cfg.lora_init_type == "gaussian" else True,
         target_modules=targets,
     )
-    transformer.add_adapter(config)
+    names = {name for name, _ in transformer.named_modules()}
+    # exclude only what the targets would match: peft warns about an exclusion list that excluded nothing
+    excluded = [
+        name for name in dead_modules(transformer) if name in names and check_target_module_exists(config, name)
+    ]
+    if excluded:
+        config.exclude_modules = excluded
+    return config
+
+
+def lora_parameters(transformer) -> list[torch.nn.Parameter]:
+    return [p for name, p in transformer.named_parameters() if "lora_" in name]
+
+
+def add_lora(transformer, cfg: TrainConfig) -> None:
+    """Inject a LoRA adapter through diffusers' PEFT integration (`transformer.add_adapter`). LoRA weights float32 and
+    trainable, everything else frozen. LoRA A's random init draws from the global RNG: seed it before calling."""
+    config = lora_config(transformer, cfg)
+    try:
+        transformer.add_adapter(config)
+    except ValueError as e:  # peft: "Target modules ... not found in the base model"
+        if "target" not in str(e).lower():
+            raise
+        raise UserError(f"lora_target_modules {cfg.lora_target_modules!r} match no layer of the transformer") from e
+    device = _offload_device(transformer)
+    frozen = []
     for name, param in transformer.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.float()
+        if "lora_" in name:  # resident on the training device even when the base is offloaded
+            param.data = param.data.to(device=device or param.device, dtype=torch.float32)
             param.requires_grad_(True)
+        else:
+            param.requires_grad_(False)
+            frozen.append(name)
+    # DDP (accelerate launch with N processes) would broadcast the whole frozen base from rank 0 at wrap time and
+    # refuse a module whose parameters sit on two device types (an offloaded base on the CPU, LoRA on the GPU): it only
+    # needs to know the LoRA weights, every rank loads the same base.
+    transformer._ddp_params_and_buffers_to_ignore = frozen + [name for name, _ in transformer.named_buffers()]
+
+
+def _offload_device(transformer) -> torch.device | None:
+    """The device group offload computes on, or None when the transformer is not offloaded."""
+    from diffusers.hooks.group_offloading import _get_group_onload_device, _is_group_offload_enabled
+
+    return _get_group_onload_device(transformer) if _is_group_offload_enabled(transformer) else None
+
+
+def _pin_offload_groups(transformer) -> int:
+    """Make every diffusers offload group move a fixed list of tensors (the ones that exist now) instead of
+    `module.parameters()` at each call, so LoRA weights injected later stay where `add_lora` puts them.
+    Returns the number of groups (0 means offload is not active)."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    groups = {}
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
+        if hook is not None:
+            groups[id(hook.group)] = hook.group
+    for group in groups.values():
+        if group.modules:
+            params = [p for m in group.modules for p in m.parameters()]
+            buffers = [b for m in group.modules for b in m.buffers()]
+            group.parameters = list(dict.fromkeys([*params, *group.parameters]))
+            group.buffers = list(dict.fromkeys([*buffers, *group.buffers]))
+            group.modules = []
+    return len(groups)
 
 
 def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> None:
-    """Precision, checkpointing and placement of the frozen base; call before add_lora."""
+    """Precision, checkpointing and placement of the frozen base. Call before `add_lora`."""
+    if any("lora_" in name for name, _ in transformer.named_parameters()):
+        raise RuntimeError("prepare_base must run before add_lora (it casts, quantizes and offloads the base only)")
+    device = torch.device(device)
+    if cfg.enable_group_offload and cfg.enable_model_cpu_offload:
+        raise UserError("enable_model_cpu_offload cannot be combined with enable_group_offload; choose one")
+    if cfg.group_offload_use_stream and not cfg.enable_group_offload:
+        raise UserError("group_offload_use_stream needs enable_group_offload: true")
+    if cfg.enable_group_offload and cfg.group_offload_use_stream and device.type != "cuda":
+        raise UserError(f"group_offload_use_stream needs a CUDA device (training device: {device}); set it to false")
     transformer.requires_grad_(False)
     if cfg.base_model_precision == "bf16":
         transformer.to(torch.bfloat16)
     elif cfg.base_model_precision == "int8-torchao":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        transformer.to(torch.bfloat16)
-        quantize_(transformer, Int8WeightOnlyConfig())
+        transformer.to(torch.bfloat16)  # torchao's int8 weight-only path computes in the activation dtype (bf16)
+
+        def base_linear(module: torch.nn.Module, fqn: str) -> bool:
+            return isinstance(module, torch.nn.Linear) and "lora_" not in fqn
+
+        quantize_(transformer, Int8WeightOnlyConfig(), filter_fn=base_linear)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    device = torch.device(device)
+    else:
+        transformer.disable_gradient_checkpointing()
     if cfg.enable_group_offload:
-        if cfg.group_offload_use_stream and device.type != "cuda":
-            raise UserError("group_offload_use_stream needs a CUDA device; set it to false")
+        block_level = cfg.group_offload_type == "block_level"
         transformer.enable_group_offload(
             onload_device=device,
             offload_device=torch.device("cpu"),
             offload_type=cfg.group_offload_type,
-            num_blocks_per_group=cfg.group_offload_blocks_per_group
-            if cfg.group_offload_type == "block_level"
-            else None,
+            num_blocks_per_group=cfg.group_offload_blocks_per_group if block_level else None,
             use_stream=cfg.group_offload_use_stream,
         )
+        if _pin_offload_groups(transformer) == 0:
+            raise RuntimeError("enable_group_offload installed no offload hooks")
     else:
         transformer.to(device)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """`adamw`: torch AdamW. `adamw_bf16`: SimpleTuner's name for AdamW on a bf16 model; here the base is bf16 and the
-    LoRA weights fp32, so it is torch AdamW over the fp32 LoRA parameters (no stochastic rounding needed).
-    `adamw8bit`: bitsandbytes AdamW8bit (8-bit optimizer states)."""
+    """Optimizers by SimpleTuner's names, all over the (float32) LoRA parameters:
+
+    - `adamw`: `torch.optim.AdamW`, float32 states.
+    - `adamw_bf16`: in SimpleTuner this is an AdamW that keeps bf16 *parameters* and updates them with stochastic
+      rounding, for models trained in bf16. In hvtune the trainable parameters are the LoRA weights, which are always
+      float32 (the bf16 part is the frozen base), so there is nothing to round: it is the same `torch.optim.AdamW`
+      over float32 LoRA weights with float32 states, i.e. identical to `adamw`. The name is accepted so SimpleTuner
+      configs (whose default it is) run unchanged.
+    - `adamw8bit`: `bitsandbytes.optim.AdamW8bit` (8-bit block-wise quantized states; runs on CPU and GPU)."""
     kwargs = dict(
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
     )
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: add_lora must run before build_optimizer")
     if cfg.optimizer in ("adamw", "adamw_bf16"):
         return torch.optim.AdamW(params, **kwargs)
     if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    raise UserError(f"optimizer {cfg.optimizer!r} is not supported")
+    raise UserError(f"optimizer {cfg.optimizer!r} is not supported (adamw, adamw_bf16, adamw8bit)")
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """diffusers' `get_scheduler`: constant, constant_with_warmup, linear and cosine (linear warmup over
+    `lr_warmup_steps`, then constant or a decay to 0 at `total_steps`). Stepped once per optimizer step.
+    diffusers' plain `constant` ignores `lr_warmup_steps`; here a warmup asked for is a warmup, so `constant` with
+    `lr_warmup_steps` > 0 runs as `constant_with_warmup` (the same lr after the warmup)."""
     from diffusers.optimization import get_scheduler
 
+    name = cfg.lr_scheduler
+    if name == "constant" and cfg.lr_warmup_steps > 0:
+        name = "constant_with_warmup"
     return get_scheduler(
-        cfg.lr_scheduler,
+        name,
         optimizer=optimizer,
         num_warmup_steps=cfg.lr_warmup_steps,
         num_training_steps=total_steps,
