@@ -134,6 +134,11 @@ def test_resolution_rounding_not_rejection(project):
     assert r.datasets[0].resolution == "848x480" and r.train.validation_resolution == "992x496"
 
 
+def test_stream_without_group_offload_is_a_problem(project):
+    msgs = problems_of("config/config.json", argv=["--enable_group_offload=false", "--group_offload_use_stream=true"])
+    assert any("group_offload_use_stream = True: only applies with enable_group_offload" in m for m in msgs)
+
+
 def test_stream_offload_needs_cuda(project):
     r = load_config("config/config.json", env={}, argv=["--group_offload_use_stream=true"])
     for device in ("cpu", "rocm"):

@@ -192,3 +192,12 @@ def test_cuda_only_features_refused_on_cpu(demo_project, tmp_path):
         "--group_offload_use_stream=true",
     )
     assert r.returncode == 2 and "group_offload_use_stream" in r.stderr and "CUDA" in r.stderr
+
+
+def test_targets_without_a_comfyui_name_fail_before_training(demo_project, tmp_path):
+    out = tmp_path / "o"
+    r = run_hvtune(
+        "train", "--config", str(demo_project), f"--output_dir={out}", '--lora_target_modules=["x_embedder.proj"]'
+    )
+    assert r.returncode == 2 and "no ComfyUI name" in r.stderr and "x_embedder.proj" in r.stderr
+    assert not (out / "logs" / "loss.jsonl").exists()

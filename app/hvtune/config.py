@@ -419,6 +419,15 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
                 "never combine with enable_model_cpu_offload; choose one offload method",
             )
         )
+    if t.group_offload_use_stream and not t.enable_group_offload:
+        problems.append(
+            Problem(
+                where("group_offload_use_stream"),
+                "group_offload_use_stream",
+                True,
+                "only applies with enable_group_offload: true; enable group offload or drop the flag",
+            )
+        )
     if t.enable_group_offload and t.enable_model_cpu_offload:
         problems.append(
             Problem(

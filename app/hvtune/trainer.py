@@ -20,7 +20,7 @@ from .batches import load_batch, plan_epoch, text_entry
 from .cache import load_manifest
 from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, ResolvedConfig, UserError, check_device_support
-from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora
+from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json, write_json_atomic
@@ -115,6 +115,10 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))  # LoRA A init uses the global RNG
     add_lora(transformer, cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    try:  # fail now, not after hours of training, if the targets have no ComfyUI name
+        to_comfyui(lora_state_dict(transformer), alpha=float(cfg.lora_alpha or cfg.lora_rank))
+    except ValueError as e:
+        raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
 
     global_batch = cfg.train_batch_size * world
