@@ -31,9 +31,6 @@ exactly this once, offline):
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -378,14 +375,13 @@ def write_tiny_tencent_text_root(out: str | Path, seed: int = 0) -> Path:
         T5ForConditionalGeneration,
     )
 
-    from .tiny_model import build_components
+    from .tiny_model import atomic_directory, build_components
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     components = build_components("t2v", seed)
     qwen, t5, qwen_tokenizer = components["text_encoder"], components["text_encoder_2"], components["tokenizer"]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         # llm/
         torch.manual_seed(seed * 1000 + 101)
         vl = Qwen2_5_VLForConditionalGeneration(
@@ -457,10 +453,4 @@ def write_tiny_tencent_text_root(out: str | Path, seed: int = 0) -> Path:
         stack["embed_tokens.weight"] = torch.cat([embed, torch.randn(extra, embed.shape[1], dtype=embed.dtype)])
         torch.save({"state_dict": {GLYPH_KEY_PREFIX + k: v for k, v in stack.items()}}, glyph / GLYPH_CHECKPOINT)
 
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

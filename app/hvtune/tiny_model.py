@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -146,6 +148,21 @@ def build_components(task: Literal["t2v", "i2v"] = "t2v", seed: int = 0, num_lay
     return components
 
 
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a temp directory beside `out` that replaces `out` when the block succeeds and vanishes when it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_tiny_model(out: str | Path, task: Literal["t2v", "i2v"] = "t2v", seed: int = 0) -> Path:
     """Write the tiny pipeline to `out` (atomically: built in a temp dir beside it, then renamed)."""
     from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline
@@ -154,13 +171,6 @@ def write_tiny_model(out: str | Path, task: Literal["t2v", "i2v"] = "t2v", seed:
     out.parent.mkdir(parents=True, exist_ok=True)
     pipeline_cls = HunyuanVideo15ImageToVideoPipeline if task == "i2v" else HunyuanVideo15Pipeline
     pipe = pipeline_cls(**build_components(task, seed))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
