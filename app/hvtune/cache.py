@@ -923,6 +923,12 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
         stats.hits["text"] = len(captions) - len(text_misses)
         stats.misses["text"] = len(text_misses)
         written: dict[Path, dict[str, tuple[int, str]]] = {r: {} for r in roots}
+
+        def store(root: Path, key: str, tensors: dict[str, Any], meta: dict[str, str]) -> None:
+            nbytes, sha = write_entry(root, key, tensors, meta)
+            written[root][key] = (nbytes, sha)
+            stats.bytes += nbytes
+
         if text_misses:
             from .registry import load_text_encoders
 
@@ -931,9 +937,7 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
                 encoders[name].to(device)
             for k in tqdm(text_misses, desc="text", unit="caption", disable=not progress, dynamic_ncols=True):
                 tensors = encode_caption(encoders, captions[k], device)
-                nb, sha = write_entry(troot, k, tensors, {"kind": "text"})
-                written[troot][k] = (nb, sha)
-                stats.bytes += nb
+                store(troot, k, tensors, {"kind": "text"})
             del encoders
             _free()
 
@@ -964,15 +968,11 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
                     if p.image_key in siglip_keys:
                         _save_pending(pending, p.image_key, first)
                 meta = {"kind": "latent", "source": p.sample.id, "bucket": "x".join(map(str, p.sample.bucket))}
-                nb, sha = write_entry(vroot_p, p.latent_key, tensors, meta)
-                written[vroot_p][p.latent_key] = (nb, sha)
-                stats.bytes += nb
+                store(vroot_p, p.latent_key, tensors, meta)
                 del frames, tensors
             if val_latent_miss:
                 cond = encode_cond_latents(vae, validation.image, device)
-                nb, sha = write_entry(vroot, validation.latent_key, {"cond_latents": cond}, {"kind": "validation"})
-                written[vroot][validation.latent_key] = (nb, sha)
-                stats.bytes += nb
+                store(vroot, validation.latent_key, {"cond_latents": cond}, {"kind": "validation"})
             del vae
             _free()
 
@@ -996,14 +996,10 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
                             continue
                     embeds = encode_image_embeds(vision, image, device)
                     vroot_p = vae_root(resolved, p.sample.dataset)
-                    nb, sha = write_entry(vroot_p, p.image_key, {"image_embeds": embeds}, {"kind": "siglip"})
-                    written[vroot_p][p.image_key] = (nb, sha)
-                    stats.bytes += nb
+                    store(vroot_p, p.image_key, {"image_embeds": embeds}, {"kind": "siglip"})
                 if val_image_miss:
                     embeds = encode_image_embeds(vision, validation.image, device)
-                    nb, sha = write_entry(vroot, validation.image_key, {"image_embeds": embeds}, {"kind": "validation"})
-                    written[vroot][validation.image_key] = (nb, sha)
-                    stats.bytes += nb
+                    store(vroot, validation.image_key, {"image_embeds": embeds}, {"kind": "validation"})
                 del vision
                 _free()
             if pending.is_dir():
