@@ -131,11 +131,13 @@ MEMORY = {
     ),
     "plain+int8": dict(gradient_checkpointing=False, base_model_precision="int8-torchao"),
 }
-# padded: the pipeline's layout (1000 + 256 + 729, dense padding mask)
-# trimmed: hvtune.batches' layout (Qwen trimmed to the caption, 1 masked ByT5 token, t2v image tokens added by the
-#          objective), stock diffusers attention processor
-# maskfree: Qwen trimmed, 0 ByT5 tokens, 0 image tokens for t2v, MaskFreeAttnProcessor (bench_seqlen.py): no padding
-#           left, SDPA gets attn_mask=None. The proposed fast path.
+# Every configuration runs hvtune.memory.prepare_base, so the blocks use hvtune.attention.MaskFreeAttnProcessor, which
+# keeps the stock (dense mask) path whenever a token is padded.
+# padded: the pipeline's layout (1000 + 256 + 729): padding, dense mask
+# trimmed: text trimmed only (Qwen trimmed to the caption, 1 masked ByT5 token, 729 zero t2v image tokens; hvtune before
+#          2026-12): padding left, dense mask
+# maskfree: hvtune's layout now for a batch without padding (Qwen trimmed, 0 ByT5 tokens, 0 image tokens for t2v):
+#           SDPA gets attn_mask=None
 TEXT_MODES = ("padded", "trimmed", "maskfree")
 SMOKE_CONFIGS = ["plain", "gc", "gc+offload", "gc+int8", "gc:trimmed", "gc:maskfree"]
 DEFAULT_CONFIGS = {
@@ -377,10 +379,6 @@ def run_config(spec: dict) -> dict:
     prepare_base(transformer, cfg, device)
     torch.manual_seed(0)
     add_lora(transformer, cfg)
-    if mode == "maskfree":
-        from bench_seqlen import use_mask_free_attention
-
-        use_mask_free_attention(transformer)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     result["trainable_params"] = sum(p.numel() for p in params)
@@ -508,7 +506,7 @@ def run_sdpa(spec: dict) -> dict:
     cases = [
         ("minimal (maskfree), attn_mask=None", seq["maskfree"], None),
         ("minimal, dense all-True mask (diffusers' processor)", seq["maskfree"], valid["maskfree"]),
-        ("hvtune batches (trimmed), dense padding mask", seq["trimmed"], valid["trimmed"]),
+        ("text trimmed only, dense padding mask", seq["trimmed"], valid["trimmed"]),
         ("pipeline (padded), dense padding mask", seq["padded"], valid["padded"]),
     ]
     backends = [

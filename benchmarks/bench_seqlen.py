@@ -4,8 +4,9 @@
 
 Part 1 (tokens): the pipeline pads the Qwen2.5-VL prompt to 1000 tokens (after cropping the 108-token system
 template) and the ByT5 glyph prompt to 256, and the transformer always appends 729 SigLIP image tokens (zeros and
-masked out for t2v). Three layouts of the same sample are compared (see `savings_rows`): the pipeline's, what
-hvtune.batches feeds today (Qwen trimmed, >= 1 ByT5 token, 729 image tokens), and the minimal one (no padding left).
+masked out for t2v). Three layouts of the same sample are compared (see `savings_rows`): the pipeline's, text trimmed
+only (Qwen trimmed, >= 1 ByT5 token, 729 image tokens: what hvtune fed before 2026-12), and the minimal one (no padding
+left: what hvtune.batches and the objective feed now).
 For each resolution (480p/61 frames, 720p/121 frames) and task: tokens per step, tokens saved, the attention cost
 ratio (S_trimmed / S_pipeline)^2 and the whole-step FLOP ratio (the analytic model in bench_gpu.py).
 
@@ -19,9 +20,9 @@ Part 2 (attention path, CPU, tiny model): runs the tiny HunyuanVideo 1.5 transfo
 and with trimmed inputs (no padding left), records every `scaled_dot_product_attention` call (attn_mask None or a dense
 mask, all-True or not) and the aten SDPA op the profiler sees, and checks the outputs agree. diffusers 0.42.1's
 `HunyuanVideo15AttnProcessor2_0` always builds a dense S x S boolean mask, even when it is all True, so SDPA never gets
-attn_mask=None (the FLASH backend then cannot run on CUDA). `MaskFreeAttnProcessor` below is the proposed fix: it
-passes attn_mask=None when no key is padded; the demo checks it matches the stock processor exactly, with and without
-padding.
+attn_mask=None (the FLASH backend then cannot run on CUDA). hvtune's trainer installs
+`hvtune.attention.MaskFreeAttnProcessor`, which passes attn_mask=None when no key is padded; the demo checks it
+matches the stock processor exactly, with and without padding.
 
 Writes benchmarks/results/seqlen.json and prints tables.
 """
@@ -197,10 +198,11 @@ def sequence(res: str, task: str, qwen: int, byt5: int, image: int) -> dict:
 def savings_rows(caption_counts: dict[str, dict]) -> list[dict]:
     """One row per (resolution, task, caption style), three layouts of the same sample:
     pipeline: 1000 + 256 + 729 (the transformer appends the 729 image tokens for t2v too, zeroed and masked out);
-    hvtune_batches: what hvtune.batches + the objective feed today: Qwen trimmed to the batch's longest caption,
+    trimmed: text trimmed only (hvtune before 2026-12): Qwen trimmed to the batch's longest caption,
       ByT5 trimmed but at least 1 (masked) token, 729 image tokens (zeros for t2v);
-    minimal: no padding left: Qwen and ByT5 valid tokens only (0 ByT5 tokens without quoted text), image tokens
-      for i2v only. Exact (same outputs, see the demo), and the only layout with an all-True mask at batch 1."""
+    minimal: no padding left, what hvtune feeds now: Qwen and ByT5 valid tokens only (0 ByT5 tokens without quoted
+      text), image tokens for i2v only. Exact (same outputs, see the demo), and the only layout with an all-True mask
+      at batch 1."""
     rows = []
     for res in RESOLUTIONS:
         for task in ("t2v", "i2v"):
@@ -209,7 +211,7 @@ def savings_rows(caption_counts: dict[str, dict]) -> list[dict]:
             for style, counts in caption_counts.items():
                 # batch 1: each caption on its own (the median of the style is reported)
                 qwen, byt5 = counts["qwen_median"], counts["byt5_median"]
-                layouts["hvtune_batches"] = sequence(res, task, qwen, max(1, byt5), image)
+                layouts["trimmed"] = sequence(res, task, qwen, max(1, byt5), image)
                 layouts["minimal"] = sequence(res, task, qwen, byt5, image if task == "i2v" else 0)
                 flops = {
                     k: forward_flops(REAL_CONFIG, v["video"], v["qwen"], v["byt5"], v["image"])
@@ -226,7 +228,7 @@ def savings_rows(caption_counts: dict[str, dict]) -> list[dict]:
                     ),
                     "dense_mask_bytes_pipeline": s_pad * s_pad,
                 }  # bool (1, 1, S, S) built per attention call
-                for k in ("hvtune_batches", "minimal"):
+                for k in ("trimmed", "minimal"):
                     s = layouts[k]["total"]
                     row[k] = {
                         "tokens_saved_per_step": s_pad - s,
@@ -268,75 +270,6 @@ def measure_captions(counter: CaptionCounter | None, captions: dict[str, list[st
 
 
 # ------------------------------------------------------------------------------------------ the mask-free processor
-
-
-def mask_free_processor():
-    """A HunyuanVideo15AttnProcessor2_0 that passes attn_mask=None to the attention backend when no token of the
-    joint sequence is padding (the common case once text padding is trimmed and t2v drops the 729 zero image tokens).
-    With padding left it falls back to the stock processor, so results are unchanged either way.
-
-    Proposed for the trainer (the lead decides where it lives); used here and by bench_gpu.py to measure it."""
-    import torch
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-    from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
-
-    class MaskFreeAttnProcessor(HunyuanVideo15AttnProcessor2_0):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-            # one host sync per block; a trainer that knows its batch has no padding can skip the check
-            if attention_mask is not None and not bool(attention_mask.all()):
-                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
-            def heads(x):
-                return x.unflatten(2, (attn.heads, -1))
-
-            query = attn.norm_q(heads(attn.to_q(hidden_states)))
-            key = attn.norm_k(heads(attn.to_k(hidden_states)))
-            value = heads(attn.to_v(hidden_states))
-            if image_rotary_emb is not None:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-            if encoder_hidden_states is not None:
-                eq = heads(attn.add_q_proj(encoder_hidden_states))
-                ek = heads(attn.add_k_proj(encoder_hidden_states))
-                ev = heads(attn.add_v_proj(encoder_hidden_states))
-                if attn.norm_added_q is not None:
-                    eq = attn.norm_added_q(eq)
-                if attn.norm_added_k is not None:
-                    ek = attn.norm_added_k(ek)
-                query, key, value = (torch.cat(p, dim=1) for p in ((query, eq), (key, ek), (value, ev)))
-            out = dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=None,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-            out = out.flatten(2, 3).to(query.dtype)
-            if encoder_hidden_states is not None:
-                n = encoder_hidden_states.shape[1]
-                out, enc = (out[:, : out.shape[1] - n], out[:, out.shape[1] - n :])
-                if getattr(attn, "to_out", None) is not None:
-                    out = attn.to_out[1](attn.to_out[0](out))
-                if getattr(attn, "to_add_out", None) is not None:
-                    enc = attn.to_add_out(enc)
-                return out, enc
-            return out, encoder_hidden_states
-
-    return MaskFreeAttnProcessor
-
-
-def use_mask_free_attention(transformer) -> int:
-    """Install MaskFreeAttnProcessor on the dual-stream blocks (the token refiner keeps its own). Returns the count."""
-    cls = mask_free_processor()
-    n = 0
-    for block in transformer.transformer_blocks:
-        block.attn.set_processor(cls())
-        n += 1
-    return n
 
 
 # ------------------------------------------------------------------------------------------------ SDPA inspection
@@ -438,8 +371,8 @@ def attention_path_demo(qwen_valid: int) -> dict:
         inputs([qwen_valid], PIPELINE_QWEN_MAX, PIPELINE_BYT5_MAX, PIPELINE_IMAGE_TOKENS),
     )
     cases.append(r)
-    outs["hvtune"], r = run(
-        f"hvtune batches: {qwen_valid} qwen + 1 masked byt5 + 729 zero image",
+    outs["trimmed"], r = run(
+        f"text trimmed only: {qwen_valid} qwen + 1 masked byt5 + 729 zero image",
         inputs([qwen_valid], qwen_valid, 1, PIPELINE_IMAGE_TOKENS),
     )
     cases.append(r)
@@ -447,8 +380,10 @@ def attention_path_demo(qwen_valid: int) -> dict:
     outs["minimal"], r = run(f"minimal: {qwen_valid} qwen + 0 byt5 + 0 image, stock processor", minimal)
     cases.append(r)
     stock = dict(transformer.attn_processors)
+    from hvtune.attention import use_mask_free_attention
+
     use_mask_free_attention(transformer)
-    outs["mask_free"], r = run("minimal, MaskFreeAttnProcessor (proposed)", minimal)
+    outs["mask_free"], r = run("minimal, MaskFreeAttnProcessor (hvtune)", minimal)
     cases.append(r)
     # a batch of 2 with different caption lengths keeps padding: the mask must stay, and results match batch-of-1
     short = max(1, qwen_valid // 2)
@@ -467,7 +402,7 @@ def attention_path_demo(qwen_valid: int) -> dict:
         "model": "hvtune.tiny_model t2v transformer (CPU, fp32), latents (1,65,2,4,4)",
         "cases": cases,
         "max_abs_diff": {
-            "hvtune_vs_pipeline": diff(outs["hvtune"], outs["padded"]),
+            "trimmed_vs_pipeline": diff(outs["trimmed"], outs["padded"]),
             "minimal_vs_pipeline": diff(outs["minimal"], outs["padded"]),
             "mask_free_vs_stock_minimal": diff(outs["mask_free"], outs["minimal"]),
             "batch2_row0_vs_alone": diff(outs["batch2"][:1], outs["minimal"]),
@@ -566,13 +501,13 @@ def main(argv=None) -> int:
                     r["task"],
                     r["captions"],
                     r["tokens"]["pipeline"]["total"],
-                    r["tokens"]["hvtune_batches"]["total"],
+                    r["tokens"]["trimmed"]["total"],
                     r["tokens"]["minimal"]["total"],
-                    r["hvtune_batches"]["tokens_saved_per_step"],
+                    r["trimmed"]["tokens_saved_per_step"],
                     r["minimal"]["tokens_saved_per_step"],
                     f"{r['minimal']['tokens_saved_pct']}%",
                     r["minimal"]["attention_cost_ratio"],
-                    f"{r['hvtune_batches']['step_flops_saved_pct']}%",
+                    f"{r['trimmed']['step_flops_saved_pct']}%",
                     f"{r['minimal']['step_flops_saved_pct']}%",
                 ]
                 for r in rows

@@ -50,7 +50,7 @@ def test_bench_gpu_cpu_smoke(tmp_path):
             assert key in r, (name, key)
         assert r["trainable_params"] > 0
         assert all(v == v for v in r["losses"]), name  # finite (not NaN)
-    # the proposed mask-free path hands SDPA no mask; the stock processor always hands it a dense one
+    # hvtune's layout without padding hands SDPA no mask; the pipeline's padded layout a dense one
     assert by_config["gc:maskfree"]["sdpa_in_model"]["block_attn_mask"] == ["None"]
     assert all(m.startswith("dense") for m in by_config["gc"]["sdpa_in_model"]["block_attn_mask"])
     # same weights, same sample: checkpointing, offload and every text layout (padded, trimmed, mask-free) give the
@@ -78,14 +78,14 @@ def test_bench_seqlen_smoke(tmp_path):
     assert {(r["resolution"], r["task"]) for r in rows} == {(r, t) for r in ("480p", "720p") for t in ("t2v", "i2v")}
     for r in rows:
         assert r["tokens"]["pipeline"]["total"] == r["tokens"]["pipeline"]["video"] + 1000 + 256 + 729
-        for layout in ("hvtune_batches", "minimal"):
+        for layout in ("trimmed", "minimal"):
             assert r[layout]["tokens_saved_per_step"] > 0
             assert 0 < r[layout]["attention_cost_ratio"] < 1
     p480 = next(r for r in rows if r["resolution"] == "480p")
     assert p480["tokens"]["pipeline"]["video"] == 25440
     demo = doc["attention_path_demo"]
     cases = {c["case"].split(":")[0]: c for c in demo["cases"]}
-    assert cases["minimal, MaskFreeAttnProcessor (proposed)"]["block_attn_mask"] == ["None"]
+    assert cases["minimal, MaskFreeAttnProcessor (hvtune)"]["block_attn_mask"] == ["None"]
     assert cases["pipeline"]["block_mask_all_true"] == ["False"]
     assert all(v < 1e-4 for v in demo["max_abs_diff"].values()), demo["max_abs_diff"]
     assert "S pipeline" in proc.stdout

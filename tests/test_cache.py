@@ -554,12 +554,12 @@ def test_batches_trim_text_padding_to_the_longest_valid_length(built):
     assert batch.prompt_mask.sum(1).tolist() == [lengths[k] for k in keys]
     assert batch.prompt_embeds_2.shape[1] == max(lengths_2[k] for k in keys) and batch.prompt_mask_2[1].sum() == 0
     no_quotes = load_batch(m, [(2, 0)])
-    assert no_quotes.prompt_embeds_2.shape == (1, 1, 32) and no_quotes.prompt_mask_2.sum() == 0
+    assert no_quotes.prompt_embeds_2.shape == (1, 0, 32)  # no quoted text: no ByT5 token, so no padding at all
     assert no_quotes.image_embeds is None and no_quotes.cond_latents.eq(0).all() and no_quotes.cond_mask.eq(0).all()
     with pytest.raises(ValueError, match="mixes buckets"):
         load_batch(m, [(0, 0), (1, 1)])
     embeds, mask, embeds_2, _ = text_entry(m, m.empty_prompt_key)
-    assert embeds.shape[0] == 1 and mask.sum() == embeds.shape[1] and embeds_2.shape == (1, 1, 32)
+    assert embeds.shape[0] == 1 and mask.sum() == embeds.shape[1] and embeds_2.shape == (1, 0, 32)
     assert entry_path(m.text_root, m.validation_prompt_key).is_file()
     assert text_entry(m, m.validation_prompt_key)[3].sum() > 0  # the validation prompt quotes "HV"
 

@@ -11,7 +11,9 @@ A draw is the position of a sample in the epoch's flattened plan (batch * global
 keys per-sample randomness on (seed, epoch, draw). A sample with several captions uses caption `draw % n`.
 
 Batches read only cache entries. Text is padded to the longest valid length in the batch, not to the pipeline's
-1000 / 256 tokens (a batch whose captions quote no text gets one masked zero token for ByT5: the model needs L2 >= 1).
+1000 / 256 tokens. A batch whose captions quote no text gets zero ByT5 tokens (L2 = 0, which the model accepts), so a
+batch of one sample, or of equal-length captions, has no padding at all and attention runs without a mask
+(`hvtune.attention`). Qwen keeps at least one token: the token refiner mean-pools it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Batch:
     image_embeds: torch.Tensor | None  # (B, N, Dv) for i2v, None for t2v
     prompt_embeds: torch.Tensor  # (B, L, D), L = longest valid length in this batch
     prompt_mask: torch.Tensor  # (B, L) int64, 1 = valid
-    prompt_embeds_2: torch.Tensor  # (B, L2, D2), L2 >= 1
+    prompt_embeds_2: torch.Tensor  # (B, L2, D2), L2 >= 0
     prompt_mask_2: torch.Tensor  # (B, L2) int64
     sample_indices: list[int]
     draws: list[int]
@@ -99,12 +101,12 @@ def _pad_text(embeds: list[torch.Tensor], min_length: int = 0) -> tuple[torch.Te
 def _texts(manifest: Manifest, keys: list[str]):
     entries = [_read(manifest.text_path(k)) for k in keys]
     embeds, mask = _pad_text([e["prompt_embeds"] for e in entries], 1)
-    embeds_2, mask_2 = _pad_text([e["prompt_embeds_2"] for e in entries], 1)
+    embeds_2, mask_2 = _pad_text([e["prompt_embeds_2"] for e in entries])
     return embeds, mask, embeds_2, mask_2
 
 
 def text_entry(manifest: Manifest, key: str):
-    """(embeds (1, L, D), mask (1, L), embeds_2 (1, L2, D2), mask_2 (1, L2)) of one cached prompt; L2 >= 1."""
+    """(embeds (1, L, D), mask (1, L), embeds_2 (1, L2, D2), mask_2 (1, L2)) of one cached prompt; L2 >= 0."""
     return _texts(manifest, [key])
 
 

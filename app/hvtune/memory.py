@@ -16,6 +16,8 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
   LoRA weights have no CPU copy at all), so `prepare_base` pins every offload group to the base parameters that
   exist when it is applied, and `add_lora` keeps the LoRA weights resident on the training device (rank 16 on all
   54 blocks: ~110 MB in fp32).
+- attention: `hvtune.attention.MaskFreeAttnProcessor` on every block, so SDPA gets no dense mask (and can use
+  its flash kernel) whenever the batch has no padding.
 - `enable_model_cpu_offload`: in a training loop every transformer block runs every step, so whole-model offload would
   copy the 16 GB model twice per step; training only ever loads the transformer (the encoders ran in `hvtune cache`),
   so there is nothing else to offload while training. hvtune gives the flag the meaning it has in a pipeline at the
@@ -134,7 +136,7 @@ def _pin_offload_groups(transformer) -> int:
 
 
 def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> None:
-    """Precision, checkpointing and placement of the frozen base. Call before `add_lora`."""
+    """Attention path, precision, checkpointing and placement of the frozen base. Call before `add_lora`."""
     if any("lora_" in name for name, _ in transformer.named_parameters()):
         raise RuntimeError("prepare_base must run before add_lora (it casts, quantizes and offloads the base only)")
     device = torch.device(device)
@@ -144,7 +146,10 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
         raise UserError("group_offload_use_stream needs enable_group_offload: true")
     if cfg.enable_group_offload and cfg.group_offload_use_stream and device.type != "cuda":
         raise UserError(f"group_offload_use_stream needs a CUDA device (training device: {device}); set it to false")
+    from .attention import use_mask_free_attention
+
     transformer.requires_grad_(False)
+    use_mask_free_attention(transformer)
     if cfg.base_model_precision == "bf16":
         transformer.to(torch.bfloat16)
     elif cfg.base_model_precision == "int8-torchao":

@@ -12,8 +12,10 @@ device, process count, batch composition or resume point.
 Model inputs (HunyuanVideo15Transformer3DModel.forward in diffusers 0.42.1):
 - hidden_states = cat([x_t, cond_latents, cond_mask], dim=1): 32 + 32 + 1 = 65 channels. t2v: condition and mask are
   zeros; i2v: the cached first-frame latent in latent frame 0 and a mask of ones there.
-- image_embeds: SigLIP embeddings for i2v; for t2v zeros of the model's shape (729, image_embed_dim). The model
-  decides t2v with `torch.all(image_embeds == 0)` over the whole batch, so a batch never mixes the two.
+- image_embeds: SigLIP embeddings for i2v. For t2v the pipeline passes 729 zero tokens, which the model masks out
+  entirely; hvtune passes none, an empty (B, 0, image_embed_dim) tensor, which changes nothing but the sequence
+  length (the model's t2v test `torch.all(image_embeds == 0)` holds for it too). The test runs over the whole batch,
+  so a batch never mixes t2v and i2v.
 - encoder_hidden_states / encoder_attention_mask (Qwen) and encoder_hidden_states_2 / encoder_attention_mask_2
   (ByT5), right-padded only to the batch's longest valid length. This is safe: the model moves the valid tokens of
   each sample to the front (image, ByT5, Qwen), zeroes the padding and builds the attention mask as
@@ -95,10 +97,10 @@ def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=1)
 
 
-def _valid_length(mask: torch.Tensor) -> int:
-    """Length that keeps every valid token of every sample (right padding); at least 1 (the model needs a token)."""
+def _valid_length(mask: torch.Tensor, minimum: int) -> int:
+    """Length that keeps every valid token of every sample (right padding), at least `minimum`."""
     valid = mask.bool().any(dim=0).nonzero()
-    return max(int(valid.max()) + 1 if len(valid) else 0, 1)
+    return max(int(valid.max()) + 1 if len(valid) else 0, minimum)
 
 
 def _text_inputs(batch, dropped: list[bool], empty) -> tuple[torch.Tensor, ...]:
@@ -117,7 +119,8 @@ def _text_inputs(batch, dropped: list[bool], empty) -> tuple[torch.Tensor, ...]:
         if drop:
             embeds[i], mask[i] = _pad_to(e, length)[0].to(embeds), _pad_to(m, length)[0].to(mask)
             embeds_2[i], mask_2[i] = _pad_to(e2, length_2)[0].to(embeds_2), _pad_to(m2, length_2)[0].to(mask_2)
-    keep, keep_2 = _valid_length(mask), _valid_length(mask_2)  # the longest caption may have been dropped
+    # the longest caption may have been dropped; Qwen keeps a token for the refiner's mean pooling, ByT5 may be empty
+    keep, keep_2 = _valid_length(mask, 1), _valid_length(mask_2, 0)
     return embeds[:, :keep], mask[:, :keep], embeds_2[:, :keep_2], mask_2[:, :keep_2]
 
 
@@ -163,14 +166,15 @@ def training_loss(
     mode: str = "sigmoid",
     caption_dropout_p: float = 0.0,
     empty_prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    image_embed_shape: tuple[int, int] = (729, 1152),
+    image_embed_shape: tuple[int, int] = (0, 1152),
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Flow-matching MSE of one batch (duck-typed hvtune.batches.Batch) and stats.
 
     `empty_prompt`: (embeds (1, L, D), mask (1, L), embeds_2 (1, L2, D2), mask_2 (1, L2)) used for dropped captions.
-    `image_embed_shape`: (tokens, dim) of the t2v zero image embeddings (729, transformer.config.image_embed_dim).
+    `image_embed_shape`: (tokens, dim) of the t2v zero image embeddings: (0, transformer.config.image_embed_dim), or
+    729 tokens for the pipeline's layout.
     `dtype`: the model's compute dtype for its inputs (default: the frozen base's dtype). `device`: where the model
     computes (default: where its first parameter is; pass it when the base is offloaded).
     Stats: `sigmas` (B,), `loss_per_sample` (B,), `caption_dropped` (count); all detached on the CPU."""

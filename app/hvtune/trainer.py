@@ -148,7 +148,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     bar = tqdm(
         total=total_steps, initial=state.global_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
     )
-    image_embed_shape = (729, model.config.image_embed_dim)
+    image_embed_shape = (0, model.config.image_embed_dim)  # t2v: no image tokens
     empty = text_entry(manifest, manifest.empty_prompt_key)
     stopped_early, step_started, micro_losses = False, time.time(), []
     steps_this_run = 0

@@ -72,7 +72,7 @@ def sample_video(
     cond = torch.zeros_like(latents)
     mask = torch.zeros((*shape[:1], 1, *shape[2:]), device=device, dtype=dtype)
     if image is None:
-        image_embeds = torch.zeros((1, 729, cfg.image_embed_dim), device=device, dtype=dtype)
+        image_embeds = torch.zeros((1, 0, cfg.image_embed_dim), device=device, dtype=dtype)  # t2v: none
     else:
         cond[:, :, :1] = image.cond_latent.to(device, dtype)
         mask[:, :, 0] = 1.0
