@@ -18,7 +18,9 @@ once with `hvtune cache`. Training uses the demo config with validation off and 
    that they ran the same batches.
 2. Start-up: `python -m hvtune train` as a subprocess; from just before the process starts to the first line of
    `loss.jsonl` (polled every 20 ms) (budget <= 10 s). Split into "before the loop" (that time minus step 1's own
-   `seconds`) and step 1. With `python -X importtime`, the slowest top-level imports of what `train` imports.
+   `seconds`) and step 1. Alternating with it, the import floor: a process that only imports torch, accelerate, peft
+   and the diffusers transformer class, which any trainer built on them pays; start-up minus floor is hvtune's own
+   share. With `python -X importtime`, the slowest top-level imports of what `train` imports.
 3. Peak RSS of that same training process (`/usr/bin/time -v`, else `ru_maxrss` of the children) (budget <= 1.0 GB).
 4. `hvtune cache` on a fully cached dataset: synthetic 64x48 clips (9 frames), cached once, then the whole
    `python -m hvtune cache` process timed again (budget < 5 s for 200 clips). If the first build does not finish within
@@ -120,7 +122,7 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
         eps=cfg.adam_epsilon,
     )
     empty = text_entry(manifest, manifest.empty_prompt_key)
-    image_embed_shape = (729, transformer.config.image_embed_dim)
+    image_embed_shape = (0, transformer.config.image_embed_dim)  # as the trainer: no image tokens for t2v
     times, losses, epoch = [], [], 0
     started = time.time()
     while len(times) < steps:
@@ -241,6 +243,17 @@ def measure_startup(config: Path, out: Path, steps: int) -> dict:
         "peak_rss_gb": round(rss_kb / 1024**2, 3),
         "peak_rss_method": how,
     }
+
+
+# The libraries the first training step cannot run without (the LoRA is injected by peft, which imports
+# transformers): no trainer can start faster than a process that only imports them.
+FLOOR_IMPORTS = "import torch, accelerate, peft; from diffusers import HunyuanVideo15Transformer3DModel"
+
+
+def measure_floor() -> float:
+    """Wall time of a process that only imports what the first step needs (FLOOR_IMPORTS)."""
+    wall, _ = _run([sys.executable, "-c", FLOOR_IMPORTS])
+    return wall
 
 
 TRAIN_IMPORTS = (
@@ -393,9 +406,22 @@ def main(argv: list[str] | None = None) -> int:
         print("1. step ratio (trainer vs bare loop, alternating)", flush=True)
         ratio = measure_ratio(config, work, rounds, warmup, steps)
         print("2-3. start-up and peak RSS of `hvtune train`", flush=True)
-        startup_runs = [measure_startup(config, work / f"startup-{i}", 3) for i in range(1 if q else 2)]
+        startup_runs, floors = [], []
+        for i in range(1 if q else 3):  # alternating, so machine load hits both
+            startup_runs.append(measure_startup(config, work / f"startup-{i}", 3))
+            floors.append(measure_floor())
         startup = dict(startup_runs[0])
         startup["start_to_first_step_s"] = round(statistics.median(r["start_to_first_step_s"] for r in startup_runs), 2)
+        startup["import_floor"] = {
+            "statement": FLOOR_IMPORTS,
+            "process_wall_s_runs": [round(f, 2) for f in floors],
+            "median_s": round(statistics.median(floors), 2),
+            # what hvtune adds on top of its libraries' imports, run by run
+            "hvtune_own_s_median": round(
+                statistics.median(r["start_to_first_step_s"] - f for r, f in zip(startup_runs, floors, strict=True)),
+                2,
+            ),
+        }
         startup["start_to_first_step_s_runs"] = [r["start_to_first_step_s"] for r in startup_runs]
         startup["before_loop_s_runs"] = [r["before_loop_s"] for r in startup_runs]
         startup["peak_rss_gb"] = max(r["peak_rss_gb"] for r in startup_runs)
@@ -498,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({ratio['rounds']} rounds x {ratio['timed_steps_per_run']} steps, {ratio['warmup_steps_skipped']} skipped)"
     )
     print(f"start-up: {startup['before_loop_s']:.1f} s before the loop + {startup['first_step_own_s']:.1f} s step 1")
+    floor = startup["import_floor"]
+    print(
+        f"import floor (a process importing only torch, accelerate, peft and the diffusers model): "
+        f"{floor['median_s']:.1f} s; hvtune's own share of the start-up: {floor['hvtune_own_s_median']:.1f} s"
+    )
     if imports:
         print("slowest imports: " + ", ".join(f"{r['module']} {r['cumulative_s']:.1f}s" for r in imports["top"][:6]))
     state = "complete" if cache["first_build_completed"] else "cut off"

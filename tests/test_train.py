@@ -42,6 +42,12 @@ def test_train_writes_lora_record_videos_and_loss_goes_down(demo_project, tmp_pa
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns
     assert (out / "loss.png").stat().st_size > 0 and list((out / "logs/tensorboard").iterdir())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000010", "checkpoint-000020"]
+    # outputs are read from containers by other users: every file and folder gets the umask's mode, none is 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    wrong = {p: oct(m) for p, m in modes.items() if m not in (0o666 & ~umask, 0o777 & ~umask)}
+    assert not wrong, wrong
 
 
 def test_resume_after_k_steps_gives_the_same_lora_bytes(demo_project, tmp_path):

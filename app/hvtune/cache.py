@@ -53,6 +53,7 @@ from typing import Any
 
 from .config import ResolvedConfig, UserError
 from .datasets import Issue, ProbeIndex, Sample, ScanResult, dataset_resolution, media_datasets, scan
+from .files import atomic_path, is_temp_name, write_bytes_atomic, write_text_atomic
 
 FORMAT = "hvtune-cache/1"
 PIXELS = "media/1:rgb24,cover,center-crop,bicubic-antialias,no-upscale"  # bump when media's pixel output changes
@@ -187,27 +188,13 @@ def write_entry(root: Path, key: str, tensors: dict[str, Any], meta: dict[str, s
     # same entry must be the same bytes whichever process wrote it
     info = json.dumps({"format": FORMAT, "key": key, **meta}, sort_keys=True, ensure_ascii=False)
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"hvtune": info})
-    return _write_atomic(path, data), hashlib.sha256(data).hexdigest()
+    return write_bytes_atomic(path, data), hashlib.sha256(data).hexdigest()
 
 
 def read_entry(root: Path, key: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(entry_path(root, key))
-
-
-def _write_atomic(path: Path, data: bytes) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return len(data)
 
 
 def _clean_temp(root: Path) -> None:
@@ -219,7 +206,7 @@ def _clean_temp(root: Path) -> None:
             if shard.is_dir() and len(shard.name) == 2:
                 with os.scandir(shard.path) as files:
                     for f in files:
-                        if f.name.startswith(".") and f.name.endswith(".tmp"):
+                        if is_temp_name(f.name):
                             Path(f.path).unlink(missing_ok=True)
 
 
@@ -252,7 +239,7 @@ class RootIndex:
     def save(self) -> int:
         kept = {k: v for k, v in sorted(self.entries.items()) if entry_path(self.root, k).is_file()}
         data = json.dumps({"format": FORMAT, "entries": kept}, sort_keys=True, indent=0, ensure_ascii=False)
-        return _write_atomic(self.path, data.encode("utf-8"))
+        return write_text_atomic(self.path, data)
 
 
 # -------------------------------------------------------------------------------------------------------- settings
@@ -807,7 +794,7 @@ def _lock(root: Path):
 
 def _write_report(path: Path, issues: list[Issue]) -> int:
     lines = "".join(json.dumps(i.to_json(), ensure_ascii=False) + "\n" for i in issues)
-    return _write_atomic(path, lines.encode("utf-8"))
+    return write_text_atomic(path, lines)
 
 
 def _empty_error(result: ScanResult, report: Path) -> CacheError:
@@ -1078,7 +1065,7 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
             "samples": samples,
         }
         mpath = manifest_path(resolved)
-        stats.bytes += _write_atomic(mpath, json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+        stats.bytes += write_text_atomic(mpath, json.dumps(manifest, indent=1, ensure_ascii=False))
 
         buckets: Counter = Counter()
         draws: Counter = Counter()
@@ -1160,10 +1147,8 @@ def _decoded(jobs: list[_Plan], seed: int, failed: dict[int, Issue]):
 
 
 def _save_pending(folder: Path, key: str, image) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, folder / f"{key}.png")
+    with atomic_path(folder / f"{key}.png") as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _load_pending(folder: Path, key: str):

@@ -8,13 +8,12 @@ removes). Only the trainable LoRA parameters are saved, not the 8.3B frozen base
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import UserError
+from .files import atomic_directory
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -49,20 +48,18 @@ def save_checkpoint(
     output_dir: str | Path, state: LoopState, lora: dict, optimizer: dict, scheduler: dict, keep: int | None
 ) -> Path:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".{PREFIX}*"):  # debris of a killed save
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{state.global_step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
-    torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # written last: its presence marks completeness
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_directory(final) as tmp:  # its temp name starts with f".{PREFIX}": the glob above removes it
+        # bytes through open(), not save_file: safetensors creates its files 0600, unreadable to other users
+        (tmp / "lora.safetensors").write_bytes(save({k: v.detach().cpu().contiguous() for k, v in lora.items()}))
+        torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # written last: its presence marks completeness
     if keep is not None:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

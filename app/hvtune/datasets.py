@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DatasetConfig, ResolvedConfig, parse_wxh
+from .files import write_text_atomic
 
 CAPTION_EXTENSIONS = {".txt"}
 METADATA_EXTENSIONS = {".json", ".jsonl", ".csv"}
@@ -348,10 +349,7 @@ class ProbeIndex:
         if self.path is None:
             return
         kept = {k: v for k, v in sorted(self.entries.items()) if k in self.used}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": self.VERSION, "files": kept}, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"version": self.VERSION, "files": kept}, sort_keys=True))
 
 
 def _video_meta(path: Path) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import write_text_atomic
+
 DEMO_STEPS = 40
 
 
@@ -73,5 +75,5 @@ def write_demo_project(
         "seed": seed,
     }
     for name, data in (("multidatabackend.json", backends), ("config.json", config)):
-        (root / "config" / name).write_text(json.dumps(data, indent=2) + "\n")
+        write_text_atomic(root / "config" / name, json.dumps(data, indent=2) + "\n")
     return root / "config" / "config.json"

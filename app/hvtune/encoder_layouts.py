@@ -375,7 +375,8 @@ def write_tiny_tencent_text_root(out: str | Path, seed: int = 0) -> Path:
         T5ForConditionalGeneration,
     )
 
-    from .tiny_model import atomic_directory, build_components
+    from .files import atomic_directory
+    from .tiny_model import build_components
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,12 +50,13 @@ A member that was not trained (e.g. only to_q targeted) is a zero block.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import write_bytes_atomic
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FORMAT = "comfyui-hunyuanvideo15"
@@ -136,21 +137,10 @@ def canonical_safetensors(data: bytes) -> bytes:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """safetensors bytes written to a temp file beside `path`, fsynced, then renamed over it."""
+    """`tensors` as canonical safetensors bytes, written atomically to `path` (see `files`)."""
     from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = canonical_safetensors(save(tensors, metadata=metadata))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, canonical_safetensors(save(tensors, metadata=metadata)))
     return path
 
 

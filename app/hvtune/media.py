@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import UserError
+from .files import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -347,18 +348,13 @@ def write_video(path: str | os.PathLike[str], frames_uint8: Any, fps: float, *, 
     height, width = frames.shape[2:]
     if width % 2 or height % 2:
         raise ValueError(f"h264 yuv420p needs even width and height, got {width}x{height}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            # Reproducible bytes: libx264 output depends on its thread count, and with mb-tree it varied run to run
-            # on tiny frames (seen with PyAV 18.1). One thread, no mb-tree: same frames -> same file on any machine.
-            stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
-            stream.codec_context.thread_count = 1
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.transpose(1, 2, 0), format="rgb24")))
-            container.mux(stream.encode(None))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # Reproducible bytes: libx264 output depends on its thread count, and with mb-tree it varied run to run
+        # on tiny frames (seen with PyAV 18.1). One thread, no mb-tree: same frames -> same file on any machine.
+        stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.transpose(1, 2, 0), format="rgb24")))
+        container.mux(stream.encode(None))

@@ -11,10 +11,11 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_path, write_text_atomic
 
 PACKAGES = (
     "torch",
@@ -45,15 +46,6 @@ IMAGE_LABEL_ENV = (
     "HVTUNE_LOCK_SHA256",
     "HVTUNE_TORCH_INDEX",
 )
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def sha256_json(data: Any) -> str:
@@ -135,7 +127,7 @@ class LossLog:
             kept = [
                 line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step
             ]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
         self._file = path.open("a")
 
     def write(self, **row: Any) -> None:
@@ -167,8 +159,6 @@ def plot_losses(path: Path, curves: dict[str, list[tuple[int, float]]], title: s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")  # the temp name ends in .tmp: say the format
     plt.close(fig)
-    os.replace(tmp, path)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_path, write_text_atomic
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
     "red": (230, 40, 40),
@@ -39,12 +41,6 @@ MOTIONS = {
     ),
 }
 WORDS = ("HELLO", "LORA", "OPEN", "STOP", "VIDEO", "SALE", "EXIT", "HUNYUAN")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _draw_shape(draw: Any, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
@@ -126,14 +122,13 @@ def write_synthetic_dataset(
         frames, caption = _sample(seed, index, size, num_frames)
         clip = out / f"clip_{index:04d}.mp4"
         write_video(clip, frames, fps)
-        _atomic_write(clip.with_suffix(".txt"), caption.encode())
+        write_text_atomic(clip.with_suffix(".txt"), caption)
         written.append(clip)
         if image_every > 0 and (index + 1) % image_every == 0:
             frames, caption = _sample(seed, index, size, 3, still=True)
             image = out / f"still_{index:04d}.png"
-            tmp = image.with_name(f".{image.name}.{os.getpid()}.tmp")
-            Image.fromarray(frames[1].transpose(1, 2, 0)).save(tmp, format="PNG")
-            os.replace(tmp, image)
-            _atomic_write(image.with_suffix(".txt"), caption.encode())
+            with atomic_path(image) as tmp:
+                Image.fromarray(frames[1].transpose(1, 2, 0)).save(tmp, format="PNG")
+            write_text_atomic(image.with_suffix(".txt"), caption)
             written.append(image)
     return written

@@ -8,13 +8,10 @@ model (the pipeline reads hidden_states[-3]), offline byte-level tokenizers. Byt
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
+
+from .files import atomic_directory
 
 LATENT_CHANNELS = 32
 QWEN_HIDDEN = 32
@@ -146,21 +143,6 @@ def build_components(task: Literal["t2v", "i2v"] = "t2v", seed: int = 0, num_lay
         ).eval()
         components["feature_extractor"] = SiglipImageProcessor(size={"height": 32, "width": 32})
     return components
-
-
-@contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `out` that replaces `out` when the block succeeds and vanishes when it fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_tiny_model(out: str | Path, task: Literal["t2v", "i2v"] = "t2v", seed: int = 0) -> Path:

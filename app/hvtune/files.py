@@ -1,0 +1,90 @@
+"""Atomic writes: every file and directory hvtune writes appears complete or not at all.
+
+The rule (docs/ARCHITECTURE.md): write to a temp name in the same directory (a rename is only atomic within one
+filesystem), then `os.replace` it over the target. A run that is killed leaves the old file, or nothing, plus at most
+a hidden `.<name>.<pid>.<random>.tmp` that `is_temp_name` recognises (the cache removes those on its next run).
+
+Temp files are created with mode 0o666 and temp directories with 0o777, both less the umask, as `open` and `mkdir`
+would: outputs are read from containers by other users, so they must not end up 0o600 like `tempfile.mkstemp`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temp file or directory left by a killed `atomic_path` / `atomic_directory`."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _temp_beside(path: Path) -> Path:
+    # Ends in .tmp, not in path's suffix, so globs such as `*.safetensors` or `*.mp4` never pick up a half-written
+    # file; writers that guess the format from the name must be told it (PIL `format=`, av `format=`, ...).
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside `path` for a writer that wants a file name; when the block succeeds the file is
+    fsynced and renamed over `path`, when it raises (KeyboardInterrupt too) the temp is removed and `path` is left
+    as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # EXCL: never another writer's temp
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the name points at it: no empty file after a power cut
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> int:
+    """Write `data` to `path` atomically; returns the number of bytes written."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return len(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> int:
+    """Write `text` as UTF-8 to `path` atomically; returns the number of bytes written."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any, **json_kwargs: Any) -> int:
+    """`data` as JSON plus a newline, atomically. Defaults (indent 2, sorted keys, str() for anything else) are the
+    run record's; `json_kwargs` override them."""
+    options: dict[str, Any] = {"indent": 2, "sort_keys": True, "default": str, **json_kwargs}
+    return write_text_atomic(path, json.dumps(data, **options) + "\n")
+
+
+@contextmanager
+def atomic_directory(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp directory beside `out` that replaces `out` (and whatever it held) when the block succeeds and
+    vanishes when it fails."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_beside(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
