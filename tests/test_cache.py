@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from clips import write_audio_only, write_clip, write_exif_jpeg
 from hvtune.batches import load_batch, plan_epoch, text_entry
 from hvtune.cache import (
+    GPU_DRIVER_NODES,
     CacheError,
     Manifest,
     ManifestSample,
@@ -330,6 +331,18 @@ def test_rerun_encodes_only_what_is_missing_and_changed_settings_only_their_keys
     after = load_manifest(load(config, "--vae_enable_tiling=true"))
     assert [s.text_keys for s in after.samples] == [s.text_keys for s in before.samples]
     assert not {s.latent_key for s in after.samples} & {s.latent_key for s in before.samples}
+
+
+@pytest.mark.skipif(any(os.path.exists(p) for p in GPU_DRIVER_NODES), reason="a GPU driver is here: torch decides")
+def test_a_fully_cached_rerun_on_a_machine_without_gpu_never_imports_torch(tmp_path, built):
+    """Importing torch alone takes seconds; a rerun that finds everything cached only needs file names."""
+    config = copy_project(built, tmp_path / "p")
+    code = "import sys; from hvtune.cli import main; rc = main(['cache', '--config', sys.argv[1]]); "
+    code += "print('torch' in sys.modules, rc)"
+    env = {**os.environ, "PYTHONPATH": str(APP)}
+    r = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.split()[-2:] == ["False", "0"], r.stdout + r.stderr
+    assert "0 encoded" in r.stdout  # everything was a hit
 
 
 def test_keys_change_with_every_parameter_and_only_then(tmp_path, t2v_model):
