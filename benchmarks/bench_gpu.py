@@ -131,11 +131,11 @@ MEMORY = {
     ),
     "plain+int8": dict(gradient_checkpointing=False, base_model_precision="int8-torchao"),
 }
-# Every configuration runs hvtune.memory.prepare_base, so the blocks use hvtune.attention.MaskFreeAttnProcessor, which
-# keeps the stock (dense mask) path whenever a token is padded.
-# padded: the pipeline's layout (1000 + 256 + 729): padding, dense mask
+# Every configuration runs hvtune.memory.prepare_base, so the blocks use hvtune.attention.KeyPaddingAttnProcessor: a
+# (B, 1, 1, S) key mask when a token is padded, no mask otherwise.
+# padded: the pipeline's layout (1000 + 256 + 729): padding, key mask
 # trimmed: text trimmed only (Qwen trimmed to the caption, 1 masked ByT5 token, 729 zero t2v image tokens; hvtune before
-#          2026-12): padding left, dense mask
+#          2026-12): padding left, key mask
 # maskfree: hvtune's layout now for a batch without padding (Qwen trimmed, 0 ByT5 tokens, 0 image tokens for t2v):
 #           SDPA gets attn_mask=None
 TEXT_MODES = ("padded", "trimmed", "maskfree")

@@ -21,8 +21,8 @@ and with trimmed inputs (no padding left), records every `scaled_dot_product_att
 mask, all-True or not) and the aten SDPA op the profiler sees, and checks the outputs agree. diffusers 0.42.1's
 `HunyuanVideo15AttnProcessor2_0` always builds a dense S x S boolean mask, even when it is all True, so SDPA never gets
 attn_mask=None (the FLASH backend then cannot run on CUDA). hvtune's trainer installs
-`hvtune.attention.MaskFreeAttnProcessor`, which passes attn_mask=None when no key is padded; the demo checks it
-matches the stock processor exactly, with and without padding.
+`hvtune.attention.KeyPaddingAttnProcessor`, which passes attn_mask=None when no key is padded and a (B, 1, 1, S) key
+mask when one is; the demo checks it gives the stock processor's outputs, with and without padding.
 
 Writes benchmarks/results/seqlen.json and prints tables.
 """
@@ -380,15 +380,15 @@ def attention_path_demo(qwen_valid: int) -> dict:
     outs["minimal"], r = run(f"minimal: {qwen_valid} qwen + 0 byt5 + 0 image, stock processor", minimal)
     cases.append(r)
     stock = dict(transformer.attn_processors)
-    from hvtune.attention import use_mask_free_attention
+    from hvtune.attention import use_key_padding_attention
 
-    use_mask_free_attention(transformer)
-    outs["mask_free"], r = run("minimal, MaskFreeAttnProcessor (hvtune)", minimal)
+    use_key_padding_attention(transformer)
+    outs["mask_free"], r = run("minimal, KeyPaddingAttnProcessor (hvtune)", minimal)
     cases.append(r)
     # a batch of 2 with different caption lengths keeps padding: the mask must stay, and results match batch-of-1
     short = max(1, qwen_valid // 2)
     outs["batch2"], r = run(
-        f"batch 2: qwen {qwen_valid} and {short} (padding left), MaskFreeAttnProcessor",
+        f"batch 2: qwen {qwen_valid} and {short} (padding left), KeyPaddingAttnProcessor",
         inputs([qwen_valid, short], qwen_valid, 0, 0, rows=(0, 1)),
     )
     cases.append(r)

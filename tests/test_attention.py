@@ -91,9 +91,10 @@ def test_a_batch_without_padding_reaches_sdpa_without_a_mask_and_predicts_like_t
     torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-5)
 
 
-def test_a_batch_with_padding_keeps_the_mask_and_each_samples_loss(t2v, monkeypatch):
-    """Captions of different lengths in one batch leave padding: the processor falls back to the masked path, and
-    every sample gets the loss it gets alone (what a process computes does not depend on its batch mates)."""
+def test_a_batch_with_padding_gets_a_key_mask_and_each_samples_loss(t2v, monkeypatch):
+    """Captions of different lengths in one batch leave padding: SDPA gets a (B, 1, 1, S) key mask, not the stock
+    (B, 1, S, S) one, and every sample gets the loss it gets alone (what a process computes does not depend on its
+    batch mates)."""
     manifest, _, ours = t2v
     plan = plan_epoch(manifest, global_batch_size=1, seed=0, epoch=0)
     lengths = {}
@@ -106,5 +107,12 @@ def test_a_batch_with_padding_keeps_the_mask_and_each_samples_loss(t2v, monkeypa
     calls = _record_sdpa(monkeypatch)
     together = _loss(ours, load_batch(manifest, short + long), 0)
     blocks = len(ours.transformer_blocks)
-    assert all(m is not None and not m[1] for m in calls[-blocks:])
+    masks = calls[-blocks:]
+    assert all(m is not None and len(m[0]) == 4 and m[0][:3] == (2, 1, 1) and not m[1] for m in masks), masks
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
+
+    calls.clear()  # the stock processor on the same batch: a dense mask, and the same losses
+    _, stock, _ = t2v
+    assert torch.allclose(_loss(stock, load_batch(manifest, short + long), 0), together, atol=1e-6, rtol=1e-5)
+    dense = calls[-blocks:]
+    assert all(m[0][:2] == (2, 1) and m[0][2] == m[0][3] > 1 for m in dense), dense

@@ -85,7 +85,7 @@ def test_bench_seqlen_smoke(tmp_path):
     assert p480["tokens"]["pipeline"]["video"] == 25440
     demo = doc["attention_path_demo"]
     cases = {c["case"].split(":")[0]: c for c in demo["cases"]}
-    assert cases["minimal, MaskFreeAttnProcessor (hvtune)"]["block_attn_mask"] == ["None"]
+    assert cases["minimal, KeyPaddingAttnProcessor (hvtune)"]["block_attn_mask"] == ["None"]
     assert cases["pipeline"]["block_mask_all_true"] == ["False"]
     assert all(v < 1e-4 for v in demo["max_abs_diff"].values()), demo["max_abs_diff"]
     assert "S pipeline" in proc.stdout

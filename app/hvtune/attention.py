@@ -1,30 +1,42 @@
-"""The attention path of the transformer's dual-stream blocks: no dense mask when nothing is padded.
+"""The attention of the transformer's dual-stream blocks: no mask when nothing is padded, a key mask when something is.
 
-diffusers 0.42.1's `HunyuanVideo15AttnProcessor2_0` always turns the (B, S) token mask into a dense (B, 1, S, S)
-boolean mask and hands it to SDPA, even when every token is valid. A mask rules out PyTorch's FLASH kernel on CUDA
-(it takes no `attn_mask`) and costs B*S^2 bytes per block: 0.7 GiB at 480p, 12 GiB at 720p. hvtune's batches usually
-have no padding at all (text trimmed to the batch's longest caption, zero ByT5 tokens when no caption quotes text, no
-image tokens for t2v), so `MaskFreeAttnProcessor` passes `attn_mask=None` in that case and falls back to the stock
-processor, unchanged, whenever a token is padded (e.g. a batch of captions of different lengths, or classifier-free
-guidance with a longer negative prompt). Both paths give the same result (tests/test_attention.py).
+diffusers 0.42.1's `HunyuanVideo15AttnProcessor2_0` turns the (B, S_text) token mask into a dense (B, 1, S, S) boolean
+mask `valid(query) & valid(key)` and hands it to SDPA, even when every token is valid. That costs B*S^2 bytes per
+block (0.7 GiB at 480p, 12 GiB at 720p, per sample) and rules out PyTorch's FLASH kernel on CUDA, which takes no
+`attn_mask`. `KeyPaddingAttnProcessor` is the same computation with the mask cut to what changes a result:
+
+- no token padded (hvtune's batches of one sample, or of equal-length captions: text is trimmed to the batch's longest
+  caption, captions without quoted text get zero ByT5 tokens, t2v gets no image tokens): `attn_mask=None`, so SDPA
+  may pick its FLASH kernel;
+- padding left (captions of different lengths in one batch, classifier-free guidance with a longer negative prompt):
+  a (B, 1, 1, S) key mask, B*S bytes. Only padded keys have to be hidden. A padded query's output differs from the
+  stock processor's, but nothing reads it: padded text tokens are masked as keys in every block and the text stream
+  is dropped after the last one, so every valid token, and the prediction, are the same (tests/test_attention.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
 
-class MaskFreeAttnProcessor(HunyuanVideo15AttnProcessor2_0):
-    """`HunyuanVideo15AttnProcessor2_0` that gives the attention backend no mask when no token is padded."""
+def key_padding_mask(token_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """None when every key is valid, else the (B, 1, 1, seq_len) bool mask of valid keys. `token_mask` covers the
+    last tokens of the joint sequence (the text); the video tokens before them are always valid."""
+    # a (B, S_text) tensor: one small host sync per block, negligible next to a block at video sequence lengths
+    if token_mask is None or bool(token_mask.all()):
+        return None
+    keys = F.pad(token_mask.bool(), (seq_len - token_mask.shape[1], 0), value=True)
+    return keys[:, None, None, :]
+
+
+class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
+    """`HunyuanVideo15AttnProcessor2_0` with no mask when nothing is padded and a key mask when something is."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        # (B, S_text) mask: one small host sync per block, negligible next to a block at video sequence lengths
-        if attention_mask is not None and not bool(attention_mask.all()):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(2, (attn.heads, -1))
 
@@ -49,7 +61,7 @@ class MaskFreeAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             query,
             key,
             value,
-            attn_mask=None,
+            attn_mask=key_padding_mask(attention_mask, query.shape[1]),
             dropout_p=0.0,
             is_causal=False,
             backend=self._attention_backend,
@@ -67,9 +79,9 @@ class MaskFreeAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         return out, text_out
 
 
-def use_mask_free_attention(transformer) -> int:
-    """Install `MaskFreeAttnProcessor` on every dual-stream block (the token refiner keeps its own attention, which
-    does need its padding mask). Returns the number of blocks changed."""
+def use_key_padding_attention(transformer) -> int:
+    """Install `KeyPaddingAttnProcessor` on every dual-stream block (the token refiner keeps its own attention).
+    Returns the number of blocks changed."""
     for block in transformer.transformer_blocks:
-        block.attn.set_processor(MaskFreeAttnProcessor())
+        block.attn.set_processor(KeyPaddingAttnProcessor())
     return len(transformer.transformer_blocks)

@@ -16,8 +16,9 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
   LoRA weights have no CPU copy at all), so `prepare_base` pins every offload group to the base parameters that
   exist when it is applied, and `add_lora` keeps the LoRA weights resident on the training device (rank 16 on all
   54 blocks: ~110 MB in fp32).
-- attention: `hvtune.attention.MaskFreeAttnProcessor` on every block, so SDPA gets no dense mask (and can use
-  its flash kernel) whenever the batch has no padding.
+- attention: `hvtune.attention.KeyPaddingAttnProcessor` on every block: SDPA gets no mask (and may use its flash
+  kernel) when the batch has no padding, and a (B, 1, 1, S) key mask instead of the dense (B, 1, S, S) one when it
+  has.
 - `enable_model_cpu_offload`: in a training loop every transformer block runs every step, so whole-model offload would
   copy the 16 GB model twice per step; training only ever loads the transformer (the encoders ran in `hvtune cache`),
   so there is nothing else to offload while training. hvtune gives the flag the meaning it has in a pipeline at the
@@ -146,10 +147,10 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
         raise UserError("group_offload_use_stream needs enable_group_offload: true")
     if cfg.enable_group_offload and cfg.group_offload_use_stream and device.type != "cuda":
         raise UserError(f"group_offload_use_stream needs a CUDA device (training device: {device}); set it to false")
-    from .attention import use_mask_free_attention
+    from .attention import use_key_padding_attention
 
     transformer.requires_grad_(False)
-    use_mask_free_attention(transformer)
+    use_key_padding_attention(transformer)
     if cfg.base_model_precision == "bf16":
         transformer.to(torch.bfloat16)
     elif cfg.base_model_precision == "int8-torchao":
