@@ -97,8 +97,8 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     import torch
 
     from hvtune.batches import load_batch, plan_epoch, text_entry
-    from hvtune.cache import load_manifest
     from hvtune.config import load_config
+    from hvtune.manifest import load_manifest
     from hvtune.memory import add_lora, prepare_base
     from hvtune.objective import counter_seed, training_loss
     from hvtune.registry import load_transformer, resolve_model

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hvtune.batches import load_batch, plan_epoch
-from hvtune.cache import load_manifest
 from hvtune.config import TrainConfig, load_config
+from hvtune.manifest import load_manifest
 from hvtune.memory import prepare_base
 from hvtune.objective import training_loss
 from hvtune.registry import load_transformer, resolve_model

@@ -19,28 +19,23 @@ from safetensors.torch import load_file
 
 from clips import write_audio_only, write_clip, write_exif_jpeg
 from hvtune.batches import load_batch, plan_epoch, text_entry
-from hvtune.cache import (
-    GPU_DRIVER_NODES,
+from hvtune.cache import build_cache, verify_cache
+from hvtune.cache_store import (
     CacheError,
-    Manifest,
-    ManifestSample,
-    build_cache,
     component_identity,
-    enable_patch_conv,
-    encode_caption,
     entry_path,
     latent_key,
-    load_manifest,
     make_key,
     sample_params,
     siglip_key,
     system_message,
     text_key,
     text_params,
-    verify_cache,
 )
 from hvtune.config import load_config
 from hvtune.datasets import Sample
+from hvtune.encoders import GPU_DRIVER_NODES, enable_patch_conv, encode_caption
+from hvtune.manifest import Manifest, ManifestSample, load_manifest
 
 APP = Path(__file__).resolve().parents[1] / "app"
 CAPTIONS = [
@@ -224,19 +219,20 @@ def test_build_skips_every_bad_input_with_its_reason_and_caches_the_rest(tmp_pat
 
 def test_a_sample_that_fails_while_decoding_is_skipped_and_the_run_goes_on(tmp_path, t2v_model, monkeypatch):
     import hvtune.cache as cache
+    from hvtune.encoders import decode_sample
     from hvtune.media import MediaError
 
     data = good_clips(tmp_path / "clips", 3)
     shutil.copy(data / "clip_01.mp4", data / "clip_01_twin.mp4")  # same bytes: shares the entry, shares the fate
     (data / "clip_01_twin.txt").write_text("the twin")
-    real = cache.decode_sample
+    real = decode_sample
 
     def flaky(sample, seed):
         if sample.rel == "clip_01.mp4":
             raise MediaError(sample.source, "corrupt", "truncated: decoded 4 of the 9 frames needed")
         return real(sample, seed)
 
-    monkeypatch.setattr(cache, "decode_sample", flaky)
+    monkeypatch.setattr(cache, "decode_sample", flaky)  # where build_cache looks it up
     resolved = load(project(tmp_path, t2v_model, [videos(data)]))
     summary = build_cache(resolved, progress=False)
     assert summary.skipped == {"corrupt": 2} and summary.total_used == 2 and summary.misses["latent"] == 3
@@ -271,7 +267,7 @@ def test_text_entries_are_the_pipelines_encode_prompt_without_padding(t2v_model)
 
 
 def test_i2v_latents_conditions_siglip_and_batches(tmp_path, i2v_model):
-    from hvtune.cache import decode_sample, load_vae_for_cache
+    from hvtune.encoders import decode_sample, load_vae_for_cache
     from hvtune.registry import resolve_model
 
     data = good_clips(tmp_path / "clips", 3)

@@ -3,9 +3,10 @@ import shutil
 import pytest
 import torch
 
-from hvtune.cache import TEXT_COMPONENTS, encode_caption, identities
+from hvtune.cache_store import TEXT_COMPONENTS, identities
 from hvtune.config import TrainConfig
 from hvtune.encoder_layouts import write_tiny_tencent_text_root
+from hvtune.encoders import encode_caption
 from hvtune.registry import ModelSourceError, load_text_encoders, load_vision_encoder, resolve_model
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hvtune.cache import _clean_temp
+from hvtune.cache_store import remove_temp_files
 from hvtune.files import atomic_directory, atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 APP = str(Path(__file__).resolve().parents[1] / "app")
@@ -117,5 +117,5 @@ def test_a_killed_writer_leaves_only_a_temp_that_the_cache_removes(tmp_path):
     assert proc.returncode == 9
     assert len(list(shard.iterdir())) == 2  # the complete entry and the killed one's temp
     assert list(shard.glob("*.safetensors")) == [entry]  # the temp never looks like an entry
-    _clean_temp(tmp_path)
+    remove_temp_files(tmp_path)
     assert list(shard.iterdir()) == [entry]

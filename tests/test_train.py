@@ -173,7 +173,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_project, tmp_path):
 
 def test_i2v_trains_on_real_image_conditions_and_validates(demo_project_i2v, tmp_path):
     from hvtune.batches import load_batch, plan_epoch
-    from hvtune.cache import load_manifest
+    from hvtune.manifest import load_manifest
 
     config = resolved(demo_project_i2v, tmp_path / "run", max_train_steps=2, validation_num_inference_steps=2)
     manifest = load_manifest(config)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from .cache import Manifest
+    from .manifest import Manifest
 
 
 @dataclass

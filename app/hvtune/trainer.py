@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batches import load_batch, plan_epoch, text_entry
-from .cache import load_manifest
 from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, ResolvedConfig, UserError, check_device_support
 from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
 from .files import write_json_atomic
+from .manifest import load_manifest
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
