@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 ENTRYPOINTS = ["all", "cache", "train", "fetch-encoders"]
 SHELL_FILES = [ROOT / "entrypoints" / n for n in [*ENTRYPOINTS, "lib.sh"]] + sorted(DOCKER.glob("*.sh"))
+SHELL_FILES += sorted((ROOT / "benchmarks" / "gpu").glob("*.sh"))  # the device-session scripts
 PROFILES = ["cuda", "rocm", "cpu"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

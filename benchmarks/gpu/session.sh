@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run ON THE DEVICE, as one `run` call with carry [".whl"] and timeout_s 600:
+#     bash benchmarks/gpu/session.sh            # 480p targets first (~6-8 min)
+#     bash benchmarks/gpu/session.sh rest       # the other 480p configurations
+#     bash benchmarks/gpu/session.sh 720p       # 720p, one step each
+# Installs the carried wheels beside the device's torch, runs bench_gpu.py within a deadline that leaves time to copy
+# the JSON to $OUT, and copies it there (the `run` tool brings it back; put it in benchmarks/results/).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:app PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+case "${1:-targets}" in
+  # the two targets: <= 24 GB with offload + checkpointing; >= 40% MFU without offload (no mask vs key mask)
+  targets) args=(--res 480p --configs "gc+offload+stream,plain:maskfree,plain,gc" --deadline 380 --timeout 200) ;;
+  rest) args=(--res 480p --configs "gc+offload,gc+int8,gc+offload+stream+int8,gc:maskfree,plain:trimmed" --no-sdpa
+              --deadline 420 --timeout 200) ;;
+  720p) args=(--res 720p --configs "gc:maskfree,gc+offload+stream:maskfree" --steps 1 --no-sdpa --deadline 300 --timeout 280) ;;
+  *) echo "usage: $0 [targets|rest|720p]" >&2; exit 2 ;;
+esac
+status=0
+python3 benchmarks/bench_gpu.py "${args[@]}" || status=$?
+cp benchmarks/results/gpu-*.json "${OUT:-/tmp}/" 2>/dev/null || true
+exit "$status"
