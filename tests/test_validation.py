@@ -26,27 +26,16 @@ def test_sampler_matches_diffusers_pipeline_t2v(tiny_t2v):
         output_type="np",
         **kwargs,
     ).frames[0]
-    ours = sample_video(
-        pipe.transformer,
-        pipe.vae,
-        pipe.scheduler,
-        prompt=prompt,
-        negative=negative,
-        guidance_scale=pipe.guider.guidance_scale,
-        seed=3,
-        **kwargs,
-    )
-    assert ours.shape == (9, 3, 64, 96) and ours.dtype == torch.uint8
+
+    def ours(seed: int) -> torch.Tensor:
+        scale = pipe.guider.guidance_scale
+        return sample_video(
+            pipe.transformer, pipe.vae, pipe.scheduler, prompt=prompt, negative=negative, guidance_scale=scale,
+            seed=seed, **kwargs,
+        )  # fmt: skip
+
+    video = ours(3)
+    assert video.shape == (9, 3, 64, 96) and video.dtype == torch.uint8
     expected = torch.from_numpy(reference).permute(0, 3, 1, 2) * 255
-    assert (ours.float() - expected).abs().max() <= 1.0  # equal up to uint8 rounding
-    other_seed = sample_video(
-        pipe.transformer,
-        pipe.vae,
-        pipe.scheduler,
-        prompt=prompt,
-        negative=negative,
-        guidance_scale=pipe.guider.guidance_scale,
-        seed=4,
-        **kwargs,
-    )
-    assert not torch.equal(ours, other_seed)
+    assert (video.float() - expected).abs().max() <= 1.0  # equal up to uint8 rounding
+    assert not torch.equal(video, ours(4))
