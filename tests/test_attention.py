@@ -116,3 +116,22 @@ def test_a_batch_with_padding_gets_a_key_mask_and_each_samples_loss(t2v, monkeyp
     assert torch.allclose(_loss(stock, load_batch(manifest, short + long), 0), together, atol=1e-6, rtol=1e-5)
     dense = calls[-blocks:]
     assert all(m[0][:2] == (2, 1) and m[0][2] == m[0][3] > 1 for m in dense), dense
+
+
+def test_whether_anything_is_padded_is_asked_once_per_forward_not_once_per_block(t2v, monkeypatch):
+    """Each question is a host sync; the model hands every block the same mask tensor, so one per forward suffices."""
+    from hvtune import attention
+
+    manifest, _, ours = t2v
+    asked, original = [], attention._LastAnswer.all_valid_for.__func__
+
+    def counting(cls, token_mask):
+        if cls.ref is None or cls.ref() is not token_mask or cls.version != token_mask._version:
+            asked.append(tuple(token_mask.shape))
+        return original(cls, token_mask)
+
+    monkeypatch.setattr(attention._LastAnswer, "all_valid_for", classmethod(counting))
+    assert len(ours.transformer_blocks) >= 2
+    for items in plan_epoch(manifest, global_batch_size=1, seed=0, epoch=0)[:2]:
+        _loss(ours, load_batch(manifest, items), 0)
+    assert len(asked) == 2  # two forwards, one question each

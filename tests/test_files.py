@@ -107,6 +107,24 @@ def test_atomic_directory_leaves_nothing_behind_on_failure(tmp_path, existing):
         assert (out / "weights.bin").read_bytes() == b"old"
 
 
+def test_atomic_directory_keeps_the_previous_one_when_the_final_rename_fails(tmp_path, monkeypatch):
+    out = tmp_path / "checkpoint-000010"
+    out.mkdir()
+    (out / "lora.safetensors").write_bytes(b"old")
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == out and Path(src).name.endswith(".tmp") and Path(src).is_dir() and (Path(src) / "new").exists():
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="No space"), atomic_directory(out) as tmp:
+        (tmp / "new").write_bytes(b"new")
+    assert (out / "lora.safetensors").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_a_killed_writer_leaves_only_a_temp_that_the_cache_removes(tmp_path):
     shard = tmp_path / "ab"
     entry = shard / "ab01.safetensors"

@@ -8,13 +8,15 @@ block (0.7 GiB at 480p, 12 GiB at 720p, per sample) and rules out PyTorch's FLAS
 - no token padded (hvtune's batches of one sample, or of equal-length captions: text is trimmed to the batch's longest
   caption, captions without quoted text get zero ByT5 tokens, t2v gets no image tokens): `attn_mask=None`, so SDPA
   may pick its FLASH kernel;
-- padding left (captions of different lengths in one batch, classifier-free guidance with a longer negative prompt):
-  a (B, 1, 1, S) key mask, B*S bytes. Only padded keys have to be hidden. A padded query's output differs from the
-  stock processor's, but nothing reads it: padded text tokens are masked as keys in every block and the text stream
-  is dropped after the last one, so every valid token, and the prediction, are the same (tests/test_attention.py).
+- padding left (captions of different lengths in one batch): a (B, 1, 1, S) key mask, B*S bytes. Only padded keys
+  have to be hidden. A padded query's output differs from the stock processor's, but nothing reads it: padded text
+  tokens are masked as keys in every block and the text stream is dropped after the last one, so every valid token,
+  and the prediction, are the same (tests/test_attention.py).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,28 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
 
+class _LastAnswer:
+    """Whether the last token mask seen was all valid. The model hands the same mask tensor to all 54 blocks (and to
+    their gradient-checkpoint recomputes): asking once per forward saves 100+ host syncs a step, which would stall
+    the CPU's kernel queue and cannot be captured by CUDA graphs. Keyed on the tensor itself (a weak reference, so a
+    new tensor at a reused address is never mistaken for it) and its version counter (in-place edits)."""
+
+    ref: weakref.ref | None = None
+    version = -1
+    all_valid = False
+
+    @classmethod
+    def all_valid_for(cls, token_mask: torch.Tensor) -> bool:
+        if cls.ref is None or cls.ref() is not token_mask or cls.version != token_mask._version:
+            cls.all_valid = bool(token_mask.all())
+            cls.ref, cls.version = weakref.ref(token_mask), token_mask._version
+        return cls.all_valid
+
+
 def key_padding_mask(token_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """None when every key is valid, else the (B, 1, 1, seq_len) bool mask of valid keys. `token_mask` covers the
     last tokens of the joint sequence (the text); the video tokens before them are always valid."""
-    # a (B, S_text) tensor: one small host sync per block, negligible next to a block at video sequence lengths
-    if token_mask is None or bool(token_mask.all()):
+    if token_mask is None or _LastAnswer.all_valid_for(token_mask):
         return None
     keys = F.pad(token_mask.bool(), (seq_len - token_mask.shape[1], 0), value=True)
     return keys[:, None, None, :]

@@ -72,19 +72,50 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, **json_kwargs: An
     return write_text_atomic(path, json.dumps(data, **options) + "\n")
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then the folders: a checkpoint's completeness marker must not reach the disk
+    before the weights it vouches for."""
+    folders = [root]
+    for path in root.rglob("*"):
+        if path.is_dir():
+            folders.append(path)
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in reversed(folders):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp directory beside `out` that replaces `out` (and whatever it held) when the block succeeds and
-    vanishes when it fails."""
+    vanishes when it fails. Its files are fsynced before the rename; an existing `out` is renamed aside first and
+    removed after, so at no moment is there a half-deleted `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(out)
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _fsync_tree(tmp)
+        old = _temp_beside(out) if out.exists() else None
+        if old is not None:
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the previous one back rather than lose both
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

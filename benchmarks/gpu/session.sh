@@ -7,7 +7,9 @@
 # the JSON to $OUT, and copies it there (the `run` tool brings it back; put it in benchmarks/results/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+python3 -c 'import sys; assert (3, 11) <= sys.version_info[:2] <= (3, 13), f"Python {sys.version.split()[0]}: fetch_wheels.sh has wheels for 3.11-3.13"'
+python3 -m pip install -q --no-index --no-deps --find-links .whl --target /tmp/site \
+  diffusers torchao peft pydantic pydantic-core annotated-types typing-inspection typing-extensions importlib-metadata
 export PYTHONPATH=/tmp/site:app PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "${1:-targets}" in
