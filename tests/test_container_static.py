@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -66,10 +67,8 @@ def compose_config(profile: str, **extra_env: str) -> dict:
 
 
 def pyproject_deps() -> list[str]:
-    """[project] dependencies of pyproject.toml (tomllib needs Python 3.11; the project supports 3.10)."""
-    text = (ROOT / "pyproject.toml").read_text()
-    block = re.search(r"^dependencies\s*=\s*\[(.*?)^\]", text, re.M | re.S)[1]
-    return re.findall(r'"([^"]+)"', block)
+    """[project] dependencies of pyproject.toml."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 def pyproject_pins() -> dict[str, str]:
