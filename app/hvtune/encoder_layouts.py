@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import UserError
+from .model_files import TEXT, missing_files
 
 DIFFUSERS: Literal["diffusers"] = "diffusers"
 TENCENT: Literal["tencent"] = "tencent"
@@ -124,8 +125,6 @@ def missing_text_files(root: str | Path, layout: Layout | None = None) -> list[s
     root = Path(root).expanduser()
     layout = layout or text_layout(root)
     if layout == DIFFUSERS:
-        from .registry import TEXT, missing_files  # lazy: registry imports this module
-
         return missing_files(root, TEXT)
     t = tencent_text_root(root) or root
     rel = "" if t == root else f"{t.relative_to(root).as_posix()}/"

@@ -28,6 +28,7 @@ from .encoder_layouts import (
     text_layout_hint,
     vision_root,
 )
+from .model_files import CORE, TEXT, VISION, missing_files
 
 TENCENT_REPO = "tencent/HunyuanVideo-1.5"
 # Tencent's repo holds the original checkpoint format; the community conversions hold the same weights in
@@ -38,24 +39,6 @@ DIFFUSERS_REPOS = {
     "i2v-480p": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v",
     "i2v-720p": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_i2v",
 }
-
-_MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-# subfolder -> (files that must all exist, files of which at least one must exist)
-REQUIRED_FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "transformer": (("config.json",), _MODEL_WEIGHTS),
-    "vae": (("config.json",), _MODEL_WEIGHTS),
-    "scheduler": (("scheduler_config.json",), ()),
-    "text_encoder": (("config.json",), _HF_WEIGHTS),
-    "tokenizer": (("tokenizer_config.json",), ()),
-    "text_encoder_2": (("config.json",), _HF_WEIGHTS),
-    "tokenizer_2": (("tokenizer_config.json",), ()),
-    "image_encoder": (("config.json",), _HF_WEIGHTS),
-    "feature_extractor": (("preprocessor_config.json",), ()),
-}
-CORE = ("transformer", "vae", "scheduler")
-TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-VISION = ("image_encoder", "feature_extractor")
 
 
 class ModelSourceError(UserError):
@@ -116,17 +99,6 @@ def plan_sources(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> dict
         vision = encoder_source("HUNYUANVIDEO_VISION_ENCODER_PATH", "vision_encoder_path", cfg.vision_encoder_path)
         plan.update(dict.fromkeys(VISION, vision))
     return plan
-
-
-def missing_files(root: Path, components: tuple[str, ...] | list[str]) -> list[str]:
-    """Relative paths that a complete local copy of `components` would have and `root` lacks."""
-    missing = []
-    for name in components:
-        every, one_of = REQUIRED_FILES[name]
-        missing += [f"{name}/{f}" for f in every if not (root / name / f).is_file()]
-        if one_of and not any((root / name / f).is_file() for f in one_of):
-            missing.append(f"{name}/{' or '.join(one_of)}")
-    return missing
 
 
 def _check_local(source: Source, components: list[str]) -> dict[str, Path]:
