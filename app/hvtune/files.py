@@ -31,6 +31,15 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside `path` for a writer that wants a file name; when the block succeeds the file is
@@ -42,11 +51,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # EXCL: never another writer's temp
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the name points at it: no empty file after a power cut
-        finally:
-            os.close(fd)
+        _fsync(tmp)  # the data is on disk before the name points at it: no empty file after a power cut
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -75,22 +80,9 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, **json_kwargs: An
 def _fsync_tree(root: Path) -> None:
     """fsync every file under `root`, then the folders: a checkpoint's completeness marker must not reach the disk
     before the weights it vouches for."""
-    folders = [root]
-    for path in root.rglob("*"):
-        if path.is_dir():
-            folders.append(path)
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for folder in reversed(folders):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    paths = list(root.rglob("*"))
+    for path in [p for p in paths if not p.is_dir()] + [p for p in reversed(paths) if p.is_dir()] + [root]:
+        _fsync(path)
 
 
 @contextmanager
