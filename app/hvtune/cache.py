@@ -34,6 +34,7 @@ from .cache_store import (
     cache_dir,
     cache_settings,
     canonical_json,
+    encoder_components,
     entry_path,
     identities,
     latent_key,
@@ -215,7 +216,7 @@ class _Build:
         self.root = root
         self.progress = progress
         self.i2v = resolved.task == "i2v"
-        self.names = [*TEXT_COMPONENTS, "vae", *(VISION_COMPONENTS if self.i2v else ())]
+        self.names = encoder_components(resolved.task)
         self.paths = resolve_model(resolved.train, self.names)
         self.ids = identities(self.paths, self.names)
         self.dtype_name = encoder_dtype_name(resolved)

@@ -31,6 +31,7 @@ from typing import Any
 from .config import ResolvedConfig, UserError
 from .datasets import Sample, dataset_resolution, media_datasets
 from .files import is_temp_name, write_bytes_atomic, write_text_atomic
+from .model_files import TEXT, VISION
 
 FORMAT = "hvtune-cache/1"
 PIXELS = "media/1:rgb24,cover,center-crop,bicubic-antialias,no-upscale"  # bump when media's pixel output changes
@@ -39,8 +40,7 @@ TEXT_CROP_START = 108  # the pipeline's prompt_template_encode_start_idx
 TEXT_HIDDEN_LAYER = -3  # the pipeline reads hidden_states[-(2 + 1)]
 TEXT_2_MAX_LENGTH = 256  # the pipeline's tokenizer_2_max_length (ByT5)
 PATCH_CONV_BYTES = 1 << 30  # patch conv splits a causal conv's input above this size
-TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-VISION_COMPONENTS = ("image_encoder", "feature_extractor")
+TEXT_COMPONENTS, VISION_COMPONENTS = TEXT, VISION  # the encoders whose identities enter the keys
 COMPONENT_CLASSES = {
     "text_encoder": "Qwen2_5_VLTextModel",
     "tokenizer": "Qwen2Tokenizer",
@@ -136,6 +136,11 @@ def component_identity(name: str, path: Path, revision: str | None = None) -> di
         if p.is_file() and not p.name.startswith("."):
             _file_fingerprint(p, h)
     return {"class": COMPONENT_CLASSES.get(name, name), "files_sha256": h.hexdigest(), "revision": revision}
+
+
+def encoder_components(task: str) -> list[str]:
+    """The components a cache of `task` ("t2v" / "i2v") is encoded with."""
+    return [*TEXT_COMPONENTS, "vae", *(VISION_COMPONENTS if task == "i2v" else ())]
 
 
 def identities(paths, names: Iterable[str]) -> dict[str, dict[str, Any]]:

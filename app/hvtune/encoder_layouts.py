@@ -112,7 +112,7 @@ def text_component_dirs(root: str | Path, layout: Layout | None = None) -> dict[
     root = Path(root).expanduser()
     layout = layout or text_layout(root)
     if layout == DIFFUSERS:
-        return {name: root / name for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+        return {name: root / name for name in TEXT}
     t = _require_tencent(root)
     return {"text_encoder": t / LLM, "tokenizer": t / LLM, "text_encoder_2": t / GLYPH, "tokenizer_2": t / BYT5}
 

@@ -22,6 +22,7 @@ from .cache_store import (
     CacheError,
     cache_dir,
     cache_settings,
+    encoder_components,
     entry_path,
     identities,
     read_entry,
@@ -160,7 +161,7 @@ def _current_identities(resolved: ResolvedConfig) -> dict[str, dict[str, Any]]:
     left out (a training machine need not hold the encoders)."""
     from .registry import ModelSourceError, resolve_model
 
-    names = [*TEXT_COMPONENTS, "vae", *(VISION_COMPONENTS if resolved.task == "i2v" else ())]
+    names = encoder_components(resolved.task)
     out: dict[str, dict[str, Any]] = {}
     for group in (TEXT_COMPONENTS, ("vae",), VISION_COMPONENTS):
         wanted = [n for n in group if n in names]
