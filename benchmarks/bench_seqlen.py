@@ -269,9 +269,6 @@ def measure_captions(counter: CaptionCounter | None, captions: dict[str, list[st
     return out
 
 
-# ------------------------------------------------------------------------------------------ the mask-free processor
-
-
 # ------------------------------------------------------------------------------------------------ SDPA inspection
 
 
