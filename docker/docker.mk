@@ -1,5 +1,5 @@
 # Container targets; the top Makefile includes this file (`include docker/docker.mk`).
-#   make build-cuda | build-rocm | build-cpu   build an image (compose build of the `cache` service of that profile)
+#   make build-cuda | build-cuda12 | build-rocm | build-cpu   build an image (compose build of the `cache` service of that profile)
 #   make cache | train                         docker compose up cache / train (vendor: COMPOSE_PROFILES, default cuda)
 #   make pin                                   resolve base image digests (online) into docker/compose.vendors.yaml
 #   make lock                                  regenerate docker/requirements-py3*.lock (hashed) from pyproject.toml
@@ -14,10 +14,14 @@ TORCH_CPU_WHEEL := docker/wheels/torch-$(TORCH_VERSION)+cpu-cp311-cp311-manylinu
 # where build-cpu looks for the cpu torch wheel when docker/wheels/ lacks it (a directory or a pip index URL)
 TORCH_CPU_WHEEL_SOURCE ?= $(if $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-cp311-*.whl),/opt/wheels,https://download.pytorch.org/whl/cpu)
 
-.PHONY: build-cuda build-rocm build-cpu cache train pin lock lint-docker engine container-test
+.PHONY: build-cuda build-cuda12 build-rocm build-cpu cache train pin lock lint-docker engine container-test
 
 build-cuda:
 	COMPOSE_PROFILES=cuda $(COMPOSE) build cache
+
+# older drivers (>= 525.60.13): needs download.pytorch.org (not reachable from CI machines); see docs/CONTAINERS.md
+build-cuda12:
+	COMPOSE_PROFILES=cuda12 $(COMPOSE) build cache
 
 build-rocm:
 	COMPOSE_PROFILES=rocm $(COMPOSE) build cache
@@ -48,7 +52,8 @@ lock:
 lint: lint-docker
 lint-docker:
 	$(HV_TOOLS)hadolint docker/Dockerfile
-	$(HV_TOOLS)shellcheck -x entrypoints/all entrypoints/cache entrypoints/train entrypoints/fetch-encoders entrypoints/lib.sh docker/*.sh
+	$(HV_TOOLS)shellcheck -x entrypoints/all entrypoints/cache entrypoints/train entrypoints/fetch-encoders entrypoints/lib.sh \
+	  entrypoints/driver-check.sh docker/*.sh
 
 engine:
 	docker/ci-engine.sh

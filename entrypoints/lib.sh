@@ -129,6 +129,8 @@ hv_check_writable() {
 # No GPU visible in the cuda/rocm image. HVTUNE_SKIP_GPU_CHECK=1 skips it (e.g. `hvtune check` on a login node).
 hv_check_gpu() {
   [ "${HVTUNE_SKIP_GPU_CHECK:-0}" = 1 ] && return 0
+  # shellcheck source=entrypoints/driver-check.sh
+  source "$(dirname "${BASH_SOURCE[0]}")/driver-check.sh" && hv_check_driver # host driver floor of this image
   case "${HVTUNE_VENDOR:-cpu}" in
     cuda)
       if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then

@@ -19,9 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 ENTRYPOINTS = ["all", "cache", "train", "fetch-encoders"]
-SHELL_FILES = [ROOT / "entrypoints" / n for n in [*ENTRYPOINTS, "lib.sh"]] + sorted(DOCKER.glob("*.sh"))
+SHELL_FILES = [ROOT / "entrypoints" / n for n in [*ENTRYPOINTS, "lib.sh", "driver-check.sh"]]
+SHELL_FILES += sorted(DOCKER.glob("*.sh"))
 SHELL_FILES += sorted((ROOT / "benchmarks" / "gpu").glob("*.sh"))  # the device-session scripts
-PROFILES = ["cuda", "rocm", "cpu"]
+PROFILES = ["cuda", "cuda12", "rocm", "cpu"]
+CUDA_LOCK = DOCKER / "requirements-cuda-py311.lock"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -131,7 +133,8 @@ def test_compose_config_valid_for_each_profile(profile):
     assert train["depends_on"]["cache"]["condition"] == "service_completed_successfully"
     assert cache["command"] == ["cache"] and train["command"] == ["train"]
     assert cache.get("restart", "no") == "no"
-    assert cache["build"]["args"]["VENDOR"] == profile
+    assert cache["build"]["args"]["IMAGE_TAG"] == profile
+    assert cache["build"]["args"]["VENDOR"] == ("cuda" if profile.startswith("cuda") else profile)
     assert "build" not in train, "one build per `up`: train reuses the image cache builds"
     for svc in (cache, train):
         assert svc["image"].endswith(f":{profile}")
@@ -145,7 +148,7 @@ def test_compose_config_valid_for_each_profile(profile):
         assert targets["/data/outputs"]["type"] == "bind"
         reservations = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         devices = [d["source"] if isinstance(d, dict) else d.split(":")[0] for d in svc.get("devices", [])]
-        if profile == "cuda":
+        if profile.startswith("cuda"):
             assert reservations and reservations[0]["driver"] == "nvidia" and "gpu" in reservations[0]["capabilities"]
         else:
             assert not reservations
@@ -162,20 +165,25 @@ def test_same_torch_version_in_cuda_rocm_and_cpu():
     assert set(versions.values()) == {pinned}, f"torch differs between images or from pyproject.toml: {versions}"
     dockerfile_default = re.search(r"^ARG TORCH_VERSION=(\S+)", (DOCKER / "Dockerfile").read_text(), re.M)[1]
     assert dockerfile_default == pinned
-    indexes = {p: compose_config(p)["services"]["cache"]["build"]["args"].get("TORCH_INDEX_URL") for p in PROFILES}
-    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", indexes["cuda"]), indexes
-    assert re.fullmatch(r"https://download\.pytorch\.org/whl/rocm\d+\.\d+", indexes["rocm"]), indexes
+    args = {p: compose_config(p)["services"]["cache"]["build"]["args"] for p in PROFILES}
+    # cuda: torch hashed from PyPI (the CUDA 13.0 build) through its lock; cuda12 and rocm: PyTorch's own index
+    assert args["cuda"]["TORCH_LOCK"] == CUDA_LOCK.name and not args["cuda"]["TORCH_INDEX_URL"], args["cuda"]
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", args["cuda12"]["TORCH_INDEX_URL"]), args
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/rocm\d+\.\d+", args["rocm"]["TORCH_INDEX_URL"]), args
+    assert lock_entries(CUDA_LOCK)["torch"][0] == pinned
 
 
 def test_base_images_pinned_by_tag_and_digest_format():
     text = (DOCKER / "compose.vendors.yaml").read_text()
-    for vendor in ("CUDA", "ROCM", "CPU"):
+    for vendor in ("CUDA", "CUDA12", "ROCM", "CPU"):
         image = re.search(rf"\${{{vendor}_BASE_IMAGE:-([^}}]*)}}", text)[1]
         digest = re.search(rf"\${{{vendor}_BASE_DIGEST:-([^}}]*)}}", text)[1]
         assert re.fullmatch(r"[a-z0-9./-]+:[A-Za-z0-9._-]+", image) and not image.endswith(":latest"), image
         assert digest == "" or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), digest
-    cuda = compose_config("cuda")["services"]["cache"]["build"]["args"]["BASE_IMAGE"]
-    assert re.search(r"nvidia/cuda:12\.\d+(\.\d+)?-.*ubuntu24\.04", cuda), cuda
+    # the cuda images need no NVIDIA base (registries are unreachable from CI): plain Debian, as the cpu image
+    cpu = compose_config("cpu")["services"]["cache"]["build"]["args"]["BASE_IMAGE"]
+    for profile in ("cuda", "cuda12"):
+        assert compose_config(profile)["services"]["cache"]["build"]["args"]["BASE_IMAGE"] == cpu
     assert compose_config("rocm")["services"]["cache"]["build"]["args"]["BASE_IMAGE"].startswith("rocm/")
 
 
@@ -192,7 +200,9 @@ def test_dockerfile_rules():
     assert "git clone" not in text, "source is copied, never cloned"
     assert re.search(r"^COPY app/ ", text, re.M)
     assert text.index("--require-hashes") < text.index("COPY app/"), "dependency layers come before the source"
-    assert text.index('"torch==${TORCH_VERSION}"') < text.index("--require-hashes"), "torch first, then the lock"
+    lock = text.index('--require-hashes --no-deps -r "$lock"')
+    assert text.index('"torch==${TORCH_VERSION}"') < lock, "torch first, then the lock"
+    assert text.index('-r "/opt/hvtune/locks/${TORCH_LOCK}"') < lock, "torch first, then the lock"
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1] not in ("root", "0", "0:0"), "runs as a non-root user"
     assert re.search(r"^RUN .*python -c 'import hvtune, torch, diffusers", text, re.M | re.S), "import smoke test"
@@ -212,7 +222,14 @@ def test_dockerfile_rules():
 def test_dockerignore_keeps_context_small():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[0].strip() == "*" or "*" in ignore, "whitelist: only what the image needs goes to the daemon"
-    for needed in ("!app/", "!entrypoints/", "!pyproject.toml", "!docker/wheels/", "!docker/certs/"):
+    for needed in (
+        "!app/",
+        "!entrypoints/",
+        "!pyproject.toml",
+        "!docker/wheels/",
+        "!docker/certs/",
+        f"!docker/{CUDA_LOCK.name}",
+    ):
         assert needed in ignore
 
 
@@ -234,6 +251,20 @@ def test_locks_hashed_without_torch_and_in_sync_with_pyproject(py):
     assert names <= set(entries), f"dependencies missing from {lock.name}: {names - set(entries)}"
 
 
+def test_cuda_lock_is_torch_with_every_cuda_wheel_hashed_and_installs_with_the_py311_lock():
+    entries = lock_entries(CUDA_LOCK)
+    assert entries["torch"][0] == pyproject_pins()["torch"]
+    unhashed = [n for n, (_, hashes) in entries.items() if not hashes]
+    assert not unhashed, f"packages without hashes in {CUDA_LOCK.name}: {unhashed}"
+    # the runtime libraries the smoke test loads, and the toolkit meta-package that names the CUDA build
+    assert {"nvidia-cuda-runtime", "nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "triton"} <= set(entries)
+    assert entries["cuda-toolkit"][0].startswith("13.0."), entries["cuda-toolkit"]
+    others = [n for n in entries if n != "torch" and not n.startswith(("nvidia-", "cuda-", "triton"))]
+    assert not others, f"{CUDA_LOCK.name} holds only torch and its CUDA wheels: {others}"
+    overlap = set(entries) & set(lock_entries(DOCKER / "requirements-py311.lock"))
+    assert not overlap, f"in both locks (pip would install twice): {overlap}"
+
+
 # ------------------------------------------------------------------------------------------------------------- docs
 
 
@@ -242,11 +273,13 @@ def test_env_example_documents_every_variable():
     used: set[str] = set()
     for path in (ROOT / "compose.yaml", DOCKER / "compose.vendors.yaml"):
         used |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", path.read_text()))
-    for path in SHELL_FILES[: len(ENTRYPOINTS) + 1]:
+    for path in SHELL_FILES[: len(ENTRYPOINTS) + 2]:
         used |= set(re.findall(r"\$\{(?:!)?([A-Z][A-Z0-9_]*)[:}]", path.read_text()))
     internal = {"HOME", "PATH", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR"}
     internal |= {"TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR", "HVTUNE_VENDOR", "HVTUNE_HOST_DATASET_DIR"}
     internal |= {"HVTUNE_HOST_OUTPUT_DIR", "HV_NAME", "HV_CONFIG", "HV_DATA_ROOT", "HV_IMAGE_ROOT"}
+    internal |= {"HVTUNE_IMAGE_TAG"}  # set by the image; the next two only by tests (fake driver files)
+    internal |= {"HVTUNE_NVIDIA_VERSION_FILE", "HVTUNE_KFD_PATH"}
     missing = sorted(v for v in used - documented - internal if not v.startswith("HV_"))
     assert not missing, f".env.example does not document: {missing}"
 
