@@ -32,9 +32,10 @@ demo: $(STAMP)
 check: $(STAMP)
 	cd examples/seed-project && ../../$(VENV)/bin/hvtune check --config config/config.json
 
+# python (ruff) here; docker/docker.mk adds hadolint + shellcheck (from the venv's test extra, so a fresh clone lints)
 lint: $(STAMP)
-	$(PY) -m ruff check app tests
-	$(PY) -m ruff format --check app tests
+	$(PY) -m ruff check app tests benchmarks
+	$(PY) -m ruff format --check app tests benchmarks
 
 # every benchmark prints its table and writes benchmarks/results/*.json; docs/PERFORMANCE.md quotes them (~15 min here)
 bench: $(STAMP)

@@ -8,7 +8,6 @@
 #   make container-test                        static container tests + the real end-to-end test (needs an engine)
 VENV ?= .venv
 COMPOSE ?= docker compose
-HV_TOOLS := $(if $(wildcard $(VENV)/bin/hadolint),$(VENV)/bin/,)
 TORCH_VERSION := $(shell sed -n 's/^x-torch-version: &torch-version "\(.*\)"/\1/p' docker/compose.vendors.yaml)
 TORCH_CPU_WHEEL := docker/wheels/torch-$(TORCH_VERSION)+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 # where build-cpu looks for the cpu torch wheel when docker/wheels/ lacks it (a directory or a pip index URL)
@@ -50,9 +49,9 @@ lock:
 	docker/lock.sh
 
 lint: lint-docker
-lint-docker:
-	$(HV_TOOLS)hadolint docker/Dockerfile
-	$(HV_TOOLS)shellcheck -x entrypoints/all entrypoints/cache entrypoints/train entrypoints/fetch-encoders entrypoints/lib.sh \
+lint-docker: $(STAMP)
+	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/shellcheck -x entrypoints/all entrypoints/cache entrypoints/train entrypoints/fetch-encoders entrypoints/lib.sh \
 	  entrypoints/driver-check.sh docker/*.sh
 
 engine:
