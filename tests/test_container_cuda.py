@@ -185,12 +185,12 @@ def test_cuda_image_smoke_and_demo_matches_the_cpu_image(cuda_image, image, tmp_
         "or update the host driver"
     ), proc.stderr
 
+    runs_root = tmp_path / "runs"  # both runs under one folder the container user can enter (tmp_path is 0700)
     runs = {}
     for name, img in (("cpu", image), ("cuda", cuda_image)):
-        out = tmp_path / name
-        out.mkdir()
-        if os.getuid() == 0:
-            os.chown(out, tc.PUID, tc.PGID)
+        out = runs_root / name
+        out.mkdir(parents=True)
+        tc.chown_tree(runs_root)
         t0 = time.monotonic()
         proc = tc.docker_run(img, "hvtune", "demo", "--dir", "/out/demo", "--steps", "8", mounts=[(out, "/out", "rw")])
         tc.TIMINGS[f"demo in the {name} image"] = time.monotonic() - t0
@@ -201,7 +201,7 @@ def test_cuda_image_smoke_and_demo_matches_the_cpu_image(cuda_image, image, tmp_
         check = tc.docker_run(img, "hvtune", "check", "--config", config, mounts=[(out, "/out", "rw")], check=False)
         assert check.returncode == 0, f"hvtune check in {img}:\n{check.stdout[-2000:]}\n{check.stderr[-2000:]}"
 
-    both = [(tmp_path, "/runs", "rw")]
+    both = [(runs_root, "/runs", "rw")]
     proc = tc.docker_run(
         image, "hvtune", "compare", f"/runs/cpu/{runs['cpu']}", f"/runs/cuda/{runs['cuda']}", mounts=both, check=False
     )
