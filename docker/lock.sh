@@ -27,7 +27,7 @@ if [ -z "$UV" ]; then
 fi
 
 printf '%s\n' "torch; sys_platform == 'never'" >"$TMP/override.txt"
-# torch 2.13.0's Requires-Dist without extras (same for the cpu, cu129 and rocm7.2 wheels, minus nvidia-*/triton)
+# torch 2.13.0's Requires-Dist without extras (same for the cpu, PyPI (cu130), cu126 and rocm7.2 wheels, minus the CUDA ones)
 cat >"$TMP/torch-deps.in" <<'DEPS'
 filelock
 typing-extensions>=4.10.0
