@@ -26,9 +26,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.container]
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-IMAGE_NAME = "hvtune-test"
+# several worktrees may share one engine: each can name its own image and compose project
+IMAGE_NAME = os.environ.get("HVTUNE_TEST_IMAGE", "hvtune-test")
 IMAGE = f"{IMAGE_NAME}:cpu"
-PROJECT = "hvtune-e2e"
+PROJECT = os.environ.get("HVTUNE_TEST_PROJECT", "hvtune-e2e")
 TORCH_VERSION = re.search(r'&torch-version "([^"]+)"', (ROOT / "docker" / "compose.vendors.yaml").read_text())[1]
 TORCH_WHEEL = f"torch-{TORCH_VERSION}+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 PUID = os.getuid() if os.getuid() != 0 else 1000
