@@ -65,6 +65,7 @@ hv_drop_root() {
 }
 
 # Environment shared by every entrypoint: data root, caches under it, config file, dataset/cache/output dirs.
+# shellcheck disable=SC2154  # HV_KEY_<key> and HV_SRC_<key> are assigned by hv_resolve (printf -v)
 hv_env() {
   HV_DATA_ROOT=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
   HV_DATA_ROOT=${HV_DATA_ROOT%/}

@@ -91,8 +91,9 @@ def test_config_get_prints_resolved_keys_with_their_source(tmp_path):
 def shell_env(data_root: Path, **env: str) -> dict[str, str]:
     """What entrypoints/lib.sh hv_env decides, run by bash on this machine (hvtune from this venv)."""
     script = (
-        f'source {ROOT / "entrypoints" / "lib.sh"}; hv_env; '
-        'printf "%s\\n" "dataset=$HV_DATASET_DIR" "output=$HV_OUTPUT_DIR" "cache=$HV_CACHE_DIR" "backend=$HV_KEY_data_backend_config"'
+        f"source {ROOT / 'entrypoints' / 'lib.sh'}; hv_env; "
+        'printf "%s\\n" "dataset=$HV_DATASET_DIR" "output=$HV_OUTPUT_DIR" "cache=$HV_CACHE_DIR" '
+        '"backend=$HV_KEY_data_backend_config"'
     )
     full = {**os.environ, "PATH": f"{HVTUNE_BIN}:{os.environ['PATH']}", "HVTUNE_DATA_ROOT": str(data_root), **env}
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=full, timeout=60)
@@ -157,7 +158,8 @@ def test_progress_without_a_tty_prints_a_line_per_interval():
     assert steps == [1, 16, 31, 46, 61, 76, 91, 100], lines
     assert "\r" not in stream.getvalue()
     assert re.fullmatch(
-        r"train:  16% 16/100 steps \| loss 0\.5000 \| lr 1\.00e-04 \| 2\.00 s/step \| ETA 0:02:48 \| peak mem [\d.]+ GiB RSS",
+        r"train:  16% 16/100 steps \| loss 0\.5000 \| lr 1\.00e-04 \| 2\.00 s/step \| ETA 0:02:48 \| "
+        r"peak mem [\d.]+ GiB RSS",
         lines[1],
     ), lines[1]
 
@@ -184,7 +186,9 @@ def test_training_without_a_tty_shows_progress_lines_while_it_runs(demo_project,
                 line = lines.get(timeout=1)
             except queue.Empty:
                 continue
-            m = re.match(r"train: +\d+% (\d+)/100000 steps \| loss [\d.]+ \| lr \S+ \| [\d.]+ s/step \| ETA \S+ \|", line)
+            m = re.match(
+                r"train: +\d+% (\d+)/100000 steps \| loss [\d.]+ \| lr \S+ \| [\d.]+ s/step \| ETA \S+ \|", line
+            )
             if m:
                 assert proc.poll() is None, "progress must show while training runs"
                 seen.append(int(m[1]))

@@ -328,7 +328,9 @@ def resolve_keys(
         raise ConfigError([Problem("command line", n, None, f"not a training key; one of {known}") for n in unknown])
     fields = [keys[n] for n in names]
     problems: list[Problem] = []
-    train = _validate_section(TrainConfig, {f: raw[f] for f in fields if f in raw}, lambda k: where.get(k, "defaults"), problems)
+    train = _validate_section(
+        TrainConfig, {f: raw[f] for f in fields if f in raw}, lambda k: where.get(k, "defaults"), problems
+    )
     if problems:
         raise ConfigError(problems)
     return [(name, getattr(train, f), sources.get(f, "default")) for name, f in zip(names, fields, strict=True)]

@@ -129,6 +129,8 @@ def _check_local(source: Source, components: list[str]) -> dict[str, Path]:
 
 def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tuple[Path, str]:
     """Snapshot of the needed subfolders from the hub (or the local HF cache when offline)."""
+    # huggingface_hub 2.x talks to the hub through httpx2 (pinned with it in the lock): its connection errors
+    from httpx2 import TransportError
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -136,9 +138,6 @@ def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tu
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-
-    # huggingface_hub 2.x talks to the hub through httpx2 (pinned with it in the lock); its connection errors
-    from httpx2 import TransportError
 
     patterns = ["model_index.json", *[f"{c}/*" for c in components]]
     offline = not allow_download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
