@@ -99,14 +99,20 @@ def test_root_start_on_root_owned_workspace_trains_as_puid_with_progress_in_the_
     finally:
         run(["docker", "rm", "-f", name], check=False)
 
-    # PUID/PGID choose the uid; the entrypoints hand the folders over before any hvtune process runs
-    proc = run(
-        ["docker", "run", "--rm", "--user", "0:0", "-v", f"{ws}:/workspace:rw", "-e", "PUID=4321", "-e", "PGID=4322",
-         "-e", "HVTUNE_CONFIG=/workspace/datasets/config.json", "-e", "HF_HUB_OFFLINE=1", image, "fetch-encoders"],
-        timeout=300,
-    )  # fmt: skip
-    assert "for uid:gid 4321:4322" in proc.stderr
-    assert owners(ws / "outputs") == {(4321, 4322)}
+
+def test_puid_pgid_choose_the_uid_a_root_start_hands_the_folders_to(image, tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("needs root to make a root-owned /workspace")
+    ws = tmp_path / "workspace"
+    write_project(ws, "/workspace", image)
+    chown_all(ws, 0, 0)
+    env = ["PUID=4321", "PGID=4322", "HVTUNE_DATA_ROOT=/workspace", "HVTUNE_CONFIG=/workspace/datasets/config.json"]
+    cmd = ["docker", "run", "--rm", "--user", "0:0", "-v", f"{ws}:/workspace:rw", "-e", "HF_HUB_OFFLINE=1"]
+    proc = run([*cmd, *(a for kv in env for a in ("-e", kv)), image, "fetch-encoders"], timeout=300)
+    assert "for uid:gid 4321:4322" in proc.stderr, proc.stderr
+    assert "all components present" in proc.stdout, "hvtune fetch ran after the hand-over"
+    for folder in ("outputs", "cache", "models"):
+        assert owners(ws / folder) == {(4321, 4322)}, f"{folder}: {owners(ws / folder)}"
 
 
 def test_compose_up_as_documented_returns_the_failing_train_exit_code(image, tmp_path):
