@@ -1,6 +1,7 @@
 # Container targets; the top Makefile includes this file (`include docker/docker.mk`).
 #   make build-cuda | build-cuda12 | build-rocm | build-cpu   build an image (compose build of the `cache` service of that profile)
-#   make cache | train                         docker compose up cache / train (vendor: COMPOSE_PROFILES, default cuda)
+#   make cache | train                         docker compose up cache / train, exit code of the failing service
+#                                              (vendor: COMPOSE_PROFILES, from the shell or .env; cpu: fetches the wheel)
 #   make pin                                   resolve base image digests (online) into docker/compose.vendors.yaml
 #   make lock                                  regenerate docker/requirements-py3*.lock (hashed) from pyproject.toml
 #   make lint-docker                           hadolint + shellcheck (also run by `make lint`)
@@ -36,10 +37,17 @@ $(TORCH_CPU_WHEEL):
 	else python3 -m pip download --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
 	  --index-url "$(TORCH_CPU_WHEEL_SOURCE)" -d docker/wheels "torch==$(TORCH_VERSION)+cpu"; fi
 
-cache:
+# the vendor compose will use: COMPOSE_PROFILES from the shell, else from .env; the cpu image needs its torch wheel
+PROFILE := $(or $(COMPOSE_PROFILES),$(shell sed -n 's/^COMPOSE_PROFILES=//p' .env 2>/dev/null | tail -n 1),cuda)
+IMAGE_INPUTS := $(if $(filter cpu,$(PROFILE)),$(TORCH_CPU_WHEEL))
+
+# A bare `docker compose up train` exits 0 when train fails. --abort-on-container-failure returns the failing
+# service's exit code (and does not stop train when cache exits 0); --attach-dependencies shows cache's log too.
+# README.md and docs/CONTAINERS.md document this same invocation (tests/test_container_runtime.py runs it).
+cache: $(IMAGE_INPUTS)
 	$(COMPOSE) up --abort-on-container-failure cache
 
-train:
+train: $(IMAGE_INPUTS)
 	$(COMPOSE) up --abort-on-container-failure --attach-dependencies train
 
 pin:

@@ -24,33 +24,48 @@ hv_rebase() {
   printf '%s' "$value"
 }
 
-# Value of config key $1: env HVTUNE_<KEY>, else the config file (key or --key), else default $2.
-hv_cfg() {
-  local key=$1 default=$2 var value
-  var="HVTUNE_${key^^}"
-  if [ -n "${!var:-}" ]; then printf '%s' "${!var}"; return; fi
-  if [ -n "${HV_CONFIG:-}" ]; then
-    value=$(python3 - "$HV_CONFIG" "$key" <<'PY'
-import json, sys
-path, key = sys.argv[1:3]
-with open(path) as f:
-    data = json.load(f)
-v = data.get(key, data.get("--" + key)) if isinstance(data, dict) else None
-print("" if v is None else v, end="")
-PY
-) || hv_die "config file $HV_CONFIG is not valid JSON; fix it or unset HVTUNE_CONFIG"
-    if [ -n "$value" ]; then
-      # relative paths in a config file are relative to the file, as hvtune reads them
-      if [[ "$value" != /* ]] && [[ "$key" == *_dir || "$key" == *_config ]]; then
-        value="$(cd "$(dirname "$HV_CONFIG")" && pwd)/$value"
-      fi
-      printf '%s' "$value"; return
-    fi
-  fi
-  printf '%s' "$default"
+# Resolved training keys, asked of hvtune itself (the same file < HVTUNE_<KEY> < default layering, key aliases and
+# types as training; nothing is re-parsed here): sets HV_KEY_<key> (the value, empty when unset) and HV_SRC_<key>
+# (default, file:PATH or env:VAR). A bad config file stops here with hvtune's own message and exit code.
+hv_resolve() {
+  local out rc=0 key source value
+  out=$(hvtune config get "${HV_CONFIG_ARGS[@]}" "$@" 2>&1) || rc=$?
+  if [ "$rc" != 0 ]; then printf '[%s] %s\n' "$HV_NAME" "$out" >&2; exit "$rc"; fi
+  while IFS=$'\t' read -r key source value; do
+    printf -v "HV_KEY_$key" '%s' "$value"
+    printf -v "HV_SRC_$key" '%s' "$source"
+  done <<<"$out"
+}
+
+# Started as root (RunPod, Vast, `docker run --user 0`): create the folders the run writes under the data root, hand
+# them to PUID:PGID and run this entrypoint again as that user (setpriv, util-linux), so no hvtune process runs as
+# root and the outputs belong to a normal uid. PUID/PGID default to the owner of the data root, or 1000:1000 when
+# root owns it (a RunPod volume). HVTUNE_RUN_AS_ROOT=1 keeps root. Started as another uid: nothing to do.
+hv_drop_root() {
+  [ "$(id -u)" = 0 ] && [ "${HVTUNE_RUN_AS_ROOT:-0}" != 1 ] || return 0
+  local root owner uid gid dir groups
+  root=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
+  root=${root%/}
+  owner=$(stat -c '%u:%g' "$root" 2>/dev/null) || owner=0:0
+  [ "${owner%%:*}" != 0 ] || owner=1000:1000
+  uid=${PUID:-${owner%%:*}} gid=${PGID:-${owner##*:}}
+  [[ "$uid" =~ ^[0-9]+$ && "$gid" =~ ^[0-9]+$ ]] || hv_die "PUID=$uid / PGID=$gid must be numeric ids (id -u, id -g)"
+  [ "$uid" != 0 ] || hv_die "PUID=0 would train as root: set PUID to a normal uid, or HVTUNE_RUN_AS_ROOT=1 to keep root on purpose"
+  command -v setpriv >/dev/null || hv_die "started as root but setpriv (util-linux) is missing from the image: start the container as a normal uid (--user)"
+  hv_log "started as root: preparing $root/{models,cache,outputs} for uid:gid $uid:$gid and continuing as that user (set PUID/PGID to choose)"
+  for dir in "$root/models" "$root/cache" "$root/outputs"; do
+    # a read-only mount stays as it is; the writable checks that follow name it
+    mkdir -p "$dir" 2>/dev/null || continue
+    find "$dir" -xdev \( ! -uid "$uid" -o ! -gid "$gid" \) -exec chown -h "$uid:$gid" {} + 2>/dev/null || true
+  done
+  # keep access to GPU device nodes that belong to a group (ROCm: /dev/kfd and /dev/dri/* are video/render)
+  groups=$(stat -c %g /dev/kfd /dev/dri/* 2>/dev/null | sort -un | grep -vx 0 | paste -sd, -) || true
+  if [ -n "$groups" ]; then set -- --groups "$groups" "$@"; else set -- --clear-groups "$@"; fi
+  exec setpriv --reuid "$uid" --regid "$gid" "$@"
 }
 
 # Environment shared by every entrypoint: data root, caches under it, config file, dataset/cache/output dirs.
+# shellcheck disable=SC2154  # HV_KEY_<key> and HV_SRC_<key> are assigned by hv_resolve (printf -v)
 hv_env() {
   HV_DATA_ROOT=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
   HV_DATA_ROOT=${HV_DATA_ROOT%/}
@@ -74,15 +89,19 @@ hv_env() {
   # shellcheck disable=SC2034
   if [ -n "$HV_CONFIG" ]; then HV_CONFIG_ARGS=(--config "$HV_CONFIG"); fi
 
-  # container defaults for the keys that name folders, unless the environment or the config file sets them
-  HV_BACKEND=$(hv_cfg data_backend_config "")
-  HV_OUTPUT_DIR=$(hv_cfg output_dir "$HV_DATA_ROOT/outputs")
-  HV_CACHE_DIR=$(hv_cfg cache_dir "$HV_DATA_ROOT/cache/hvtune")
-  HV_DATASET_DIR=""
-  if [ -z "$HV_BACKEND" ]; then HV_DATASET_DIR=$(hv_cfg instance_data_dir "$HV_DATA_ROOT/datasets"); fi
-  export HVTUNE_OUTPUT_DIR=$HV_OUTPUT_DIR HVTUNE_CACHE_DIR=$HV_CACHE_DIR
-  if [ -n "$HV_DATASET_DIR" ]; then export HVTUNE_INSTANCE_DATA_DIR=$HV_DATASET_DIR; fi
+  # the folder keys left at hvtune's defaults take the container layout; a value from the config file or the
+  # environment is kept as hvtune reads it (relative paths: relative to the data root, the working directory)
   cd "$HV_DATA_ROOT" 2>/dev/null || cd /
+  hv_resolve data_backend_config instance_data_dir output_dir cache_dir resume_from_checkpoint
+  HV_OUTPUT_DIR=$HV_KEY_output_dir
+  if [ "$HV_SRC_output_dir" = default ]; then HV_OUTPUT_DIR=$HV_DATA_ROOT/outputs; export HVTUNE_OUTPUT_DIR=$HV_OUTPUT_DIR; fi
+  HV_CACHE_DIR=$HV_KEY_cache_dir
+  if [ "$HV_SRC_cache_dir" = default ]; then HV_CACHE_DIR=$HV_DATA_ROOT/cache/hvtune; export HVTUNE_CACHE_DIR=$HV_CACHE_DIR; fi
+  HV_DATASET_DIR=""
+  if [ -z "$HV_KEY_data_backend_config" ]; then
+    HV_DATASET_DIR=${HV_KEY_instance_data_dir:-$HV_DATA_ROOT/datasets}
+    export HVTUNE_INSTANCE_DATA_DIR=$HV_DATASET_DIR
+  fi
 }
 
 hv_is_mountpoint() {

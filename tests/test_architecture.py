@@ -31,6 +31,7 @@ STAGES = [
     "export",
     "record",  # run record
     "compare",
+    "progress",  # progress lines / bar
     "trainer",  # the loop: wires the stages
     "demo",  # entry points
     "cli",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .compare import Tolerances
-from .config import ConfigError, ResolvedConfig, UserError, check_device_support, load_config
+from .config import ConfigError, ResolvedConfig, UserError, check_device_support, load_config, resolve_keys
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -37,6 +38,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         state = "disabled" if ds.disabled else ds.dataset_type
         print(f"  {ds.id}: {state} {ds.instance_data_dir or ds.cache_dir or ''}")
     print("config OK")
+    return EXIT_OK
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    """KEY<TAB>SOURCE<TAB>VALUE per key, the value last so that an empty one survives `read` in a shell."""
+    for key, value, source in resolve_keys(args.config, args.keys):
+        text = "" if value is None else json.dumps(value) if isinstance(value, list | dict) else str(value)
+        print(f"{key}\t{source}\t{text}")
     return EXIT_OK
 
 
@@ -144,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("cache", cmd_cache, "Encode text, video latents and i2v conditions once (or verify the cache).")
     p.add_argument("action", nargs="?", choices=["build", "verify"], default="build")
     with_config("train", cmd_train, "Train the LoRA from the cache.")
+    p = sub.add_parser(
+        "config",
+        help="Print resolved training keys: KEY, its source and its value, tab-separated (for scripts).",
+        description="`hvtune config get KEY...`: each key's value after the config file, HVTUNE_<KEY> variables and "
+        "defaults are layered as for training, one line per key: KEY<TAB>SOURCE<TAB>VALUE (empty when unset).",
+    )
+    p.add_argument("action", choices=["get"])
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.add_argument("--config", type=Path, help="SimpleTuner-style config.json (optional)")
+    p.set_defaults(func=cmd_config_get)
 
     p = sub.add_parser("demo", help="Tiny model + synthetic clips: cache, train, validate, export (minutes, CPU).")
     p.add_argument("--dir", type=Path, default=Path("demo"))

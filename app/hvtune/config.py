@@ -277,21 +277,17 @@ def _resolve_path(text: str, config_path: Path | None) -> Path:
     return p
 
 
-def load_config(
-    config_path: str | Path | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    argv: Sequence[str] = (),
-    check_paths: bool = True,
-) -> ResolvedConfig:
-    env = os.environ if env is None else env
-    path = Path(config_path) if config_path else None
-    problems: list[Problem] = []
+def _layers(
+    path: Path | None, env: Mapping[str, str], argv: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, str], dict[str, str], list[str]]:
+    """Raw values by field name, layered file < env < flags, with each one's source, its place for error messages,
+    and a notice for every file value that the environment replaces (a stale .env line must not win silently).
+    An empty HVTUNE_<KEY> counts as unset: compose passes `KEY=` lines of an env file as empty strings."""
     keys = _field_keys()
-
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
     where: dict[str, str] = {}
+    notices: list[str] = []
     if path is not None:
         data = read_json(path)
         if not isinstance(data, dict):
@@ -303,8 +299,11 @@ def load_config(
             where[name] = str(path)
     for key, name in keys.items():
         var = f"HVTUNE_{key.upper()}"
-        if var in env:
-            raw[name] = _parse_scalar(env[var])
+        if env.get(var, "") != "":
+            value = _parse_scalar(env[var])
+            if sources.get(name, "").startswith("file:") and raw[name] != value:
+                notices.append(f"{name}: {var}={env[var]} (environment, e.g. .env) overrides {raw[name]!r} from {path}")
+            raw[name] = value
             sources[name] = f"env:{var}"
             where[name] = var
     for key, value in _parse_flags(argv).items():
@@ -312,11 +311,45 @@ def load_config(
         raw[name] = _parse_scalar(value)
         sources[name] = f"flag:--{key}"
         where[name] = f"flag --{key}"
+    return raw, sources, where, notices
+
+
+def resolve_keys(
+    config_path: str | Path | None, names: Sequence[str], *, env: Mapping[str, str] | None = None
+) -> list[tuple[str, Any, str]]:
+    """(key, value, source) of training keys through the same layers as load_config, without checking the rest of
+    the config or the datasets: the container entrypoints ask for the few folders they must check before any work."""
+    path = Path(config_path) if config_path else None
+    raw, sources, where, _ = _layers(path, os.environ if env is None else env, ())
+    keys = _field_keys()
+    unknown = [n for n in names if n not in keys]
+    if unknown:
+        known = ", ".join(sorted(TrainConfig.model_fields))
+        raise ConfigError([Problem("command line", n, None, f"not a training key; one of {known}") for n in unknown])
+    fields = [keys[n] for n in names]
+    problems: list[Problem] = []
+    train = _validate_section(
+        TrainConfig, {f: raw[f] for f in fields if f in raw}, lambda k: where.get(k, "defaults"), problems
+    )
+    if problems:
+        raise ConfigError(problems)
+    return [(name, getattr(train, f), sources.get(f, "default")) for name, f in zip(names, fields, strict=True)]
+
+
+def load_config(
+    config_path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    argv: Sequence[str] = (),
+    check_paths: bool = True,
+) -> ResolvedConfig:
+    path = Path(config_path) if config_path else None
+    problems: list[Problem] = []
+    raw, sources, where, notices = _layers(path, os.environ if env is None else env, argv)
 
     train = _validate_section(TrainConfig, raw, lambda k: where.get(k, "defaults"), problems)
     for name in TrainConfig.model_fields:
         sources.setdefault(name, "default")
-    notices: list[str] = []
     unknown = {k: v for k, v in raw.items() if k not in TrainConfig.model_fields}
     if unknown:
         notices.append(

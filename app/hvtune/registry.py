@@ -129,6 +129,8 @@ def _check_local(source: Source, components: list[str]) -> dict[str, Path]:
 
 def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tuple[Path, str]:
     """Snapshot of the needed subfolders from the hub (or the local HF cache when offline)."""
+    # huggingface_hub 2.x talks to the hub through httpx2 (pinned with it in the lock): its connection errors
+    from httpx2 import TransportError
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -156,7 +158,11 @@ def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tu
         raise ModelSourceError(f"{source.location}: repository not found on the hub{hint} ({source.origin})") from e
     except RevisionNotFoundError as e:
         raise ModelSourceError(f"{source.location}: revision {source.revision!r} not found ({source.origin})") from e
+    except TransportError as e:  # model_info before the download: no route, DNS, refused, timeout, proxy
+        raise _unreachable(source, e) from e
     except LocalEntryNotFoundError as e:
+        if not offline:  # snapshot_download found no connection and nothing cached
+            raise _unreachable(source, e.__cause__ or e) from e
         raise ModelSourceError(
             f"{source.location} is not in the local Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
@@ -166,6 +172,19 @@ def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tu
     if missing:
         raise ModelSourceError(f"{source.location}@{path.name}: the repo lacks {', '.join(missing)}")
     return path, path.name  # snapshot folders are named by commit hash
+
+
+def _unreachable(source: Source, error: BaseException) -> ModelSourceError:
+    """No route to the hub: one line naming the three ways out, not httpx's traceback."""
+    from huggingface_hub import constants
+
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ModelSourceError(
+        f"cannot reach the Hugging Face hub at {constants.ENDPOINT} to fetch {source.location} ({source.origin}): "
+        f"{type(error).__name__}: {reason}. Either mount the models (a local pretrained_model_name_or_path, "
+        "HUNYUANVIDEO_TEXT_ENCODER_PATH / HUNYUANVIDEO_VISION_ENCODER_PATH), or set HF_HUB_OFFLINE=1 to use what is "
+        "already in HF_HOME, or set HTTPS_PROXY if this network reaches the internet through a proxy"
+    )
 
 
 def _check_free_space(source: Source, patterns: list[str]) -> None:

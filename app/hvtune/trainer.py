@@ -24,6 +24,7 @@ from .files import write_json_atomic
 from .manifest import load_manifest
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
+from .progress import TrainProgress
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
 from .validation import ImageCondition, TextCondition, sample_video, validation_dir
@@ -80,7 +81,6 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
     from peft.utils import set_peft_model_state_dict
-    from tqdm import tqdm
 
     cfg = resolved.train
     problems = check_device_support(cfg, detect_device(), str(resolved.config_path or "config"))
@@ -146,9 +146,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
 
     loss_log = LossLog(out / "logs" / "loss.jsonl", resume_from_step=state.global_step) if main else None
     stop = _StopFlag()
-    bar = tqdm(
-        total=total_steps, initial=state.global_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
-    )
+    bar = TrainProgress(total_steps, state.global_step, enabled=main)
     image_embed_shape = (0, model.config.image_embed_dim)  # t2v: no image tokens
     empty = text_entry(manifest, manifest.empty_prompt_key)
     stopped_early, step_started, micro_losses = False, time.time(), []
@@ -207,8 +205,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     )
                 if trackers:
                     accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=state.global_step)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_step=f"{now - step_started:.2f}")
-                bar.update(1)
+                bar.update(step_loss, lr, now - step_started)
                 step_started = now
                 stop_now = _agree(accelerator, stop.requested)
                 last = state.global_step >= total_steps
