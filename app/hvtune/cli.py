@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .compare import Tolerances
-from .config import ConfigError, ResolvedConfig, UserError, check_device_support, load_config
+from .config import ConfigError, ResolvedConfig, UserError, check_device_support, load_config, mask_secrets
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -27,7 +27,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = check_device_support(resolved.train, detect_device(), str(resolved.config_path or "config"))
     if problems:
         raise ConfigError(problems)
-    values = resolved.train.model_dump(mode="json")
+    values = mask_secrets(resolved.train.model_dump(mode="json"))
     width = max(map(len, values))
     print(f"config: {resolved.config_path or '(none: defaults, environment and flags)'}")
     for key, value in values.items():
@@ -52,15 +52,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .cache import build_cache, verify_cache
+    from .cache import build_cache, print_verify
 
     resolved = _config(args)
     if args.action == "verify":
-        problems = verify_cache(resolved)
-        for problem in problems:
-            print(f"  {problem}")
-        print(f"cache verify: {len(problems)} problem(s)" if problems else "cache verify: every entry intact")
-        return EXIT_FAIL if problems else EXIT_OK
+        return print_verify(resolved)
     build_cache(resolved)
     return EXIT_OK
 
@@ -71,7 +67,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(_config(args))
     if not result.is_main_process:
         return EXIT_OK
-    if result.stopped_early:
+    if result.already_finished:
+        print(
+            f"already finished at step {result.global_step}, outputs in {result.output_dir} (raise max_train_steps "
+            "to continue it)"
+        )
+    elif result.stopped_early:
         print(f"stopped at step {result.global_step}; checkpoint in {result.output_dir / 'checkpoints'}")
     else:
         print(f"done: {result.global_step} steps; LoRA: {result.lora_path}; record: {result.output_dir / 'run.json'}")
@@ -106,10 +107,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_runs, format_comparison
 
     tol = Tolerances(args.loss_rtol, args.weight_rtol, args.min_cosine)
-    plot = args.plot or Path(args.run_b) / "compare_loss.png"
-    result = compare_runs(args.run_a, args.run_b, tol, plot=plot)
+    result = compare_runs(args.run_a, args.run_b, tol, plot=args.plot)
     print(format_comparison(result, tol))
-    print(f"loss overlay: {plot}")
+    if result.plot:
+        print(f"loss overlay: {result.plot}")
     return result.exit_code
 
 
@@ -157,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-rtol", type=float, default=Tolerances.loss_rtol)
     p.add_argument("--weight-rtol", type=float, default=Tolerances.weight_rtol)
     p.add_argument("--min-cosine", type=float, default=Tolerances.min_cosine)
-    p.add_argument("--plot", type=Path, help="loss overlay PNG (default: RUN_B/compare_loss.png)")
+    p.add_argument(
+        "--plot", type=Path, default=Path("compare_loss.png"), help="loss overlay PNG (default: ./compare_loss.png)"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("synth-dataset", help="Write synthetic clips of moving shapes with captions.")
@@ -186,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        print("\ninterrupted: stopped at once; anything since the last checkpoint is lost", file=sys.stderr)
         return 130
 
 

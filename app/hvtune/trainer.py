@@ -17,8 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batches import load_batch, plan_epoch, text_entry
-from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, ResolvedConfig, UserError, check_device_support
+from .checkpoints import (
+    CheckpointError,
+    LoopState,
+    clear_run_outputs,
+    load_checkpoint,
+    plan_start,
+    run_identity,
+    save_checkpoint,
+)
+from .config import ConfigError, ResolvedConfig, UserError, check_device_support, mask_secrets
 from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
 from .files import write_json_atomic
 from .manifest import load_manifest
@@ -44,20 +52,28 @@ class TrainResult:
     stopped_early: bool
     lora_path: Path | None
     is_main_process: bool = True
+    already_finished: bool = False  # the run in output_dir had finished: nothing was trained
 
 
 class _StopFlag:
-    """SIGTERM (docker stop) asks for a checkpoint at the next step boundary instead of dying mid-step."""
+    """SIGTERM (docker stop) and a first Ctrl-C ask for a checkpoint at the next step boundary instead of dying
+    mid-step and losing the steps since the last checkpoint; a second Ctrl-C stops at once."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, log):
+        self.requested: str | None = None  # the signal's name
+        self._log = log
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._log("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, losing it)")
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _check_output_dir(path: Path) -> None:
@@ -103,8 +119,25 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
+    global_batch = cfg.train_batch_size * world
+    batches_per_epoch = len(plan_epoch(manifest, global_batch_size=global_batch, seed=cfg.seed, epoch=0))
+    if batches_per_epoch == 0:
+        raise TrainError(f"no full batch of {global_batch} samples in any bucket: lower train_batch_size or add clips")
+    steps_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    identity = run_identity(cfg.model_dump(), manifest.samples_hash)
+    start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
+    if start.finished_at is not None:  # a restarted container, or the same command twice: keep the outputs
+        lora = out / "pytorch_lora_weights.safetensors"
+        return TrainResult(out, start.finished_at, False, lora if lora.is_file() else None, main, already_finished=True)
+    if start.clear and main:
+        accelerator.print(f"overwrite_output_dir: removing the previous run's outputs in {out}")
+        clear_run_outputs(start.clear)
+    accelerator.wait_for_everyone()
+    for notice in start.notices:
+        accelerator.print(f"notice: {notice}")
     if trackers:
-        scalars = {k: v for k, v in cfg.model_dump().items() if isinstance(v, int | float | str | bool)}
+        scalars = {k: v for k, v in mask_secrets(cfg.model_dump()).items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hvtune"), config=scalars)
     components = ["transformer", "scheduler"] + (["vae"] if _validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
@@ -122,30 +155,31 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
 
-    global_batch = cfg.train_batch_size * world
-    batches_per_epoch = len(plan_epoch(manifest, global_batch_size=global_batch, seed=cfg.seed, epoch=0))
-    if batches_per_epoch == 0:
-        raise TrainError(f"no full batch of {global_batch} samples in any bucket: lower train_batch_size or add clips")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
 
     offloaded = cfg.enable_group_offload
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not offloaded, True])
     model = accelerator.unwrap_model(transformer)
 
-    state = LoopState(global_step=0, epoch=0, batch_in_epoch=0, loss_history=[])
-    resume = find_checkpoint(out, cfg.resume_from_checkpoint)
+    state = LoopState(global_step=0, epoch=0, batch_in_epoch=0, loss_history=[], run=identity)
+    resume = start.resume
     if resume is not None:
         state, lora, opt_state, sched_state = load_checkpoint(resume)
-        set_peft_model_state_dict(model, lora)
-        optimizer.load_state_dict(opt_state)
+        try:
+            set_peft_model_state_dict(model, lora)
+            optimizer.load_state_dict(opt_state)
+        except (RuntimeError, ValueError) as e:  # a checkpoint from before run identities were recorded
+            raise CheckpointError(
+                f"cannot resume {resume}: its LoRA or optimizer does not fit this config (lora_rank, lora_alpha, "
+                "lora_target_modules or optimizer changed): set them back, or pick another output_dir"
+            ) from e
+        state.run = identity
         lr_scheduler.load_state_dict(sched_state)
         _apply_learning_rate(lr_scheduler, cfg.learning_rate, accelerator.print)
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
 
     loss_log = LossLog(out / "logs" / "loss.jsonl", resume_from_step=state.global_step) if main else None
-    stop = _StopFlag()
+    stop = _StopFlag(accelerator.print)
     bar = tqdm(
         total=total_steps, initial=state.global_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
     )
@@ -210,7 +244,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_step=f"{now - step_started:.2f}")
                 bar.update(1)
                 step_started = now
-                stop_now = _agree(accelerator, stop.requested)
+                stop_now = _agree(accelerator, bool(stop.requested))
                 last = state.global_step >= total_steps
                 limited = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
                 if main and (state.global_step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
@@ -221,7 +255,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     stopped_early = not last
                     if stop_now:
                         accelerator.print(
-                            f"SIGTERM: checkpoint written at step {state.global_step}; "
+                            f"{stop.requested or 'stop'}: checkpoint written at step {state.global_step}; "
                             "resume with resume_from_checkpoint=latest"
                         )
                     break
@@ -366,6 +400,7 @@ def _run_record(resolved, manifest, paths, determinism, world, state, started, s
         "world_size": world,
         "global_step": state.global_step,
         "stopped_early": stopped_early,
+        "run": state.run,
         "dataset_manifest_hash": manifest.samples_hash,
         "cache_fingerprint": manifest.fingerprint,
         "model": paths.record(),
