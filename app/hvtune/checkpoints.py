@@ -182,13 +182,15 @@ def plan_start(
         saved = record.get("run") or run_identity(record["resolved"]["config"], record.get("dataset_manifest_hash"))
         blocking, announced = identity_changes(saved, identity)
         step = int(record["global_step"])
-        if not blocking and not announced and total_steps <= step:
+        if not blocking and not announced and total_steps == step:
             return RunStart(finished_at=step)
-        if blocking or (announced and total_steps <= step):  # a new run, not the continuation of this one
-            changed = "; ".join(blocking + announced)
+        changed = blocking + announced if blocking or total_steps < step else []
+        if total_steps < step:
+            changed.append(f"max_train_steps {step} -> {total_steps}")
+        if changed:  # a new run, not the continuation of this one
             raise CheckpointError(
-                f"output_dir {output_dir} holds a run that finished at step {step} with other settings ({changed}): "
-                f"{_ways_out(output_dir)}"
+                f"output_dir {output_dir} holds another run, finished at step {step} ({'; '.join(changed)}): "
+                + _ways_out(output_dir)
             )
     if not checkpoints and record is None:
         return RunStart()
