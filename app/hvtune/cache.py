@@ -68,7 +68,7 @@ from .encoders import (
     load_vae_for_cache,
     to_pil,
 )
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, disk_full_message, is_disk_full, write_text_atomic
 from .manifest import ManifestSample, manifest_path, parse_manifest, repair_hint, rerun_hint, source_stats
 
 # ------------------------------------------------------------------------------------------------------------ summary
@@ -271,6 +271,11 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
         if progress:
             print(summary.format())
         return summary
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        fix = f"free space there or point cache_dir at a bigger disk, then {rerun_hint(resolved)} (entries already "
+        raise CacheError(disk_full_message(root, "the cache", fix + "written are kept)")) from e
     finally:
         lock.close()
 

@@ -21,12 +21,25 @@ def _config(args: argparse.Namespace) -> ResolvedConfig:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .registry import detect_device
+    from .datasets import media_datasets
+    from .files import writable_dir_problem
+    from .registry import detect_device, local_source_problems
 
     resolved = _config(args)
     problems = check_device_support(resolved.train, detect_device(), str(resolved.config_path or "config"))
     if problems:
         raise ConfigError(problems)
+    # every local check `fetch`, `cache` and `train` would make later, before any download or encoding
+    local = local_source_problems(resolved.train)
+    for key in ("output_dir", "cache_dir"):
+        problem = writable_dir_problem(getattr(resolved.train, key))
+        if problem:
+            local.append(f"{key}: {problem}")
+    for ds in media_datasets(resolved):
+        if not Path(ds.instance_data_dir or "").expanduser().is_dir():
+            local.append(f"dataset {ds.id}: instance_data_dir {ds.instance_data_dir} is not a folder")
+    if local:
+        raise UserError(f"{len(local)} problem(s) found:\n" + "\n".join(f"  - {p}" for p in local))
     values = mask_secrets(resolved.train.model_dump(mode="json"))
     width = max(map(len, values))
     print(f"config: {resolved.config_path or '(none: defaults, environment and flags)'}")

@@ -28,7 +28,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, ResolvedConfig, UserError, check_device_support, mask_secrets
 from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
-from .files import write_json_atomic
+from .files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem, write_json_atomic
 from .manifest import load_manifest
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
@@ -77,6 +77,9 @@ class _StopFlag:
 
 
 def _check_output_dir(path: Path) -> None:
+    problem = writable_dir_problem(path)
+    if problem:
+        raise TrainError(f"output_dir: {problem}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
@@ -154,6 +157,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     except ValueError as e:
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
+    room = _Room(out, params)
+    room.check(room.checkpoint + room.export, "a checkpoint and the final LoRA export")  # now, not after hours
 
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
 
@@ -248,7 +253,17 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                 last = state.global_step >= total_steps
                 limited = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
                 if main and (state.global_step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
-                    _checkpoint(out, state, model, optimizer, lr_scheduler, cfg.checkpoints_total_limit)
+                    room.check(room.checkpoint, f"the checkpoint of step {state.global_step}")
+                    room.write(
+                        f"the checkpoint of step {state.global_step}",
+                        _checkpoint,
+                        out,
+                        state,
+                        model,
+                        optimizer,
+                        lr_scheduler,
+                        cfg.checkpoints_total_limit,
+                    )
                 if _validation_due(cfg, state.global_step, total_steps, final=last) and main:
                     _validate(cfg, manifest, model, paths, state.global_step, device)
                 if stop_now or limited:
@@ -274,7 +289,11 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     accelerator.wait_for_everyone()
     lora_path = None
     if main and not stopped_early:
-        lora_path = _export(cfg, model, out)
+        try:
+            room.check(room.export, "the final LoRA export")
+            lora_path = room.write("the final LoRA export", _export, cfg, model, out)
+        except (TrainError, OSError, RuntimeError) as e:  # keep the steps since the last checkpoint
+            raise TrainError(f"{e}. {_keep_last_step(out, state, model, optimizer, lr_scheduler)}") from e
         losses = [(i + 1, v) for i, v in enumerate(state.loss_history)]
         plot_losses(out / "loss.png", {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if main:
@@ -313,6 +332,44 @@ def _validation_due(cfg, step: int, total: int, *, final: bool) -> bool:
     if cfg.validation_disable:
         return False
     return final or (cfg.validation_steps > 0 and step % cfg.validation_steps == 0)
+
+
+class _Room:
+    """Free space for what the run writes: checked before each write so that a full disk is one line naming the disk
+    and the space needed, never torch.save's "unexpected pos" traceback half way through a checkpoint."""
+
+    FIX = "free space there (or point output_dir at a bigger disk) and run again with resume_from_checkpoint=latest"
+
+    def __init__(self, out: Path, params):
+        lora = sum(p.numel() * 4 for p in params)  # fp32 LoRA
+        self.out = out
+        self.checkpoint = 3 * lora + (4 << 20)  # LoRA + two optimizer moments + state, with a margin
+        self.export = 2 * lora + (4 << 20)  # diffusers + ComfyUI files
+
+    def check(self, need: int, what: str) -> None:
+        problem = free_space_problem(self.out, need, what, self.FIX)
+        if problem:
+            raise TrainError(problem)
+
+    def write(self, what: str, writer, *args):
+        try:
+            return writer(*args)
+        except (OSError, RuntimeError) as e:
+            if is_disk_full(e):
+                raise TrainError(disk_full_message(self.out, what, self.FIX)) from e
+            raise
+
+
+def _keep_last_step(out, state, model, optimizer, lr_scheduler) -> str:
+    """After a failed final export: a checkpoint of the last step, so that a rerun exports without training again."""
+    try:
+        path = _checkpoint(out, state, model, optimizer, lr_scheduler, None)
+    except (OSError, RuntimeError) as e:
+        return f"No checkpoint of step {state.global_step} could be written either ({e}); the last checkpoint is kept"
+    return (
+        f"Step {state.global_step} is kept in {path}: once the disk has room, run again with "
+        "resume_from_checkpoint=latest (it exports without training)"
+    )
 
 
 def _checkpoint(out, state, model, optimizer, lr_scheduler, keep) -> Path:
