@@ -18,7 +18,7 @@ from hvtune.checkpoints import CheckpointError
 from hvtune.config import load_config
 from hvtune.datasets import scan
 from hvtune.manifest import load_manifest
-from hvtune.trainer import train
+from hvtune.trainer import TrainError, train
 
 
 def _project(tmp_path: Path, root: Path, **train) -> object:
@@ -273,3 +273,94 @@ def test_secret_looking_keys_are_masked_in_check_and_in_run_json(demo_project, t
     assert "SECRET" not in r.stdout + r.stderr and "hub_token" in r.stdout and "***" in r.stdout
     record = load_config(path, env={}).to_record()
     assert "SECRET" not in json.dumps(record) and record["unknown_keys"]["tokenizer_note"] == "kept"
+
+
+# ---------------------------------------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, nearly empty 1 MiB filesystem (tmpfs; needs root, as in the test container)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+# case 7
+@pytest.mark.slow
+def test_a_full_disk_is_refused_before_training_with_the_disk_and_the_space_needed(demo_project, small_disk):
+    out = small_disk / "run"
+    with pytest.raises(TrainError, match=r"disk full: a checkpoint and the final LoRA export needs about") as refused:
+        train(_resolved(demo_project, **_train_args(out, max_train_steps=2)))
+    assert str(small_disk) in str(refused.value) and "resume_from_checkpoint=latest" in str(refused.value)
+    assert not (out / "logs" / "loss.jsonl").exists()  # not one step was spent
+
+
+# case 7
+def test_a_full_disk_during_cache_is_one_line_naming_it(tmp_path, small_disk):
+    from hvtune.demo import write_demo_project
+
+    config = write_demo_project(tmp_path / "demo", task="t2v", clips=2, steps=2)
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # fill it to the last byte
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass
+    with pytest.raises(CacheError, match="disk full while writing the cache") as refused:
+        build_cache(_resolved(config, cache_dir=small_disk / "cache"), progress=False)
+    assert str(small_disk) in str(refused.value) and "hvtune cache" in str(refused.value)
+
+
+# case 7
+@pytest.mark.slow
+def test_a_failed_final_export_keeps_the_last_step_and_a_rerun_exports_without_training(
+    demo_project, tmp_path, monkeypatch
+):
+    import errno
+
+    import hvtune.trainer as trainer
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    args = _train_args(out, max_train_steps=3, checkpointing_steps=2, resume_from_checkpoint="latest")
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_export", no_room)
+        with pytest.raises(TrainError, match="disk full while writing the final LoRA export") as failed:
+            train(_resolved(demo_project, **args))
+    assert f"Step 3 is kept in {out / 'checkpoints' / 'checkpoint-000003'}" in str(failed.value)
+    again = train(_resolved(demo_project, **args))
+    assert again.global_step == 3 and (out / LORA).is_file()
+    assert len((out / "logs" / "loss.jsonl").read_text().splitlines()) == 3  # the rerun trained nothing
+
+
+# case 8
+def test_check_runs_the_local_checks_fetch_cache_and_train_would_run_later(demo_project, tmp_path, monkeypatch, capsys):
+    from hvtune.cli import main
+
+    def check(*flags: str) -> tuple[int, str]:
+        code = main(["check", "--config", str(demo_project), *flags])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    assert check() == (0, check()[1]) and "config OK" in check()[1]
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    for flags, shown in [
+        ([f"--pretrained_model_name_or_path={empty}"], f"{empty} is incomplete; missing"),
+        ([f"--pretrained_model_name_or_path={tmp_path / 'nowhere'}"], "is not a directory"),
+        ([f"--output_dir={demo_project}"], f"output_dir: {demo_project} is a file, not a folder"),
+        ([f"--cache_dir={demo_project}/cache"], f"cache_dir: {demo_project} is a file, not a folder"),
+    ]:
+        code, text = check(*flags)
+        assert code == 2 and shown in text and "config OK" not in text, text
+    monkeypatch.setenv("HUNYUANVIDEO_TEXT_ENCODER_PATH", str(empty))
+    code, text = check()
+    assert code == 2 and "env:HUNYUANVIDEO_TEXT_ENCODER_PATH" in text and "incomplete" in text, text
