@@ -33,6 +33,7 @@ STAGES = [
     "compare",
     "trainer",  # the loop: wires the stages
     "demo",  # entry points
+    "library_logs",
     "cli",
     "__main__",
 ]

@@ -364,3 +364,24 @@ def test_check_runs_the_local_checks_fetch_cache_and_train_would_run_later(demo_
     monkeypatch.setenv("HUNYUANVIDEO_TEXT_ENCODER_PATH", str(empty))
     code, text = check()
     assert code == 2 and "env:HUNYUANVIDEO_TEXT_ENCODER_PATH" in text and "incomplete" in text, text
+
+
+# case 12
+@pytest.mark.slow
+def test_a_tiny_train_prints_no_line_that_hvtune_did_not_write(demo_project, tmp_path):
+    out = tmp_path / "run"
+    r = run_hvtune(
+        "train",
+        "--config",
+        str(demo_project),
+        f"--output_dir={out}",
+        "--max_train_steps=2",
+        "--validation_disable=true",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [line.strip() for line in (r.stdout + r.stderr).replace("\r", "\n").splitlines() if line.strip()]
+    foreign = [line for line in lines if not line.startswith(("train:", "done:", "notice:"))]
+    assert not foreign, foreign
+    assert any(line.startswith("done: 2 steps") for line in lines)
+    log = out / "logs" / "libraries.log"  # routed, not hidden (what lands there depends on the installed libraries)
+    assert not log.exists() or " WARNING " in log.read_text()

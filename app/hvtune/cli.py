@@ -13,8 +13,22 @@ from .config import ConfigError, ResolvedConfig, UserError, check_device_support
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
 
+# where each command's other-library output goes (hvtune.library_logs); None: nowhere unless --verbose
+LIBRARY_LOGS: dict[str, Callable[[ResolvedConfig], Path]] = {
+    "train": lambda r: Path(r.train.output_dir) / "logs" / "libraries.log",
+    "cache": lambda r: Path(r.train.cache_dir) / "libraries.log",
+    "fetch": lambda r: Path(r.train.cache_dir) / "libraries.log",
+}
+
+
 def _config(args: argparse.Namespace) -> ResolvedConfig:
+    from .library_logs import route_library_output
+
     resolved = load_config(args.config, argv=args.overrides)
+    log = LIBRARY_LOGS.get(args.command)
+    route_library_output(
+        log(resolved) if log else None, verbose=args.verbose, preload=args.command in ("cache", "train")
+    )
     for notice in resolved.notices:
         print(f"notice: {notice}", file=sys.stderr)
     return resolved
@@ -95,8 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .cache import build_cache
     from .demo import write_demo_project
+    from .library_logs import route_library_output
     from .trainer import train
 
+    route_library_output(args.dir.resolve() / "output" / "logs" / "libraries.log", verbose=args.verbose, preload=True)
     config_path = write_demo_project(args.dir.resolve(), task=args.task, steps=args.steps)
     print(f"demo project: {config_path.parent.parent}")
     resolved = load_config(config_path, argv=args.overrides)
@@ -150,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_ + " Extra --key=value flags override config keys.")
         p.add_argument("--config", type=Path, help="SimpleTuner-style config.json (optional)")
+        p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log records")
         p.set_defaults(func=func, takes_overrides=True)
         return p
 
@@ -163,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path("demo"))
     p.add_argument("--task", choices=["t2v", "i2v"], default="t2v")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log records")
     p.set_defaults(func=cmd_demo, takes_overrides=True)
 
     p = sub.add_parser("compare", help="Compare two runs: identical (exit 0), equivalent (3) or different (4).")
