@@ -152,7 +152,8 @@ def test_unwritable_output_dir_fails_before_work(demo_project, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a dir")
     r = run_hvtune("train", "--config", str(demo_project), f"--output_dir={blocker}/out")
-    assert r.returncode == 2 and "not writable" in r.stderr and str(blocker) in r.stderr
+    # issue 13.8: the message says what is wrong (a file in the way), not "permission denied"
+    assert r.returncode == 2 and f"{blocker} is a file, not a folder" in r.stderr, r.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_project, tmp_path):
