@@ -179,7 +179,8 @@ def plan_start(
     checkpoints = list_checkpoints(output_dir)
     record = _previous_record(output_dir)
     if record is not None and not record.get("stopped_early"):
-        saved = record.get("run") or run_identity(record["resolved"]["config"], record.get("dataset_manifest_hash"))
+        config = (record.get("resolved") or {}).get("config") or {}  # a run.json from before identities
+        saved = record.get("run") or run_identity(config, record.get("dataset_manifest_hash"))
         blocking, announced = identity_changes(saved, identity)
         step = int(record["global_step"])
         if not blocking and not announced and total_steps == step:
