@@ -55,11 +55,12 @@ def test_clips_behind_a_folder_link_are_scanned_and_a_link_loop_is_reported_once
     (root / "linked").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "back").symlink_to(root, target_is_directory=True)  # a loop through the link
     (root / "again").symlink_to(elsewhere, target_is_directory=True)  # the same folder a second time
+    (root / "unplugged").symlink_to(tmp_path / "usb-disk", target_is_directory=True)  # a link to nothing
     result = scan(_project(tmp_path, root), progress=False)
     assert sorted(s.rel for s in result.samples) == ["a.mp4", "again/b0.mp4", "again/b1.mp4", "again/b2.mp4"]
-    repeated = sorted(Path(i.source).relative_to(root).as_posix() for i in result.skipped)
-    assert repeated == ["again/back", "linked"]
-    assert {i.reason for i in result.skipped} == {"folder_seen_twice"}
+    skipped = {Path(i.source).relative_to(root).as_posix(): i.reason for i in result.skipped}
+    assert skipped == {"again/back": "folder_seen_twice", "linked": "folder_seen_twice", "unplugged": "broken_link"}
+    assert result.found == {"clips": 7}  # 4 clips + 3 links reported
 
 
 # case 11
