@@ -26,9 +26,7 @@ def _config(args: argparse.Namespace) -> ResolvedConfig:
 
     resolved = load_config(args.config, argv=args.overrides)
     log = LIBRARY_LOGS.get(args.command)
-    route_library_output(
-        log(resolved) if log else None, verbose=args.verbose, preload=args.command in ("cache", "train")
-    )
+    route_library_output(log(resolved) if log else None, verbose=args.verbose)
     for notice in resolved.notices:
         print(f"notice: {notice}", file=sys.stderr)
     return resolved
@@ -112,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .library_logs import route_library_output
     from .trainer import train
 
-    route_library_output(args.dir.resolve() / "output" / "logs" / "libraries.log", verbose=args.verbose, preload=True)
+    route_library_output(args.dir.resolve() / "output" / "logs" / "libraries.log", verbose=args.verbose)
     config_path = write_demo_project(args.dir.resolve(), task=args.task, steps=args.steps)
     print(f"demo project: {config_path.parent.parent}")
     resolved = load_config(config_path, argv=args.overrides)

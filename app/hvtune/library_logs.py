@@ -4,29 +4,22 @@ torch, torchao, bitsandbytes, transformers and diffusers print at import and loa
 load, deprecations, "experimental feature" notices, their own progress bars. None of it is actionable for a user,
 and it buries hvtune's lines. `route_library_output` sends every log record and every warning that hvtune did not
 raise into a log file (and also to the screen with `--verbose`), turns off transformers' and diffusers' progress
-bars, and leaves hvtune's own output and warnings alone. Libraries install their own screen handlers when first
-imported; `route_library_output` imports the noisy ones once (commands that load models import them anyway) and
-takes those handlers away, so later records reach the file through the root logger.
+bars, and leaves hvtune's own output and warnings alone. Libraries install their own screen handlers when they are
+imported, which hvtune does late (inside the functions that need them: a fully cached `hvtune cache` never imports
+torch), so an import hook takes those handlers away as each noisy library finishes importing; their records then
+reach the file through the root logger.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import logging
 import sys
 import warnings
 from pathlib import Path
 
 _OURS = str(Path(__file__).resolve().parent)
-# imported in this order, each followed by adopting the loggers it configured: torch's handler must be gone before
-# torchao (imported by transformers and diffusers) logs through it
-_NOISY_IMPORTS = (
-    "torch",
-    "transformers",
-    "diffusers",
-    "diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5",
-    "peft",
-    "accelerate",
-)
+_NOISY = {"torch", "torchao", "bitsandbytes", "transformers", "diffusers", "accelerate", "peft", "huggingface_hub"}
 
 
 class _LogFile(logging.Handler):
@@ -53,15 +46,43 @@ def _adopt_library_loggers() -> None:
         if not isinstance(logger, logging.Logger) or name.split(".")[0] == "hvtune":
             continue
         for handler in list(logger.handlers):
-            if type(handler) is logging.StreamHandler or handler.__class__.__module__.startswith("torch"):
+            if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
 
 
-def route_library_output(log_file: Path | None, *, verbose: bool = False, preload: bool = False) -> None:
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `after(name)` once a noisy library's top-level module has been executed (its handlers are installed)."""
+
+    def __init__(self, after):
+        self.after = after
+
+    def find_spec(self, name, path, target=None):
+        if name not in _NOISY:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                run = spec.loader.exec_module
+
+                def exec_module(module, run=run):
+                    try:
+                        run(module)
+                    finally:
+                        self.after(name)
+
+                spec.loader.exec_module = exec_module
+                return spec
+            if spec is not None:
+                return spec
+        return None
+
+
+def route_library_output(log_file: Path | None, *, verbose: bool = False) -> None:
     """Send other libraries' warnings and log records to `log_file` (None: nowhere) and, with `verbose`, also to
-    stderr. `preload`: import the noisy libraries now (for commands that load models), so their import-time output
-    is routed too."""
+    stderr; hvtune's own warnings and output stay on screen."""
     root = logging.getLogger()
     root.addHandler(_LogFile(log_file) if log_file else logging.NullHandler())
     if verbose:
@@ -76,22 +97,15 @@ def route_library_output(log_file: Path | None, *, verbose: bool = False, preloa
         else:
             library_warnings.warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
 
+    def after(name: str) -> None:
+        _adopt_library_loggers()
+        if verbose or name not in ("transformers", "diffusers"):
+            return
+        module = importlib.import_module(f"{name}.utils.logging")
+        module.disable_progress_bar()  # "Loading weights" bars: hvtune shows its own progress
+
     warnings.showwarning = showwarning
     _adopt_library_loggers()
-    if not preload:
-        return
-    import importlib
-
-    for module in _NOISY_IMPORTS:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
-        finally:
-            _adopt_library_loggers()
-    if not verbose:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-        diffusers_logging.disable_progress_bar()
+    for name in _NOISY & set(sys.modules):
+        after(name)
+    sys.meta_path.insert(0, _AfterImport(after))
