@@ -34,6 +34,7 @@ STAGES = [
     "progress",  # progress lines / bar
     "trainer",  # the loop: wires the stages
     "demo",  # entry points
+    "library_logs",
     "cli",
     "__main__",
 ]

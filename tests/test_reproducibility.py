@@ -23,8 +23,8 @@ def _train(config: Path, out: Path, *extra: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def _compare(a: Path, b: Path):
-    return run_hvtune("compare", str(a), str(b))
+def _compare(a: Path, b: Path, *flags: str, cwd: Path | None = None):
+    return run_hvtune("compare", str(a), str(b), *flags, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,20 @@ def reference_run(demo_project, tmp_path_factory) -> Path:
 
 def test_same_config_twice_is_identical(demo_project, reference_run, tmp_path):
     _train(demo_project, tmp_path / "again")
-    r = _compare(reference_run, tmp_path / "again")
+    r = _compare(reference_run, tmp_path / "again", cwd=tmp_path)
     assert r.returncode == 0 and "verdict: IDENTICAL" in r.stdout, r.stdout + r.stderr
-    assert (tmp_path / "again" / "compare_loss.png").stat().st_size > 0
+    assert (tmp_path / "compare_loss.png").stat().st_size > 0  # where the user is, not inside a run
+    assert not (tmp_path / "again" / "compare_loss.png").exists()
+
+
+def test_compare_gives_its_verdict_when_the_picture_cannot_be_written(demo_project, reference_run, tmp_path):
+    """Issue 13.9: the picture's folder cannot be written (here: it is a file, which stops root too): the verdict
+    still comes, and the failure is one warning line."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    r = _compare(reference_run, reference_run, f"--plot={blocker / 'compare_loss.png'}", cwd=tmp_path)
+    assert r.returncode == 0 and "verdict: IDENTICAL" in r.stdout, r.stdout + r.stderr
+    assert "warning: loss overlay not written" in r.stdout and "Traceback" not in r.stderr
 
 
 def test_resume_is_identical(demo_project, reference_run, tmp_path):

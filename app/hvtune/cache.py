@@ -35,6 +35,8 @@ from .cache_store import (
     cache_settings,
     canonical_json,
     encoder_components,
+    entry_damage,
+    entry_intact,
     entry_path,
     identities,
     latent_key,
@@ -42,6 +44,7 @@ from .cache_store import (
     remove_temp_files,
     sample_params,
     siglip_key,
+    text_cut,
     text_key,
     text_params,
     text_root,
@@ -65,8 +68,8 @@ from .encoders import (
     load_vae_for_cache,
     to_pil,
 )
-from .files import atomic_path, write_text_atomic
-from .manifest import ManifestSample, manifest_path, parse_manifest, rerun_hint
+from .files import atomic_path, disk_full_message, is_disk_full, write_text_atomic
+from .manifest import ManifestSample, manifest_path, parse_manifest, repair_hint, rerun_hint, source_stats
 
 # ------------------------------------------------------------------------------------------------------------ summary
 
@@ -260,6 +263,7 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
         if build.i2v:
             _encode_siglip(build, siglip_jobs, siglip_hits, validation)
         plans = _drop_failed(build, result, plans)
+        _report_cut_captions(build, result, plans)
         _write_report(build, result, report)
         _write_indexes(build, captions, plans, validation)
         mpath = _write_manifest(build, result, plans, validation)
@@ -267,6 +271,11 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
         if progress:
             print(summary.format())
         return summary
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        fix = f"free space there or point cache_dir at a bigger disk, then {rerun_hint(resolved)} (entries already "
+        raise CacheError(disk_full_message(root, "the cache", fix + "written are kept)")) from e
     finally:
         lock.close()
 
@@ -331,7 +340,7 @@ def _captions(build: _Build, plans: list[_Plan]) -> dict[str, str]:
 
 def _encode_text(build: _Build, captions: dict[str, str]) -> None:
     """The text encoders, loaded only when a caption's entry is missing."""
-    text_misses = [k for k in captions if not entry_path(build.text_root, k).is_file()]
+    text_misses = [k for k in captions if not entry_intact(entry_path(build.text_root, k))]
     build.stats.hits["text"] = len(captions) - len(text_misses)
     build.stats.misses["text"] = len(text_misses)
     if not text_misses:
@@ -359,7 +368,9 @@ def _encode_latents(
     resolved = build.resolved
     vae_jobs, build.stats.hits["latent"] = _missing(resolved, plans, "latent_key")
     build.stats.misses["latent"] = len(vae_jobs)
-    val_latent_miss = validation is not None and not entry_path(build.validation_root, validation.latent_key).is_file()
+    val_latent_miss = validation is not None and not entry_intact(
+        entry_path(build.validation_root, validation.latent_key)
+    )
     if not (vae_jobs or val_latent_miss):
         return
     from tqdm import tqdm
@@ -397,7 +408,9 @@ def _encode_siglip(build: _Build, jobs: list[_Plan], hits: int, validation: _Val
     jobs = [p for p in jobs if id(p.sample) not in failed]
     build.stats.hits["siglip"] = hits
     build.stats.misses["siglip"] = len(jobs)
-    val_image_miss = validation is not None and not entry_path(build.validation_root, validation.image_key).is_file()
+    val_image_miss = validation is not None and not entry_intact(
+        entry_path(build.validation_root, validation.image_key)
+    )
     if jobs or val_image_miss:
         from tqdm import tqdm
 
@@ -436,7 +449,7 @@ def _drop_failed(build: _Build, result: ScanResult, plans: list[_Plan]) -> list[
         if id(p.sample) in failed:
             continue
         keys = [p.latent_key, *([p.image_key] if build.i2v else [])]
-        if not all(entry_path(vae_root(build.resolved, p.sample.dataset), k).is_file() for k in keys):
+        if not all(entry_intact(entry_path(vae_root(build.resolved, p.sample.dataset), k)) for k in keys):
             twin = next((by_key[k] for k in keys if k in by_key), None)
             reason, detail = (twin.reason, twin.detail) if twin else ("decode_error", "its cache entry was not written")
             failed[id(p.sample)] = Issue(p.sample.dataset, str(p.sample.source), "skipped", reason, detail)
@@ -445,6 +458,19 @@ def _drop_failed(build: _Build, result: ScanResult, plans: list[_Plan]) -> list[
         result.issues += list(failed.values())
         plans = [p for p in plans if id(p.sample) not in failed]
     return plans
+
+
+def _report_cut_captions(build: _Build, result: ScanResult, plans: list[_Plan]) -> None:
+    """A caption longer than the encoders read is cut (as the pipeline cuts it): one report line per sample, so the
+    user knows the end of that caption is not trained on."""
+    cut: dict[str, str | None] = {}
+    for p in plans:
+        for k, caption in zip(p.text_keys, p.sample.captions, strict=True):
+            if k not in cut:
+                cut[k] = text_cut(entry_path(build.text_root, k))
+            if cut[k]:
+                detail = f"caption of {len(caption)} characters cut to {cut[k]}; the rest is not trained on"
+                result.issues.append(Issue(p.sample.dataset, str(p.sample.source), "used", "caption_truncated", detail))
 
 
 def _write_indexes(build: _Build, captions: dict[str, str], plans: list[_Plan], validation: _Validation | None) -> None:
@@ -505,6 +531,9 @@ def _write_manifest(build: _Build, result: ScanResult, plans: list[_Plan], valid
         ),
         "samples_hash": hashlib.sha256(canonical_json(samples)).hexdigest(),
         "samples": samples,
+        "sources": source_stats(
+            [q for p in plans for q in (p.sample.source, p.sample.source.with_suffix(".txt"))] + result.metadata_files
+        ),
     }
     mpath = manifest_path(resolved)
     build.stats.bytes += write_text_atomic(mpath, json.dumps(manifest, indent=1, ensure_ascii=False))
@@ -545,7 +574,7 @@ def _missing(resolved: ResolvedConfig, plans: list[_Plan], attr: str) -> tuple[l
         if where in seen:
             continue
         seen.add(where)
-        if entry_path(*where).is_file():
+        if entry_intact(entry_path(*where)):  # a damaged entry is a miss: encoded again
             hits += 1
         else:
             jobs.append(p)
@@ -623,8 +652,9 @@ def verify_cache(resolved: ResolvedConfig) -> list[str]:
             manifest = parse_manifest(resolved, mpath, data)
             roots |= set(manifest.vae_roots.values())
             for what, path in manifest.entry_files():
-                if not path.is_file():
-                    problems.append(f"{path}: missing ({what})")
+                damage = entry_damage(path)
+                if damage:
+                    problems.append(f"{path}: {damage} ({what})")
         except (OSError, ValueError, KeyError, TypeError) as e:
             problems.append(f"{mpath}: unreadable ({e})")
     for r in sorted(roots):
@@ -651,6 +681,18 @@ def verify_cache(resolved: ResolvedConfig) -> list[str]:
     return problems
 
 
+def print_verify(resolved: ResolvedConfig) -> int:
+    """`hvtune cache verify`: one line per problem, then the command that repairs them; exit 1 when any."""
+    problems = verify_cache(resolved)
+    for problem in problems:
+        print(f"  {problem}")
+    if not problems:
+        print("cache verify: every entry intact")
+        return 0
+    print(f"cache verify: {len(problems)} problem(s); to repair: {repair_hint(resolved)}")
+    return 1
+
+
 # ---------------------------------------------------------------------------------------------------------------- main
 
 
@@ -665,11 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolved = load_config(args.config, argv=overrides)
         if args.verify:
-            problems = verify_cache(resolved)
-            for p in problems:
-                print(f"  {p}")
-            print(f"cache verify: {len(problems)} problem(s)" if problems else "cache verify: every entry intact")
-            return 1 if problems else 0
+            return print_verify(resolved)
         build_cache(resolved)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -173,6 +173,53 @@ def write_entry(root: Path, key: str, tensors: dict[str, Any], meta: dict[str, s
     return write_bytes_atomic(path, data), hashlib.sha256(data).hexdigest()
 
 
+def _header(path: Path) -> tuple[int, int, dict[str, Any]]:
+    """(file size, header length, header) of a safetensors file; ValueError when there is no readable header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > size - 8:
+            raise ValueError(f"{size} bytes, no readable safetensors header")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("unreadable header")
+    return size, length, header
+
+
+def entry_damage(path: Path) -> str | None:
+    """Why the entry at `path` cannot be read, from what is cheap to check on every run (no hashing: that is
+    `hvtune cache verify`): it exists, its safetensors header parses, and the file is as long as the header says.
+    None when it looks whole. Catches truncated and zeroed files (a full disk, a copy cut short)."""
+    try:
+        size, length, header = _header(path)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"damaged: {e}"
+    if 8 + length + end != size:
+        return f"damaged: {size} bytes, its header describes {8 + length + end}"
+    return None
+
+
+def text_cut(path: Path) -> str | None:
+    """Which token limit a text entry's caption reached (it was cut there), read from its header; None if none."""
+    try:
+        header = _header(path)[2]
+    except (OSError, ValueError):
+        return None
+    if header.get("prompt_embeds", {}).get("shape", [0])[0] >= TEXT_MAX_LENGTH:
+        return f"the text encoder's limit of {TEXT_MAX_LENGTH} tokens"
+    if header.get("prompt_embeds_2", {}).get("shape", [0])[0] >= TEXT_2_MAX_LENGTH:
+        return f"the glyph encoder's limit of {TEXT_2_MAX_LENGTH} bytes of quoted text"
+    return None
+
+
+def entry_intact(path: Path) -> bool:
+    return entry_damage(path) is None
+
+
 def read_entry(root: Path, key: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 

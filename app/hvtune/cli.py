@@ -9,26 +9,59 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .compare import Tolerances
-from .config import ConfigError, ResolvedConfig, UserError, check_device_support, load_config, resolve_keys
+from .config import (
+    ConfigError,
+    ResolvedConfig,
+    UserError,
+    check_device_support,
+    load_config,
+    mask_secrets,
+    resolve_keys,
+)
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
 
+# where each command's other-library output goes (hvtune.library_logs); None: nowhere unless --verbose
+LIBRARY_LOGS: dict[str, Callable[[ResolvedConfig], Path]] = {
+    "train": lambda r: Path(r.train.output_dir) / "logs" / "libraries.log",
+    "cache": lambda r: Path(r.train.cache_dir) / "libraries.log",
+    "fetch": lambda r: Path(r.train.cache_dir) / "libraries.log",
+}
+
+
 def _config(args: argparse.Namespace) -> ResolvedConfig:
+    from .library_logs import route_library_output
+
     resolved = load_config(args.config, argv=args.overrides)
+    log = LIBRARY_LOGS.get(args.command)
+    route_library_output(log(resolved) if log else None, verbose=args.verbose)
     for notice in resolved.notices:
         print(f"notice: {notice}", file=sys.stderr)
     return resolved
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .registry import detect_device
+    from .datasets import media_datasets
+    from .files import writable_dir_problem
+    from .registry import detect_device, local_source_problems
 
     resolved = _config(args)
     problems = check_device_support(resolved.train, detect_device(), str(resolved.config_path or "config"))
     if problems:
         raise ConfigError(problems)
-    values = resolved.train.model_dump(mode="json")
+    # every local check `fetch`, `cache` and `train` would make later, before any download or encoding
+    local = local_source_problems(resolved.train)
+    for key in ("output_dir", "cache_dir"):
+        problem = writable_dir_problem(getattr(resolved.train, key))
+        if problem:
+            local.append(f"{key}: {problem}")
+    for ds in media_datasets(resolved):
+        if not Path(ds.instance_data_dir or "").expanduser().is_dir():
+            local.append(f"dataset {ds.id}: instance_data_dir {ds.instance_data_dir} is not a folder")
+    if local:
+        raise UserError(f"{len(local)} problem(s) found:\n" + "\n".join(f"  - {p}" for p in local))
+    values = mask_secrets(resolved.train.model_dump(mode="json"))
     width = max(map(len, values))
     print(f"config: {resolved.config_path or '(none: defaults, environment and flags)'}")
     for key, value in values.items():
@@ -61,15 +94,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .cache import build_cache, verify_cache
+    from .cache import build_cache, print_verify
 
     resolved = _config(args)
     if args.action == "verify":
-        problems = verify_cache(resolved)
-        for problem in problems:
-            print(f"  {problem}")
-        print(f"cache verify: {len(problems)} problem(s)" if problems else "cache verify: every entry intact")
-        return EXIT_FAIL if problems else EXIT_OK
+        return print_verify(resolved)
     build_cache(resolved)
     return EXIT_OK
 
@@ -80,7 +109,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(_config(args))
     if not result.is_main_process:
         return EXIT_OK
-    if result.stopped_early:
+    if result.already_finished:
+        print(
+            f"already finished at step {result.global_step}, outputs in {result.output_dir} (raise max_train_steps "
+            "to continue it)"
+        )
+    elif result.stopped_early:
         print(f"stopped at step {result.global_step}; checkpoint in {result.output_dir / 'checkpoints'}")
     else:
         print(f"done: {result.global_step} steps; LoRA: {result.lora_path}; record: {result.output_dir / 'run.json'}")
@@ -90,8 +124,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .cache import build_cache
     from .demo import write_demo_project
+    from .library_logs import route_library_output
     from .trainer import train
 
+    route_library_output(args.dir.resolve() / "output" / "logs" / "libraries.log", verbose=args.verbose)
     config_path = write_demo_project(args.dir.resolve(), task=args.task, steps=args.steps)
     print(f"demo project: {config_path.parent.parent}")
     resolved = load_config(config_path, argv=args.overrides)
@@ -115,10 +151,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_runs, format_comparison
 
     tol = Tolerances(args.loss_rtol, args.weight_rtol, args.min_cosine)
-    plot = args.plot or Path(args.run_b) / "compare_loss.png"
-    result = compare_runs(args.run_a, args.run_b, tol, plot=plot)
+    result = compare_runs(args.run_a, args.run_b, tol, plot=args.plot)
     print(format_comparison(result, tol))
-    print(f"loss overlay: {plot}")
+    if result.plot:
+        print(f"loss overlay: {result.plot}")
     return result.exit_code
 
 
@@ -145,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_ + " Extra --key=value flags override config keys.")
         p.add_argument("--config", type=Path, help="SimpleTuner-style config.json (optional)")
+        p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log records")
         p.set_defaults(func=func, takes_overrides=True)
         return p
 
@@ -168,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, default=Path("demo"))
     p.add_argument("--task", choices=["t2v", "i2v"], default="t2v")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log records")
     p.set_defaults(func=cmd_demo, takes_overrides=True)
 
     p = sub.add_parser("compare", help="Compare two runs: identical (exit 0), equivalent (3) or different (4).")
@@ -176,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-rtol", type=float, default=Tolerances.loss_rtol)
     p.add_argument("--weight-rtol", type=float, default=Tolerances.weight_rtol)
     p.add_argument("--min-cosine", type=float, default=Tolerances.min_cosine)
-    p.add_argument("--plot", type=Path, help="loss overlay PNG (default: RUN_B/compare_loss.png)")
+    p.add_argument(
+        "--plot", type=Path, default=Path("compare_loss.png"), help="loss overlay PNG (default: ./compare_loss.png)"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("synth-dataset", help="Write synthetic clips of moving shapes with captions.")
@@ -205,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        print("\ninterrupted: stopped at once; anything since the last checkpoint is lost", file=sys.stderr)
         return 130
 
 

@@ -57,6 +57,7 @@ class Comparison:
     missing_tensors: list[str]
     manifest: list[tuple[str, object, object]]  # name, A, B (only those that differ)
     notes: list[str] = field(default_factory=list)
+    plot: Path | None = None  # the loss overlay, when it could be written
 
     @property
     def exit_code(self) -> int:
@@ -130,9 +131,13 @@ def compare_runs(run_a: Path, run_b: Path, tol: Tolerances | None = None, plot: 
     else:
         verdict = "different"
     if plot is not None:
-        plot_losses(
-            plot, {f"A {a_dir}": sorted(loss_a.items()), f"B {b_dir}": sorted(loss_b.items())}, f"loss: {verdict}"
-        )
+        try:  # the verdict never depends on being able to write the picture
+            plot_losses(
+                plot, {f"A {a_dir}": sorted(loss_a.items()), f"B {b_dir}": sorted(loss_b.items())}, f"loss: {verdict}"
+            )
+        except OSError as e:
+            notes.append(f"warning: loss overlay not written to {plot} ({e.strerror or e}); pass --plot PATH")
+            plot = None
     return Comparison(
         verdict,
         len(steps),
@@ -143,6 +148,7 @@ def compare_runs(run_a: Path, run_b: Path, tol: Tolerances | None = None, plot: 
         missing,
         manifest,
         notes,
+        plot,
     )
 
 

@@ -128,6 +128,7 @@ class TrainConfig(_Section):
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int | None = Field(None, ge=1)
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False  # replace another run's outputs in output_dir instead of refusing to mix them
     validation_steps: int = Field(0, ge=0)
     validation_disable: bool = False
     validation_prompt: str = "A cat walks across a sunlit kitchen floor."
@@ -206,13 +207,32 @@ class ResolvedConfig:
 
     def to_record(self) -> dict[str, Any]:
         return {
-            "config": self.train.model_dump(mode="json", by_alias=False),
-            "datasets": [d.model_dump(mode="json") for d in self.datasets],
+            "config": mask_secrets(self.train.model_dump(mode="json", by_alias=False)),
+            "datasets": [mask_secrets(d.model_dump(mode="json")) for d in self.datasets],
             "sources": self.sources,
-            "unknown_keys": self.unknown,
+            "unknown_keys": mask_secrets(self.unknown),
             "config_path": str(self.config_path) if self.config_path else None,
             "backend_path": str(self.backend_path) if self.backend_path else None,
         }
+
+
+_SECRET_WORDS = {"token", "key", "apikey", "secret", "password", "passwd", "credential", "credentials"}
+
+
+def is_secret_key(key: str) -> bool:
+    """A key that looks like it holds a secret (`hub_token`, `wandb_api_key`, `aws_secret_access_key`): one of its
+    `_`/`-` separated words is a secret word. hvtune uses no such key itself; users paste them into configs."""
+    return any(word in _SECRET_WORDS for word in re.split(r"[_\-.]", key.lower()))
+
+
+def mask_secrets(values: Any) -> Any:
+    """`values` with the value of every secret-looking key (at any depth) replaced by "***": for every output
+    (`hvtune check`, run.json, logs). Empty values stay visible: they show a secret is missing, not what it is."""
+    if isinstance(values, dict):
+        return {k: "***" if is_secret_key(str(k)) and v else mask_secrets(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [mask_secrets(v) for v in values]
+    return values
 
 
 _WXH = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")

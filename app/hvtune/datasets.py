@@ -7,7 +7,9 @@ video, variable frame rate) are used and also get an `Issue` with action "used",
 
 Decisions (documented for users in the module and the cache report):
 
-- Files: `instance_data_dir` is walked recursively in sorted order of the relative POSIX path. Hidden files (a name
+- Files: `instance_data_dir` is walked recursively in sorted order of the relative POSIX path, following folder
+  links; a folder reached twice (a link loop, or two links to one folder) is walked once and the other path reported
+  (`folder_seen_twice`); a link to nothing is reported (`broken_link`). Hidden files (a name
   starting with "."), caption files (.txt) and metadata files (.json/.jsonl/.csv) are not samples; any other file whose
   extension is not a video (`media.VIDEO_EXTENSIONS`) or image (`media.IMAGE_EXTENSIONS`) is reported as
   `unsupported_format`. Images are one-frame samples, in image and in video datasets; a video inside an
@@ -112,6 +114,7 @@ class ScanResult:
     issues: list[Issue] = field(default_factory=list)
     found: dict[str, int] = field(default_factory=dict)  # dataset id -> files considered
     datasets: list[str] = field(default_factory=list)  # enabled media dataset ids, config order
+    metadata_files: list[Path] = field(default_factory=list)  # caption tables read (caption_strategy metadata)
 
     @property
     def skipped(self) -> list[Issue]:
@@ -236,9 +239,11 @@ class Captions:
         self.table: dict[str, str] | None = None
         self.table_error: DatasetError | None = None
         self.notices: list[str] = []
+        self.metadata_path: Path | None = None
         if ds.caption_strategy == "metadata":
             try:
-                self.table = self._read_metadata(self._metadata_path(config_path))
+                self.metadata_path = self._metadata_path(config_path)
+                self.table = self._read_metadata(self.metadata_path)
             except DatasetError as e:
                 self.table_error = e
 
@@ -410,14 +415,31 @@ def _notice_issue(ds_id: str, path: Path, notices: tuple[str, ...] | list[str]) 
     return Issue(ds_id, str(path), "used", ",".join(codes), "; ".join(notices))
 
 
-def _walk(root: Path) -> list[tuple[Path, str]]:
+def _walk(root: Path, links: list[tuple[Path, str, str]]) -> list[tuple[Path, str]]:
+    """Files under `root`, following folder links (clips are often linked in from another disk). A folder reached a
+    second time - a link back to a parent (a loop) or a second link to the same folder - is not walked again, and a
+    link to nothing is not a file: each is appended to `links` as (path, reason, detail) so the report names it."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    walked = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in walked:
+                links.append((Path(dirpath) / name, "folder_seen_twice", f"links to {real}, already scanned"))
+                continue
+            walked.add(real)
+            kept.append(name)
+        dirnames[:] = kept
         for name in filenames:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
+            if path.is_symlink() and not path.exists():
+                links.append((path, "broken_link", f"a link to {os.readlink(path)}, which does not exist"))
+                continue
             files.append((path, path.relative_to(root).as_posix()))
     files.sort(key=lambda t: t[1])
     return files
@@ -441,15 +463,20 @@ def scan(resolved: ResolvedConfig, *, probe_index: ProbeIndex | None = None, pro
             result.issues.append(Issue(ds.id, str(root), "skipped", "not_found", "instance_data_dir not found"))
             continue
         captions = Captions(ds, root, resolved.config_path)
+        if captions.metadata_path is not None:
+            result.metadata_files.append(captions.metadata_path)
         for notice in captions.notices:
             result.issues.append(Issue(ds.id, str(root), "used", "metadata_line_ignored", notice))
         resolution = dataset_resolution(ds, resolved)
         meta_name = Path(ds.metadata_file).name if ds.metadata_file else None
+        links: list[tuple[Path, str, str]] = []
         files = [
             (p, rel)
-            for p, rel in _walk(root)
+            for p, rel in _walk(root, links)
             if p.suffix.lower() not in CAPTION_EXTENSIONS | METADATA_EXTENSIONS and p.name != meta_name
         ]
+        result.issues += [Issue(ds.id, str(path), "skipped", reason, detail) for path, reason, detail in links]
+        result.found[ds.id] += len(links)  # found, skipped: the summary's counts add up
         bar = tqdm(files, desc=f"scan {ds.id}", unit="file", disable=not progress, dynamic_ncols=True)
         for path, rel in bar:
             result.found[ds.id] += 1

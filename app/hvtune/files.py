@@ -111,3 +111,54 @@ def atomic_directory(out: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------------------------------------ room to write
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (what a write there would land on)."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def writable_dir_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be a folder hvtune writes into, found without creating anything; None when it can."""
+    path = Path(path).expanduser()
+    probe = _existing(path)
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder" + ("" if probe == path.absolute() else f" (on the way to {path})")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by uid {os.getuid()}: fix its permissions or pick another folder"
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def free_space_problem(path: str | os.PathLike[str], need: int, what: str, fix: str) -> str | None:
+    """One line when the disk holding `path` has less than `need` bytes free for `what` (refuse early, not with a
+    traceback half way through a write); `fix` says what to do."""
+    probe = _existing(Path(path))
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        return f"disk full: {what} needs about {_gb(need)} but {probe} has {_gb(free)} free; {fix}"
+    return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError for a full disk or quota, or torch.save's RuntimeError for a write that could not complete."""
+    import errno
+
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "No space left" in text)
+
+
+def disk_full_message(path: str | os.PathLike[str], what: str, fix: str) -> str:
+    probe = _existing(Path(path))
+    return f"disk full while writing {what} to {probe} ({_gb(shutil.disk_usage(probe).free)} free): {fix}"

@@ -11,6 +11,7 @@ and otherwise raises a `CacheError` that names what differs and says to run `hvt
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .cache_store import (
     cache_dir,
     cache_settings,
     encoder_components,
+    entry_damage,
     entry_path,
     identities,
     read_entry,
@@ -84,6 +86,7 @@ class Manifest:
     empty_prompt_key: str
     validation_image: dict[str, str] | None
     data: dict[str, Any] = field(repr=False)
+    repair_hint: str = "run `hvtune cache` again"  # the command that re-encodes a damaged entry
 
     def text_path(self, key: str) -> Path:
         return entry_path(self.text_root, key)
@@ -132,9 +135,16 @@ def manifest_path(resolved: ResolvedConfig) -> Path:
     return cache_dir(resolved) / "manifest.json"
 
 
+def _cache_command(resolved: ResolvedConfig) -> str:
+    return f"hvtune cache --config {resolved.config_path}" if resolved.config_path else "hvtune cache"
+
+
 def rerun_hint(resolved: ResolvedConfig) -> str:
-    where = f" --config {resolved.config_path}" if resolved.config_path else ""
-    return f"run `hvtune cache{where}` to build it"
+    return f"run `{_cache_command(resolved)}` to build it"
+
+
+def repair_hint(resolved: ResolvedConfig) -> str:
+    return f"run `{_cache_command(resolved)}` (it encodes every damaged, missing or outdated entry again)"
 
 
 def parse_manifest(resolved: ResolvedConfig, path: Path, data: dict[str, Any]) -> Manifest:
@@ -192,6 +202,30 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: cache built with {old!r}, config now {new!r}"]
 
 
+def source_stats(paths: Iterable[Path]) -> dict[str, list[int]]:
+    """path -> [size, mtime_ns] of every file a cache was built from (clips, caption files, caption tables): what
+    `changed_sources` compares, so that training notices an edited caption or a replaced clip without hashing."""
+    out: dict[str, list[int]] = {}
+    for path in paths:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            continue
+        out[str(path)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def changed_sources(data: dict[str, Any]) -> list[str]:
+    """Recorded sources whose size or modification time differ now. A source absent here is not a change: a
+    training machine need not hold the clips."""
+    changed = []
+    for path, recorded in (data.get("sources") or {}).items():
+        now = source_stats([Path(path)]).get(path)
+        if now is not None and now != recorded:
+            changed.append(path)
+    return changed
+
+
 def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> Manifest:
     """The cache for training: reads only the cache. Raises CacheError (naming what is wrong and saying to run
     `hvtune cache`) when the manifest is missing, was built with other settings or encoders, or an entry is missing."""
@@ -210,6 +244,10 @@ def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> M
         for name, ident in _current_identities(resolved).items():
             if name in built and built[name] != ident:
                 problems.append(f"encoder {name}: the cache was built with other weights or files ({built[name]})")
+    changed = changed_sources(data)
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        problems.append(f"{changed[0]}{more}: edited or replaced since the cache was built")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise CacheError(
@@ -217,7 +255,9 @@ def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> M
             f"{rerun_hint(resolved)} again (only what changed is encoded)"
         )
     manifest = parse_manifest(resolved, path, data)
+    manifest.repair_hint = repair_hint(resolved)
     for what, entry in manifest.entry_files():
-        if not entry.is_file():
-            raise CacheError(f"cache entry missing: {what} ({entry}): {rerun_hint(resolved)} again")
+        damage = entry_damage(entry)  # size and header only: cheap enough for every run
+        if damage:
+            raise CacheError(f"cache entry {damage}: {what} ({entry}): {manifest.repair_hint}")
     return manifest

@@ -78,7 +78,7 @@ def _open(path: Path) -> Any:
     try:
         container = av.open(str(path))
     except av.FFmpegError as e:
-        raise MediaError(path, "corrupt", f"cannot be opened as a video ({e})") from e
+        raise MediaError(path, "corrupt", f"undecodable: cannot be opened as a video{_ffmpeg_detail(e)}") from e
     if not container.streams.video:
         audio = bool(container.streams.audio)
         container.close()
@@ -90,12 +90,21 @@ def _open(path: Path) -> Any:
     return container
 
 
+def _ffmpeg_detail(e: Exception) -> str:
+    """FFmpeg's own words, except an errno text: on garbage input its probe returns whatever errno its last reader
+    left ("Operation not permitted", "Invalid argument"), which would send the user hunting a permission problem
+    in a file that was opened fine. The file itself is the problem: it is corrupt or not a video."""
+    if isinstance(e, OSError) and not isinstance(e, ValueError):
+        return " (corrupt, or not a video file)"
+    return f" ({getattr(e, 'strerror', None) or e}; corrupt, or not a video file)"
+
+
 def _decode_error(path: Path, e: Exception) -> MediaError:
     import av
 
     if isinstance(e, av.error.DecoderNotFoundError):
         return MediaError(path, "unsupported_codec", f"no decoder for this codec ({e})")
-    return MediaError(path, "corrupt", f"cannot be decoded ({e})")
+    return MediaError(path, "corrupt", f"undecodable: frames cannot be decoded{_ffmpeg_detail(e)}")
 
 
 def _rotation_cw(frame: Any) -> int:

@@ -127,6 +127,22 @@ def _check_local(source: Source, components: list[str]) -> dict[str, Path]:
     return {name: dirs[name] for name in components}
 
 
+def local_source_problems(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> list[str]:
+    """What `fetch`, `cache` and `train` would refuse later about the local model folders (missing, empty,
+    incomplete), found now without loading or downloading anything; hub sources are left to `fetch`."""
+    groups: dict[Source, list[str]] = {}
+    for name, source in plan_sources(cfg, env).items():
+        groups.setdefault(source, []).append(name)
+    problems = []
+    for source, names in groups.items():
+        if source.is_local:
+            try:
+                _check_local(source, names)
+            except ModelSourceError as e:
+                problems.append(str(e))
+    return problems
+
+
 def _fetch(source: Source, components: list[str], *, allow_download: bool) -> tuple[Path, str]:
     """Snapshot of the needed subfolders from the hub (or the local HF cache when offline)."""
     # huggingface_hub 2.x talks to the hub through httpx2 (pinned with it in the lock): its connection errors

@@ -17,10 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batches import load_batch, plan_epoch, text_entry
-from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, ResolvedConfig, UserError, check_device_support
+from .checkpoints import (
+    CheckpointError,
+    LoopState,
+    clear_run_outputs,
+    load_checkpoint,
+    plan_start,
+    run_identity,
+    save_checkpoint,
+)
+from .config import ConfigError, ResolvedConfig, UserError, check_device_support, mask_secrets
 from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
-from .files import write_json_atomic
+from .files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem, write_json_atomic
 from .manifest import load_manifest
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
@@ -45,23 +53,34 @@ class TrainResult:
     stopped_early: bool
     lora_path: Path | None
     is_main_process: bool = True
+    already_finished: bool = False  # the run in output_dir had finished: nothing was trained
 
 
 class _StopFlag:
-    """SIGTERM (docker stop) asks for a checkpoint at the next step boundary instead of dying mid-step."""
+    """SIGTERM (docker stop) and a first Ctrl-C ask for a checkpoint at the next step boundary instead of dying
+    mid-step and losing the steps since the last checkpoint; a second Ctrl-C stops at once."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, log):
+        self.requested: str | None = None  # the signal's name
+        self._log = log
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._log("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, losing it)")
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _check_output_dir(path: Path) -> None:
+    problem = writable_dir_problem(path)
+    if problem:
+        raise TrainError(f"output_dir: {problem}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
@@ -103,8 +122,25 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
+    global_batch = cfg.train_batch_size * world
+    batches_per_epoch = len(plan_epoch(manifest, global_batch_size=global_batch, seed=cfg.seed, epoch=0))
+    if batches_per_epoch == 0:
+        raise TrainError(f"no full batch of {global_batch} samples in any bucket: lower train_batch_size or add clips")
+    steps_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    identity = run_identity(cfg.model_dump(), manifest.samples_hash)
+    start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
+    if start.finished_at is not None:  # a restarted container, or the same command twice: keep the outputs
+        lora = out / "pytorch_lora_weights.safetensors"
+        return TrainResult(out, start.finished_at, False, lora if lora.is_file() else None, main, already_finished=True)
+    if start.clear and main:
+        accelerator.print(f"overwrite_output_dir: removing the previous run's outputs in {out}")
+        clear_run_outputs(start.clear)
+    accelerator.wait_for_everyone()
+    for notice in start.notices:
+        accelerator.print(f"notice: {notice}")
     if trackers:
-        scalars = {k: v for k, v in cfg.model_dump().items() if isinstance(v, int | float | str | bool)}
+        scalars = {k: v for k, v in mask_secrets(cfg.model_dump()).items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hvtune"), config=scalars)
     components = ["transformer", "scheduler"] + (["vae"] if _validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
@@ -121,31 +157,34 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     except ValueError as e:
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
+    room = _Room(out, params)
+    room.check(room.checkpoint + room.export, "a checkpoint and the final LoRA export")  # now, not after hours
 
-    global_batch = cfg.train_batch_size * world
-    batches_per_epoch = len(plan_epoch(manifest, global_batch_size=global_batch, seed=cfg.seed, epoch=0))
-    if batches_per_epoch == 0:
-        raise TrainError(f"no full batch of {global_batch} samples in any bucket: lower train_batch_size or add clips")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
 
     offloaded = cfg.enable_group_offload
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not offloaded, True])
     model = accelerator.unwrap_model(transformer)
 
-    state = LoopState(global_step=0, epoch=0, batch_in_epoch=0, loss_history=[])
-    resume = find_checkpoint(out, cfg.resume_from_checkpoint)
+    state = LoopState(global_step=0, epoch=0, batch_in_epoch=0, loss_history=[], run=identity)
+    resume = start.resume
     if resume is not None:
         state, lora, opt_state, sched_state = load_checkpoint(resume)
-        set_peft_model_state_dict(model, lora)
-        optimizer.load_state_dict(opt_state)
+        try:
+            set_peft_model_state_dict(model, lora)
+            optimizer.load_state_dict(opt_state)
+        except (RuntimeError, ValueError) as e:  # a checkpoint from before run identities were recorded
+            raise CheckpointError(
+                f"cannot resume {resume}: its LoRA or optimizer does not fit this config (lora_rank, lora_alpha, "
+                "lora_target_modules or optimizer changed): set them back, or pick another output_dir"
+            ) from e
+        state.run = identity
         lr_scheduler.load_state_dict(sched_state)
         _apply_learning_rate(lr_scheduler, cfg.learning_rate, accelerator.print)
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
 
     loss_log = LossLog(out / "logs" / "loss.jsonl", resume_from_step=state.global_step) if main else None
-    stop = _StopFlag()
+    stop = _StopFlag(accelerator.print)
     bar = TrainProgress(total_steps, state.global_step, enabled=main)
     image_embed_shape = (0, model.config.image_embed_dim)  # t2v: no image tokens
     empty = text_entry(manifest, manifest.empty_prompt_key)
@@ -207,18 +246,28 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=state.global_step)
                 bar.update(step_loss, lr, now - step_started)
                 step_started = now
-                stop_now = _agree(accelerator, stop.requested)
+                stop_now = _agree(accelerator, bool(stop.requested))
                 last = state.global_step >= total_steps
                 limited = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
                 if main and (state.global_step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
-                    _checkpoint(out, state, model, optimizer, lr_scheduler, cfg.checkpoints_total_limit)
+                    room.check(room.checkpoint, f"the checkpoint of step {state.global_step}")
+                    room.write(
+                        f"the checkpoint of step {state.global_step}",
+                        _checkpoint,
+                        out,
+                        state,
+                        model,
+                        optimizer,
+                        lr_scheduler,
+                        cfg.checkpoints_total_limit,
+                    )
                 if _validation_due(cfg, state.global_step, total_steps, final=last) and main:
                     _validate(cfg, manifest, model, paths, state.global_step, device)
                 if stop_now or limited:
                     stopped_early = not last
                     if stop_now:
                         accelerator.print(
-                            f"SIGTERM: checkpoint written at step {state.global_step}; "
+                            f"{stop.requested or 'stop'}: checkpoint written at step {state.global_step}; "
                             "resume with resume_from_checkpoint=latest"
                         )
                     break
@@ -237,7 +286,11 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     accelerator.wait_for_everyone()
     lora_path = None
     if main and not stopped_early:
-        lora_path = _export(cfg, model, out)
+        try:
+            room.check(room.export, "the final LoRA export")
+            lora_path = room.write("the final LoRA export", _export, cfg, model, out)
+        except (TrainError, OSError, RuntimeError) as e:  # keep the steps since the last checkpoint
+            raise TrainError(f"{e}. {_keep_last_step(out, state, model, optimizer, lr_scheduler)}") from e
         losses = [(i + 1, v) for i, v in enumerate(state.loss_history)]
         plot_losses(out / "loss.png", {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if main:
@@ -276,6 +329,44 @@ def _validation_due(cfg, step: int, total: int, *, final: bool) -> bool:
     if cfg.validation_disable:
         return False
     return final or (cfg.validation_steps > 0 and step % cfg.validation_steps == 0)
+
+
+class _Room:
+    """Free space for what the run writes: checked before each write so that a full disk is one line naming the disk
+    and the space needed, never torch.save's "unexpected pos" traceback half way through a checkpoint."""
+
+    FIX = "free space there (or point output_dir at a bigger disk) and run again with resume_from_checkpoint=latest"
+
+    def __init__(self, out: Path, params):
+        lora = sum(p.numel() * 4 for p in params)  # fp32 LoRA
+        self.out = out
+        self.checkpoint = 3 * lora + (4 << 20)  # LoRA + two optimizer moments + state, with a margin
+        self.export = 2 * lora + (4 << 20)  # diffusers + ComfyUI files
+
+    def check(self, need: int, what: str) -> None:
+        problem = free_space_problem(self.out, need, what, self.FIX)
+        if problem:
+            raise TrainError(problem)
+
+    def write(self, what: str, writer, *args):
+        try:
+            return writer(*args)
+        except (OSError, RuntimeError) as e:
+            if is_disk_full(e):
+                raise TrainError(disk_full_message(self.out, what, self.FIX)) from e
+            raise
+
+
+def _keep_last_step(out, state, model, optimizer, lr_scheduler) -> str:
+    """After a failed final export: a checkpoint of the last step, so that a rerun exports without training again."""
+    try:
+        path = _checkpoint(out, state, model, optimizer, lr_scheduler, None)
+    except (OSError, RuntimeError) as e:
+        return f"No checkpoint of step {state.global_step} could be written either ({e}); the last checkpoint is kept"
+    return (
+        f"Step {state.global_step} is kept in {path}: once the disk has room, run again with "
+        "resume_from_checkpoint=latest (it exports without training)"
+    )
 
 
 def _checkpoint(out, state, model, optimizer, lr_scheduler, keep) -> Path:
@@ -363,6 +454,7 @@ def _run_record(resolved, manifest, paths, determinism, world, state, started, s
         "world_size": world,
         "global_step": state.global_step,
         "stopped_early": stopped_early,
+        "run": state.run,
         "dataset_manifest_hash": manifest.samples_hash,
         "cache_fingerprint": manifest.fingerprint,
         "model": paths.record(),
