@@ -26,6 +26,7 @@ STAGES = [
     "objective",  # training step
     "attention",
     "memory",
+    "ema",
     "checkpoints",  # checkpoints / validation / export
     "validation",
     "export",

@@ -141,6 +141,15 @@ class TrainConfig(_Section):
     validation_fps: int = 24
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     deterministic: bool = True
+    # SimpleTuner features added for issue 15, with SimpleTuner 4.10.1's defaults (ema.py, memory.lycoris_config)
+    use_ema: bool = False
+    ema_decay: float = Field(0.995, gt=0.0, le=1.0)
+    ema_update_interval: int | None = Field(1, ge=1)  # None: every step, as in SimpleTuner
+    ema_validation: Literal["none", "ema_only", "comparison"] = "comparison"
+    lora_type: Literal["standard", "lycoris"] = "standard"
+    lycoris_config: str | None = None  # a JSON file as SimpleTuner reads it (algo lokr or loha)
+    musubi_blocks_to_swap: int = Field(0, ge=0)  # refused when > 0: see _check_train_rules
+    ramtorch: bool = False  # refused when true: see _check_train_rules
 
     @property
     def flavour(self) -> FlavourDefaults:

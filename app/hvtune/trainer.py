@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import ema as lora_ema
 from .batches import load_batch, plan_epoch, text_entry
 from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, ResolvedConfig, UserError, check_device_support
@@ -121,6 +122,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     except ValueError as e:
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
+    ema = lora_ema.create(transformer, cfg)
 
     global_batch = cfg.train_batch_size * world
     batches_per_epoch = len(plan_epoch(manifest, global_batch_size=global_batch, seed=cfg.seed, epoch=0))
@@ -142,6 +144,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         optimizer.load_state_dict(opt_state)
         lr_scheduler.load_state_dict(sched_state)
         _apply_learning_rate(lr_scheduler, cfg.learning_rate, accelerator.print)
+        if ema is not None:
+            ema.load_checkpoint(resume, accelerator.print)
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
 
     loss_log = LossLog(out / "logs" / "loss.jsonl", resume_from_step=state.global_step) if main else None
@@ -194,6 +198,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     )
                 state.global_step += 1
                 steps_this_run += 1
+                if ema is not None:
+                    ema.update(state.global_step)
                 state.loss_history.append(step_loss)
                 now = time.time()
                 lr = lr_scheduler.get_last_lr()[0]
@@ -214,9 +220,11 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                 last = state.global_step >= total_steps
                 limited = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
                 if main and (state.global_step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
-                    _checkpoint(out, state, model, optimizer, lr_scheduler, cfg.checkpoints_total_limit)
+                    _checkpoint(out, state, model, optimizer, lr_scheduler, cfg.checkpoints_total_limit, ema)
                 if _validation_due(cfg, state.global_step, total_steps, final=last) and main:
-                    _validate(cfg, manifest, model, paths, state.global_step, device)
+                    for suffix, weights in lora_ema.validation_variants(cfg, ema):
+                        with weights:
+                            _validate(cfg, manifest, model, paths, state.global_step, device, suffix)
                 if stop_now or limited:
                     stopped_early = not last
                     if stop_now:
@@ -241,6 +249,9 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     lora_path = None
     if main and not stopped_early:
         lora_path = _export(cfg, model, out)
+        if ema is not None:
+            with ema.applied():
+                _export(cfg, model, out / lora_ema.EXPORT_DIR)
         losses = [(i + 1, v) for i, v in enumerate(state.loss_history)]
         plot_losses(out / "loss.png", {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if main:
@@ -281,11 +292,13 @@ def _validation_due(cfg, step: int, total: int, *, final: bool) -> bool:
     return final or (cfg.validation_steps > 0 and step % cfg.validation_steps == 0)
 
 
-def _checkpoint(out, state, model, optimizer, lr_scheduler, keep) -> Path:
-    return save_checkpoint(out, state, lora_state_dict(model), optimizer.state_dict(), lr_scheduler.state_dict(), keep)
+def _checkpoint(out, state, model, optimizer, lr_scheduler, keep, ema=None) -> Path:
+    extra = ema.checkpoint_files() if ema is not None else None
+    lora, opt, sched = lora_state_dict(model), optimizer.state_dict(), lr_scheduler.state_dict()
+    return save_checkpoint(out, state, lora, opt, sched, keep, extra)
 
 
-def _validate(cfg, manifest, model, paths, step: int, device) -> list[Path]:
+def _validate(cfg, manifest, model, paths, step: int, device, suffix: str = "") -> list[Path]:
     from .media import write_video
 
     vae = load_vae(paths).to(device)
@@ -319,7 +332,7 @@ def _validate(cfg, manifest, model, paths, step: int, device) -> list[Path]:
         offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
     )
     model.train(was_training)
-    target = validation_dir(cfg.output_dir, step) / "validation_0.mp4"
+    target = validation_dir(cfg.output_dir, step) / f"validation_0{suffix}.mp4"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_video(target, frames, fps=cfg.validation_fps)
     return [target]
