@@ -333,6 +333,7 @@ def load_config(
         )
 
     _check_train_rules(train, lambda k: where.get(k, "defaults"), problems, notices)
+    _check_added_features(train, lambda k: where.get(k, "defaults"), problems, path)
     flavour = train.flavour
     if train.validation_resolution is None:
         train.validation_resolution = "{}x{}".format(*flavour.resolution)
@@ -446,6 +447,28 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
                 "never combine with enable_group_offload; choose one offload method",
             )
         )
+
+
+def _check_added_features(t: TrainConfig, where, problems: list[Problem], config_path: Path | None) -> None:
+    """lora_type lycoris needs a readable lycoris_config (resolved like data paths); block-swap options are refused
+    with the setting that does the same job here."""
+    from .lycoris import read_lycoris_config
+
+    if t.lora_type == "lycoris":
+        text = t.lycoris_config or "config/lycoris_config.json"  # SimpleTuner's default
+        path = _resolve_path(text, config_path)
+        try:
+            read_lycoris_config(path)
+            t.lycoris_config = str(path)
+        except ValueError as e:
+            problems.append(Problem(where("lycoris_config"), "lycoris_config", text, str(e)))
+    offload = "enable_group_offload: true with group_offload_type: block_level (all blocks, 1 per group)"
+    if t.musubi_blocks_to_swap > 0:
+        rule = f"hvtune cannot keep some blocks resident and swap the rest; use {offload} and set this to 0"
+        problems.append(Problem(where("musubi_blocks_to_swap"), "musubi_blocks_to_swap", t.musubi_blocks_to_swap, rule))
+    if t.ramtorch:
+        rule = "RamTorch is not included; use enable_group_offload: true with group_offload_type: leaf_level"
+        problems.append(Problem(where("ramtorch"), "ramtorch", True, rule))
 
 
 def check_device_support(t: TrainConfig, device: str, where: str = "config") -> list[Problem]:

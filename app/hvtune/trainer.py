@@ -20,7 +20,15 @@ from . import ema as lora_ema
 from .batches import load_batch, plan_epoch, text_entry
 from .checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, ResolvedConfig, UserError, check_device_support
-from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
+from .export import (
+    adapter_config,
+    adapter_scales,
+    lora_state_dict,
+    lycoris_metadata,
+    save_comfyui_lora,
+    save_diffusers_lora,
+    to_comfyui,
+)
 from .files import write_json_atomic
 from .manifest import load_manifest
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
@@ -118,7 +126,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     add_lora(transformer, cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
     try:  # fail now, not after hours of training, if the targets have no ComfyUI name
-        to_comfyui(lora_state_dict(transformer), alpha=float(cfg.lora_alpha or cfg.lora_rank))
+        to_comfyui(lora_state_dict(transformer), float(cfg.lora_alpha or cfg.lora_rank), adapter_scales(transformer))
     except ValueError as e:
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
@@ -344,9 +352,11 @@ def _export(cfg, model, out: Path) -> Path:
         "hvtune.flavour": cfg.model_flavour,
         "hvtune.rank": str(cfg.lora_rank),
         "hvtune.alpha": str(cfg.lora_alpha or cfg.lora_rank),
+        **lycoris_metadata(cfg),
     }
     path = save_diffusers_lora(state_dict, out, meta, adapter_config(model))
-    save_comfyui_lora(state_dict, out / "comfyui_lora.safetensors", alpha=float(cfg.lora_alpha or cfg.lora_rank))
+    alpha = float(cfg.lora_alpha or cfg.lora_rank)
+    save_comfyui_lora(state_dict, out / "comfyui_lora.safetensors", alpha, scales=adapter_scales(model))
     return path
 
 
