@@ -150,6 +150,9 @@ class TrainConfig(_Section):
     lycoris_config: str | None = None  # a JSON file as SimpleTuner reads it (algo lokr or loha)
     musubi_blocks_to_swap: int = Field(0, ge=0)  # refused when > 0: see _check_train_rules
     ramtorch: bool = False  # refused when true: see _check_train_rules
+    validation_using_datasets: bool | None = None  # i2v: also validate on training samples' first frames
+    eval_dataset_id: str | list[str] | None = None  # which datasets those come from (default: all)
+    num_eval_images: int = Field(4, ge=1)  # samples per dataset
 
     @property
     def flavour(self) -> FlavourDefaults:
@@ -333,7 +336,6 @@ def load_config(
         )
 
     _check_train_rules(train, lambda k: where.get(k, "defaults"), problems, notices)
-    _check_added_features(train, lambda k: where.get(k, "defaults"), problems, path)
     flavour = train.flavour
     if train.validation_resolution is None:
         train.validation_resolution = "{}x{}".format(*flavour.resolution)
@@ -363,6 +365,7 @@ def load_config(
         )
     if datasets:
         _check_dataset_rules(datasets, str(backend_path or "instance_data_dir"), problems, check_paths, path)
+    _check_added_features(train, datasets, lambda k: where.get(k, "defaults"), problems, path)
 
     if problems:
         raise ConfigError(problems)
@@ -449,9 +452,11 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
         )
 
 
-def _check_added_features(t: TrainConfig, where, problems: list[Problem], config_path: Path | None) -> None:
+def _check_added_features(
+    t: TrainConfig, datasets: list[DatasetConfig], where, problems: list[Problem], config_path: Path | None
+) -> None:
     """lora_type lycoris needs a readable lycoris_config (resolved like data paths); block-swap options are refused
-    with the setting that does the same job here."""
+    with the setting that does the same job here; validation_using_datasets needs i2v and known eval_dataset_id."""
     from .lycoris import read_lycoris_config
 
     if t.lora_type == "lycoris":
@@ -469,6 +474,15 @@ def _check_added_features(t: TrainConfig, where, problems: list[Problem], config
     if t.ramtorch:
         rule = "RamTorch is not included; use enable_group_offload: true with group_offload_type: leaf_level"
         problems.append(Problem(where("ramtorch"), "ramtorch", True, rule))
+    if t.validation_using_datasets and t.model_flavour in FLAVOUR_DEFAULTS and t.flavour.task != "i2v":
+        rule = "needs an i2v model_flavour (HunyuanVideo 1.5 t2v has no image input to take from the dataset)"
+        problems.append(Problem(where("validation_using_datasets"), "validation_using_datasets", True, rule))
+    wanted = [t.eval_dataset_id] if isinstance(t.eval_dataset_id, str) else t.eval_dataset_id or []
+    known = [d.id for d in datasets if d.dataset_type in ("video", "image") and not d.disabled]
+    unknown = [i for i in wanted if i not in known]
+    if unknown and datasets:
+        rule = f"no enabled video or image dataset with that id (known: {', '.join(known)})"
+        problems.append(Problem(where("eval_dataset_id"), "eval_dataset_id", unknown, rule))
 
 
 def check_device_support(t: TrainConfig, device: str, where: str = "config") -> list[Problem]:

@@ -35,7 +35,7 @@ from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
-from .validation import ImageCondition, TextCondition, sample_video, validation_dir
+from .validation import ImageCondition, TextCondition, dataset_validation_inputs, sample_video, validation_dir
 
 
 class TrainError(UserError):
@@ -317,33 +317,40 @@ def _validate(cfg, manifest, model, paths, step: int, device, suffix: str = "") 
     if manifest.task == "i2v":
         cond_latent, image_embeds = manifest.validation_image_condition()
         image = ImageCondition(cond_latent, image_embeds)
-    width, height = cfg.validation_size
-    if image is not None:  # the cached condition fixes the size
-        height = image.cond_latent.shape[-2] * vae.spatial_compression_ratio
-        width = image.cond_latent.shape[-1] * vae.spatial_compression_ratio
+    jobs = [("0", manifest.validation_prompt_key, image)]
+    if cfg.validation_using_datasets and manifest.task == "i2v":
+        ids = [cfg.eval_dataset_id] if isinstance(cfg.eval_dataset_id, str) else cfg.eval_dataset_id
+        jobs += dataset_validation_inputs(manifest, ids, cfg.num_eval_images)
     was_training = model.training
     model.eval()
-    frames = sample_video(
-        model,
-        vae,
-        scheduler,
-        prompt=_text_condition(manifest, manifest.validation_prompt_key),
-        negative=_text_condition(manifest, manifest.validation_negative_key),
-        width=width,
-        height=height,
-        num_frames=cfg.validation_num_video_frames,
-        num_inference_steps=cfg.validation_num_inference_steps,
-        guidance_scale=cfg.validation_guidance,
-        seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
-        image=image,
-        device=device,
-        offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
-    )
+    written = []
+    for name, prompt_key, image in jobs:
+        width, height = cfg.validation_size
+        if image is not None:  # the cached condition fixes the size
+            height = image.cond_latent.shape[-2] * vae.spatial_compression_ratio
+            width = image.cond_latent.shape[-1] * vae.spatial_compression_ratio
+        frames = sample_video(
+            model,
+            vae,
+            scheduler,
+            prompt=_text_condition(manifest, prompt_key),
+            negative=_text_condition(manifest, manifest.validation_negative_key),
+            width=width,
+            height=height,
+            num_frames=cfg.validation_num_video_frames,
+            num_inference_steps=cfg.validation_num_inference_steps,
+            guidance_scale=cfg.validation_guidance,
+            seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
+            image=image,
+            device=device,
+            offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
+        )
+        target = validation_dir(cfg.output_dir, step) / f"validation_{name}{suffix}.mp4"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_video(target, frames, fps=cfg.validation_fps)
+        written.append(target)
     model.train(was_training)
-    target = validation_dir(cfg.output_dir, step) / f"validation_0{suffix}.mp4"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_video(target, frames, fps=cfg.validation_fps)
-    return [target]
+    return written
 
 
 def _export(cfg, model, out: Path) -> Path:
