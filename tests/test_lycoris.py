@@ -198,3 +198,12 @@ def test_lycoris_trains_and_exports_both_files(demo_project, tmp_path):
     assert any(k.endswith(".lokr_w2") and v.abs().sum() > 0 for k, v in saved.items())  # w2 starts at 0: it trained
     comfy = load_file(out / "comfyui_lora.safetensors")
     assert any(k.startswith("diffusion_model.double_blocks.0.img_mlp.fc1.lokr_w") for k in comfy)
+
+
+def test_lycoris_config_defaults_to_simpletuners_path_beside_the_config(tmp_path):
+    (tmp_path / "config").mkdir()
+    _write(tmp_path / "config", SIMPLETUNER_EXAMPLE)
+    config = tmp_path / "config" / "config.json"
+    config.write_text(json.dumps({"lora_type": "lycoris", "instance_data_dir": "."}))
+    resolved = load_config(config, env={}, check_paths=False)
+    assert Path(resolved.train.lycoris_config) == tmp_path / "config" / "lycoris_config.json"
