@@ -6,6 +6,8 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
 - `base_model_precision`: `bf16` casts the frozen base to bf16; `int8-torchao` casts it to bf16 and quantizes its
   linear weights in place (torchao `Int8WeightOnlyConfig`, LoRA layers skipped), so the LoRA layers added afterwards
   wrap int8 base layers and stay float32; `no_change` keeps the loaded dtype. LoRA parameters are always float32.
+- `lora_type: lycoris`: peft LoKr / LoHa layers instead of LoRA, shaped and scaled by LyCORIS' rules
+  (`add_lycoris`; the rules in `hvtune.lycoris`). Everything below applies to them as to LoRA.
 - `gradient_checkpointing`: diffusers' block-level activation recomputation (`enable_gradient_checkpointing`).
 - `enable_group_offload`: diffusers group offload (`enable_group_offload`, offload device = CPU): the frozen base
   weights live on the CPU and groups of blocks (`block_level`, `group_offload_blocks_per_group` per group) or single
