@@ -463,6 +463,11 @@ def _check_added_features(
         text = t.lycoris_config or "config/lycoris_config.json"  # SimpleTuner's default
         path = _resolve_path(text, config_path)
         try:
+            if not path.is_file():
+                raise ValueError(
+                    f"file not found (looked for {path.absolute()}); lora_type lycoris needs a LyCORIS JSON such as "
+                    "SimpleTuner's examples/lycoris_config.json"
+                )
             read_lycoris_config(path)
             t.lycoris_config = str(path)
         except ValueError as e:
