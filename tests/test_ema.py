@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -68,6 +70,8 @@ def test_ema_lora_exported_validated_and_resumed_byte_for_byte(demo_project, tmp
     assert trained.keys() == averaged.keys()
     assert any(not torch.equal(trained[k], averaged[k]) for k in trained)  # a different, averaged LoRA
     assert (full / "ema" / "comfyui_lora.safetensors").stat().st_size > 0
+    record = json.loads((full / "run.json").read_text())
+    assert record["outputs"]["ema_lora"] == str(full / "ema" / "pytorch_lora_weights.safetensors")
     videos = sorted(p.name for p in (full / "validation" / "step_000006").iterdir())
     assert videos == ["validation_0.mp4", "validation_0_ema.mp4"]  # ema_validation: comparison (the default)
 

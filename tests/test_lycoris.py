@@ -185,19 +185,32 @@ def test_diffusers_format_file_loads_into_a_fresh_transformer(tiny_t2v, tmp_path
 
 
 @pytest.mark.slow
-def test_lycoris_trains_and_exports_both_files(demo_project, tmp_path):
+def test_lycoris_trains_exports_and_resumes_byte_for_byte_with_ema(demo_project, tmp_path):
     from hvtune.trainer import train
 
     config = _write(tmp_path, SIMPLETUNER_EXAMPLE)
-    out = tmp_path / "run"
-    argv = [f"--output_dir={out}", "--max_train_steps=3", "--validation_disable=true", "--lora_type=lycoris",
-            f"--lycoris_config={config}", "--learning_rate=1e-3"]  # fmt: skip
-    train(load_config(demo_project, env={}, argv=argv))
-    saved = load_file(out / "pytorch_lora_weights.safetensors")
+
+    def run(out, **extra):
+        argv = [f"--output_dir={out}", "--max_train_steps=4", "--validation_disable=true", "--lora_type=lycoris",
+                f"--lycoris_config={config}", "--learning_rate=1e-3", "--use_ema=true",
+                *(f"--{k}={v}" for k, v in extra.items())]  # fmt: skip
+        return load_config(demo_project, env={}, argv=argv)
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(run(full))
+    saved = load_file(full / "pytorch_lora_weights.safetensors")
     assert saved and all(".lokr_w" in k for k in saved)
     assert any(k.endswith(".lokr_w2") and v.abs().sum() > 0 for k, v in saved.items())  # w2 starts at 0: it trained
-    comfy = load_file(out / "comfyui_lora.safetensors")
+    comfy = load_file(full / "comfyui_lora.safetensors")
     assert any(k.startswith("diffusion_model.double_blocks.0.img_mlp.fc1.lokr_w") for k in comfy)
+    assert train(run(part), max_steps_this_run=2).stopped_early
+    train(run(part, resume_from_checkpoint="latest"))
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "ema/pytorch_lora_weights.safetensors",
+        "comfyui_lora.safetensors",
+    ):
+        assert (full / name).read_bytes() == (part / name).read_bytes(), name
 
 
 def test_lycoris_config_defaults_to_simpletuners_path_beside_the_config(tmp_path):

@@ -387,6 +387,7 @@ def _run_record(resolved, manifest, paths, determinism, world, state, started, s
     import hashlib
 
     lora_sha = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
+    ema_path = lora_path.parent / "ema" / lora_path.name if lora_path else None  # use_ema's copy (hvtune.ema)
     record = resolved.to_record()
     return {
         "hvtune_run": 1,
@@ -405,6 +406,7 @@ def _run_record(resolved, manifest, paths, determinism, world, state, started, s
         "outputs": {
             "lora": str(lora_path) if lora_path else None,
             "lora_sha256": lora_sha,
+            "ema_lora": str(ema_path) if ema_path and ema_path.is_file() else None,
             "loss_log": "logs/loss.jsonl",
         },
     }
