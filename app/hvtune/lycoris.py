@@ -10,7 +10,8 @@ LoHa layers (`memory.add_lycoris`), reproducing LyCORIS' per-layer rules:
   `linear_dim < max(out_l, in_m) / 2`; `lokr_w2` (out_k x in_n) is split into `w2_a @ w2_b` when
   `linear_dim < max(out_k, in_n) / 2` and not `full_matrix`. The scale is `linear_alpha / linear_dim`, except when
   neither half is split: then it is 1 (LyCORIS ignores alpha there). w1 starts random, w2 at zero.
-- LoHa: `(w1_a @ w1_b) * (w2_a @ w2_b)` with rank `linear_dim`, scale `linear_alpha / linear_dim`.
+- LoHa: `(w1_a @ w1_b) * (w2_a @ w2_b)` with rank `linear_dim`, scale `linear_alpha / linear_dim`. Its start values
+  are peft's (He-uniform, `w2_b` zero) where LyCORIS draws from normals; both start as a zero change.
 - `apply_preset.target_module` (required here): module class names (for HunyuanVideo 1.5: `Attention`,
   `FeedForward`); every Linear inside a module of that class is adapted. `apply_preset.module_algo_map` may set a
   per-class `factor`.
