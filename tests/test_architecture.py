@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 
 STAGES = [
     "files",  # used by every stage that writes
+    "lycoris",  # the lycoris_config file, read by config
     "config",
     "model_files",  # model registry
     "tiny_model",
@@ -26,6 +27,7 @@ STAGES = [
     "objective",  # training step
     "attention",
     "memory",
+    "ema",
     "checkpoints",  # checkpoints / validation / export
     "validation",
     "export",

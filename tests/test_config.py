@@ -70,11 +70,11 @@ def test_no_config_file_env_only(tmp_path):
 
 def test_unknown_keys_kept_with_one_notice(project):
     cfg = json.loads((project / "config/config.json").read_text())
-    cfg.update({"use_ema": True, "snr_gamma": 5.0})
+    cfg.update({"push_to_hub": True, "snr_gamma": 5.0})
     write(project / "config/config.json", cfg)
     r = load_config("config/config.json", env={})
-    assert r.unknown == {"use_ema": True, "snr_gamma": 5.0}
-    assert sum("snr_gamma" in n and "use_ema" in n for n in r.notices) == 1
+    assert r.unknown == {"push_to_hub": True, "snr_gamma": 5.0}
+    assert sum("snr_gamma" in n and "push_to_hub" in n for n in r.notices) == 1
 
 
 def test_all_problems_reported_at_once(project):

@@ -54,8 +54,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(
-    output_dir: str | Path, state: LoopState, lora: dict, optimizer: dict, scheduler: dict, keep: int | None
+    output_dir: str | Path,
+    state: LoopState,
+    lora: dict,
+    optimizer: dict,
+    scheduler: dict,
+    keep: int | None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
+    """`extra_files`: {name: bytes} written into the checkpoint too (the EMA's `ema.safetensors`)."""
     import torch
     from safetensors.torch import save
 
@@ -68,6 +75,8 @@ def save_checkpoint(
         # bytes through open(), not save_file: safetensors creates its files 0600, unreadable to other users
         (tmp / "lora.safetensors").write_bytes(save({k: v.detach().cpu().contiguous() for k, v in lora.items()}))
         torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # written last: its presence marks completeness
     if keep is not None:
         for old in list_checkpoints(output_dir)[:-keep]:
@@ -100,10 +109,11 @@ def load_checkpoint(path: Path) -> tuple[LoopState, dict, dict, dict]:
 # ------------------------------------------------------------------------------------------------------ run ownership
 
 # a checkpoint cannot be continued when one of these changed: the LoRA's tensors, scale or optimizer state differ
-MUST_MATCH = ("model_flavour", "lora_rank", "lora_alpha", "lora_target_modules", "optimizer")
+MUST_MATCH = ("model_flavour", "lora_type", "lora_rank", "lora_alpha", "lora_target_modules", "optimizer")
 # a resumed run may change these; each change is announced (the learning rate is announced by the trainer)
 ANNOUNCED = (
     "seed",
+    "use_ema",
     "train_batch_size",
     "gradient_accumulation_steps",
     "lora_dropout",

@@ -142,6 +142,18 @@ class TrainConfig(_Section):
     validation_fps: int = 24
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     deterministic: bool = True
+    # SimpleTuner features added for issue 15, with SimpleTuner 4.10.1's defaults (ema.py, memory.lycoris_config)
+    use_ema: bool = False
+    ema_decay: float = Field(0.995, gt=0.0, le=1.0)
+    ema_update_interval: int | None = Field(1, ge=1)  # None: every step, as in SimpleTuner
+    ema_validation: Literal["none", "ema_only", "comparison"] = "comparison"
+    lora_type: Literal["standard", "lycoris"] = "standard"
+    lycoris_config: str | None = None  # a JSON file as SimpleTuner reads it (algo lokr or loha)
+    musubi_blocks_to_swap: int = Field(0, ge=0)  # refused when > 0: see _check_train_rules
+    ramtorch: bool = False  # refused when true: see _check_train_rules
+    validation_using_datasets: bool | None = None  # i2v: also validate on training samples' first frames
+    eval_dataset_id: str | list[str] | None = None  # which datasets those come from (default: all)
+    num_eval_images: int = Field(4, ge=1)  # samples per dataset
 
     @property
     def flavour(self) -> FlavourDefaults:
@@ -406,6 +418,7 @@ def load_config(
         )
     if datasets:
         _check_dataset_rules(datasets, str(backend_path or "instance_data_dir"), problems, check_paths, path)
+    _check_added_features(train, datasets, lambda k: where.get(k, "defaults"), problems, path)
 
     if problems:
         raise ConfigError(problems)
@@ -490,6 +503,44 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
                 "never combine with enable_group_offload; choose one offload method",
             )
         )
+
+
+def _check_added_features(
+    t: TrainConfig, datasets: list[DatasetConfig], where, problems: list[Problem], config_path: Path | None
+) -> None:
+    """lora_type lycoris needs a readable lycoris_config (resolved like data paths); block-swap options are refused
+    with the setting that does the same job here; validation_using_datasets needs i2v and known eval_dataset_id."""
+    from .lycoris import read_lycoris_config
+
+    if t.lora_type == "lycoris":
+        text = t.lycoris_config or "config/lycoris_config.json"  # SimpleTuner's default
+        path = _resolve_path(text, config_path)
+        try:
+            if not path.is_file():
+                raise ValueError(
+                    f"file not found (looked for {path.absolute()}); lora_type lycoris needs a LyCORIS JSON such as "
+                    "SimpleTuner's examples/lycoris_config.json"
+                )
+            read_lycoris_config(path)
+            t.lycoris_config = str(path)
+        except ValueError as e:
+            problems.append(Problem(where("lycoris_config"), "lycoris_config", text, str(e)))
+    offload = "enable_group_offload: true with group_offload_type: block_level (all blocks, 1 per group)"
+    if t.musubi_blocks_to_swap > 0:
+        rule = f"hvtune cannot keep some blocks resident and swap the rest; use {offload} and set this to 0"
+        problems.append(Problem(where("musubi_blocks_to_swap"), "musubi_blocks_to_swap", t.musubi_blocks_to_swap, rule))
+    if t.ramtorch:
+        rule = "RamTorch is not included; use enable_group_offload: true with group_offload_type: leaf_level"
+        problems.append(Problem(where("ramtorch"), "ramtorch", True, rule))
+    if t.validation_using_datasets and t.model_flavour in FLAVOUR_DEFAULTS and t.flavour.task != "i2v":
+        rule = "needs an i2v model_flavour (HunyuanVideo 1.5 t2v has no image input to take from the dataset)"
+        problems.append(Problem(where("validation_using_datasets"), "validation_using_datasets", True, rule))
+    wanted = [t.eval_dataset_id] if isinstance(t.eval_dataset_id, str) else t.eval_dataset_id or []
+    known = [d.id for d in datasets if d.dataset_type in ("video", "image") and not d.disabled]
+    unknown = [i for i in wanted if i not in known]
+    if unknown and datasets:
+        rule = f"no enabled video or image dataset with that id (known: {', '.join(known)})"
+        problems.append(Problem(where("eval_dataset_id"), "eval_dataset_id", unknown, rule))
 
 
 def check_device_support(t: TrainConfig, device: str, where: str = "config") -> list[Problem]:

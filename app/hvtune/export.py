@@ -45,6 +45,17 @@ Other modules (embedders) have no mapping and raise ValueError naming them.
 Fusing q, k, v adapters (rank r, alpha a each) is exact: A = cat(A_q, A_k, A_v) (3r x in), B = block_diag(B_q, B_k,
 B_v) (3 out x 3r), alpha = 3a, so alpha / rank stays a / r and (alpha / rank) B A = cat of the three separate deltas.
 A member that was not trained (e.g. only to_q targeted) is a zero block.
+
+LyCORIS (`lora_type: lycoris`, peft LoKr/LoHa layers): the diffusers-format file holds peft's names
+(`transformer.<module>.lokr_w1`, `.hada_w1_a`, ...) and the spec in the metadata key `hvtune.lycoris`;
+`load_lycoris(transformer, path)` rebuilds the adapter from it. The ComfyUI file uses ComfyUI's LyCORIS names
+(comfy/weight_adapter/lokr.py and loha.py): `<name>.lokr_w1` / `.lokr_w2` (or `_a`/`_b` factors), `<name>.hada_w1_a`
+... `.hada_w2_b`, and `<name>.alpha`, which ComfyUI divides by the rank of the split factor (`w2_b`'s or `w1_b`'s rows
+for LoKr, `w1_b`'s for LoHa) and ignores when neither LoKr half is split (a LoKr with two full halves is applied at
+scale 1, so any other scale is folded into `lokr_w1`). Fused q/k/v: LoHa fuses exactly like LoRA (w1_a and w2_a block
+diagonal, w1_b and w2_b stacked, alpha x 3); a Kronecker product does not stack, so fused q/k/v of a LoKr is written
+as ComfyUI's `<name>.diff` (the full weight difference, bfloat16: for the full model about 2.7 GB when every block's
+q/k/v is adapted; the diffusers-format file stays small).
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ _RULES = (
 )
 _SWAP_B = {"final_layer.adaLN_modulation.1"}  # diffusers' converter swapped (shift, scale) -> (scale, shift) here
 _KEY = re.compile(r"^(?:transformer\.)?(.+)\.lora_([AB])\.weight$")
+_LYCORIS_KEY = re.compile(r"^(?:transformer\.)?(.+)\.((?:lokr_w[12](?:_[ab])?)|(?:hada_w[12]_[ab]))$")
 
 
 def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
@@ -109,11 +121,15 @@ def adapter_config(transformer) -> dict:
     same adapter at the same scale. `target_modules` becomes the sorted list of the modules that really carry the
     adapter (the training config's regex minus `exclude_modules`), so a loader neither needs the exclusions nor warns
     that they excluded nothing."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = getattr(transformer, "module", transformer)
     config = model.peft_config["default"].to_dict()
-    adapted = sorted(name for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A)
+    adapted = sorted(
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, BaseTunerLayer) and "default" in getattr(m, "scaling", {})
+    )
     config["target_modules"] = adapted
     config["exclude_modules"] = None
     return config
@@ -198,9 +214,14 @@ def _comfy_name(module: str) -> tuple[str, str | None, int] | None:
     return None
 
 
-def to_comfyui(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def to_comfyui(
+    state_dict: dict[str, torch.Tensor], alpha: float, scales: dict[str, float] | None = None
+) -> dict[str, torch.Tensor]:
     """Diffusers-named LoRA (as `lora_state_dict` returns it) -> ComfyUI HunyuanVideo 1.5 names, q/k/v fused (see the
-    module docstring). `alpha` is the adapter's lora_alpha (one for all modules, as hvtune trains)."""
+    module docstring). `alpha` is the adapter's lora_alpha (one for all modules, as hvtune trains). A LyCORIS state
+    dict needs `scales` ({module: scale}, from `adapter_scales`)."""
+    if any(_LYCORIS_KEY.match(k) for k in state_dict):
+        return _lycoris_to_comfyui(state_dict, scales or {})
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         m = _KEY.match(key)
@@ -240,9 +261,130 @@ def to_comfyui(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, t
 
 
 def save_comfyui_lora(
-    state_dict: dict[str, torch.Tensor], path: Path, alpha: float, metadata: dict[str, str] | None = None
+    state_dict: dict[str, torch.Tensor],
+    path: Path,
+    alpha: float,
+    metadata: dict[str, str] | None = None,
+    scales: dict[str, float] | None = None,
 ) -> Path:
     """The ComfyUI-format copy (names and fusing in the module docstring), written atomically to `path`."""
-    tensors = to_comfyui(state_dict, alpha)
+    tensors = to_comfyui(state_dict, alpha, scales)
     meta = {"format": "pt", "hvtune.format": COMFYUI_FORMAT, "hvtune.alpha": str(alpha), **(metadata or {})}
     return _atomic_save(tensors, Path(path), meta)
+
+
+def adapter_scales(transformer) -> dict[str, float]:
+    """{module: scale} of the LyCORIS (LoKr/LoHa) layers; empty for a LoRA."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    model = getattr(transformer, "module", transformer)
+    return {
+        name: float(m.scaling["default"])
+        for name, m in model.named_modules()
+        if isinstance(m, LycorisLayer) and "default" in m.scaling
+    }
+
+
+def lycoris_metadata(cfg) -> dict[str, str]:
+    """The file metadata that lets `load_lycoris` rebuild a `lora_type: lycoris` adapter; empty for a LoRA."""
+    if cfg.lora_type != "lycoris":
+        return {}
+    from .lycoris import read_lycoris_config
+
+    return {"hvtune.lora_type": "lycoris", "hvtune.lycoris": read_lycoris_config(cfg.lycoris_config).to_json()}
+
+
+def load_lycoris(transformer, path: str | Path) -> None:
+    """Load an hvtune LyCORIS file (diffusers format) into `transformer`: the layers, shapes and scales it trained."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .lycoris import LycorisSpec
+    from .memory import add_lycoris
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_FILE
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "hvtune.lycoris" not in meta:
+        raise ValueError(f"{path} is not an hvtune LyCORIS file (no hvtune.lycoris metadata)")
+    add_lycoris(transformer, LycorisSpec.from_json(meta["hvtune.lycoris"]))
+    state = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    result = set_peft_model_state_dict(transformer, state)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: weights for modules this model does not adapt: {result.unexpected_keys[:3]}")
+
+
+def _lycoris_to_comfyui(state_dict: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        m = _LYCORIS_KEY.match(key)
+        if not m:
+            raise ValueError(f"not a LyCORIS weight name: {key!r}")
+        modules.setdefault(m.group(1), {})[m.group(2)] = tensor
+    unmapped = sorted(name for name in modules if _comfy_name(name) is None or _comfy_name(name)[0] in _SWAP_B)
+    if unmapped:
+        raise ValueError(f"no ComfyUI LyCORIS name for modules: {', '.join(unmapped[:5])}")
+    missing = sorted(name for name in modules if name not in scales)
+    if missing:
+        raise ValueError(f"no scale for LyCORIS modules: {', '.join(missing[:5])}")
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[tuple[str, dict[str, torch.Tensor]] | None]] = {}
+    for module, weights in sorted(modules.items()):
+        name, group, position = _comfy_name(module)
+        if group is not None:
+            fused.setdefault(group, [None, None, None])[position] = (module, weights)
+            continue
+        prefix = f"diffusion_model.{name}"
+        scale = scales[module]
+        if "hada_w1_a" in weights:
+            out.update({f"{prefix}.{k}": v.contiguous() for k, v in weights.items()})
+            out[f"{prefix}.alpha"] = torch.tensor(scale * weights["hada_w1_b"].shape[0])
+            continue
+        w = dict(weights)
+        rank = w["lokr_w2_b"].shape[0] if "lokr_w2_b" in w else w["lokr_w1_b"].shape[0] if "lokr_w1_b" in w else None
+        if rank is None:  # two full halves: ComfyUI applies them at scale 1
+            w["lokr_w1"] = w["lokr_w1"] * scale
+        else:
+            out[f"{prefix}.alpha"] = torch.tensor(scale * rank)
+        out.update({f"{prefix}.{k}": v.contiguous() for k, v in w.items()})
+    for name, parts in sorted(fused.items()):
+        out.update(_fused_lycoris(f"diffusion_model.{name}", parts, scales))
+    return out
+
+
+def _lycoris_delta(weights: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """The weight difference a LoKr or LoHa layer adds (peft's and LyCORIS' formula)."""
+
+    def half(n):
+        return weights[f"{n}"] if n in weights else weights[f"{n}_a"] @ weights[f"{n}_b"]
+
+    if "hada_w1_a" in weights:
+        w = weights
+        return scale * (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+    return scale * torch.kron(half("lokr_w1"), half("lokr_w2"))
+
+
+def _fused_lycoris(prefix: str, parts, scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    present = [p for p in parts if p is not None]
+    module, first = present[0]
+    if "hada_w1_a" in first:  # exact: block-diagonal a's, stacked b's, alpha x 3 keeps alpha / rank
+        rank = first["hada_w1_b"].shape[0]
+        out_features = first["hada_w1_a"].shape[0]
+        in_features = first["hada_w1_b"].shape[1]
+        scale = scales[module]
+        if any(scales[m] != scale for m, _ in present):
+            raise ValueError(f"{prefix}: q, k and v LoHa layers with different scales cannot be fused")
+        zero_a, zero_b = torch.zeros(out_features, rank), torch.zeros(rank, in_features)
+        tensors = {}
+        for n in ("hada_w1", "hada_w2"):
+            tensors[f"{prefix}.{n}_a"] = torch.block_diag(*[p[1][f"{n}_a"] if p else zero_a for p in parts])
+            tensors[f"{prefix}.{n}_b"] = torch.cat([p[1][f"{n}_b"] if p else zero_b for p in parts])
+        tensors[f"{prefix}.alpha"] = torch.tensor(scale * rank * 3)
+        return tensors
+    deltas = {m: _lycoris_delta(w, scales[m]) for m, w in present}
+    shape = next(iter(deltas.values())).shape
+    diff = torch.cat([deltas[p[0]] if p else torch.zeros(shape) for p in parts])
+    return {f"{prefix}.diff": diff.to(torch.bfloat16).contiguous()}

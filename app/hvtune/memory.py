@@ -6,6 +6,8 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
 - `base_model_precision`: `bf16` casts the frozen base to bf16; `int8-torchao` casts it to bf16 and quantizes its
   linear weights in place (torchao `Int8WeightOnlyConfig`, LoRA layers skipped), so the LoRA layers added afterwards
   wrap int8 base layers and stay float32; `no_change` keeps the loaded dtype. LoRA parameters are always float32.
+- `lora_type: lycoris`: peft LoKr / LoHa layers instead of LoRA, shaped and scaled by LyCORIS' rules
+  (`add_lycoris`; the rules in `hvtune.lycoris`). Everything below applies to them as to LoRA.
 - `gradient_checkpointing`: diffusers' block-level activation recomputation (`enable_gradient_checkpointing`).
 - `enable_group_offload`: diffusers group offload (`enable_group_offload`, offload device = CPU): the frozen base
   weights live on the CPU and groups of blocks (`block_level`, `group_offload_blocks_per_group` per group) or single
@@ -78,24 +80,40 @@ def lora_config(transformer, cfg: TrainConfig):
     return config
 
 
+ADAPTER_PARAMETER_MARKS = ("lora_", "lokr_", "hada_")  # peft's LoRA, LoKr and LoHa weight names
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(mark in name for mark in ADAPTER_PARAMETER_MARKS)
+
+
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:
-    return [p for name, p in transformer.named_parameters() if "lora_" in name]
+    return [p for name, p in transformer.named_parameters() if is_adapter_parameter(name)]
 
 
 def add_lora(transformer, cfg: TrainConfig) -> None:
     """Inject a LoRA adapter through diffusers' PEFT integration (`transformer.add_adapter`). LoRA weights float32 and
     trainable, everything else frozen. LoRA A's random init draws from the global RNG: seed it before calling."""
-    config = lora_config(transformer, cfg)
-    try:
-        transformer.add_adapter(config)
-    except ValueError as e:  # peft: "Target modules ... not found in the base model"
-        if "target" not in str(e).lower():
-            raise
-        raise UserError(f"lora_target_modules {cfg.lora_target_modules!r} match no layer of the transformer") from e
+    if cfg.lora_type == "lycoris":
+        from .lycoris import read_lycoris_config
+
+        add_lycoris(transformer, read_lycoris_config(cfg.lycoris_config))
+    else:
+        config = lora_config(transformer, cfg)
+        try:
+            transformer.add_adapter(config)
+        except ValueError as e:  # peft: "Target modules ... not found in the base model"
+            if "target" not in str(e).lower():
+                raise
+            raise UserError(f"lora_target_modules {cfg.lora_target_modules!r} match no layer of the transformer") from e
+    _make_adapter_trainable(transformer)
+
+
+def _make_adapter_trainable(transformer) -> None:
     device = _offload_device(transformer)
     frozen = []
     for name, param in transformer.named_parameters():
-        if "lora_" in name:  # resident on the training device even when the base is offloaded
+        if is_adapter_parameter(name):  # resident on the training device even when the base is offloaded
             param.data = param.data.to(device=device or param.device, dtype=torch.float32)
             param.requires_grad_(True)
         else:
@@ -105,6 +123,70 @@ def add_lora(transformer, cfg: TrainConfig) -> None:
     # refuse a module whose parameters sit on two device types (an offloaded base on the CPU, LoRA on the GPU): it only
     # needs to know the LoRA weights, every rank loads the same base.
     transformer._ddp_params_and_buffers_to_ignore = frozen + [name for name, _ in transformer.named_buffers()]
+
+
+def lycoris_targets(transformer, spec) -> dict[str, str]:
+    """{Linear module name: the apply_preset class it sits in} for `spec`, minus the last block's dead modules."""
+    dead = set(dead_modules(transformer))
+    targets: dict[str, str] = {}
+    for name, module in transformer.named_modules():
+        cls = type(module).__name__
+        if cls not in spec.target_classes:
+            continue
+        for sub, leaf in module.named_modules():
+            full = f"{name}.{sub}" if sub else name
+            if isinstance(leaf, torch.nn.Linear) and full not in dead:
+                targets.setdefault(full, cls)
+    return targets
+
+
+def add_lycoris(transformer, spec) -> None:
+    """peft LoKr / LoHa layers with LyCORIS' per-layer rules (hvtune.lycoris docstring): per-class factor, which
+    halves are split, scale, and LyCORIS' init (w1 random, w2 zero). The adapter is named "default" like LoRA's."""
+    from peft import LoHaConfig, LoKrConfig
+
+    targets = lycoris_targets(transformer, spec)
+    if not targets:
+        classes = sorted({type(m).__name__ for m in transformer.modules()} & {"Attention", "FeedForward"})
+        raise UserError(
+            f"lycoris_config apply_preset.target_module {list(spec.target_classes)} matches no module of the "
+            f"HunyuanVideo 1.5 transformer; its adaptable classes are {classes}"
+        )
+    common = dict(
+        r=spec.dim,
+        alpha=spec.alpha,
+        rank_dropout=spec.rank_dropout,
+        module_dropout=spec.module_dropout,
+        target_modules=sorted(targets),
+    )
+    if spec.algo == "loha":
+        transformer.add_adapter(LoHaConfig(**common))
+        return
+    transformer.add_adapter(
+        LoKrConfig(**common, decompose_factor=spec.factor, decompose_both=spec.decompose_both, init_weights="lycoris")
+    )
+    for name, module in transformer.named_modules():
+        if name in targets:
+            _lycoris_lokr_layer(module, spec, spec.factor_for(targets[name]))
+
+
+def _lycoris_lokr_layer(layer, spec, factor: int) -> None:
+    """Rebuild one peft LoKr layer's weights with LyCORIS' shapes and scale (peft has no full_matrix and no per-class
+    factor, and scales full w1 x full w2 by alpha / r where LyCORIS uses 1)."""
+    from peft.tuners.lokr.layer import factorization
+
+    base = layer.get_base_layer()
+    out_l, out_k = factorization(base.out_features, factor)
+    in_m, in_n = factorization(base.in_features, factor)
+    use_w1 = not (spec.decompose_both and spec.dim < max(out_l, in_m) / 2)
+    use_w2 = not (spec.dim < max(out_k, in_n) / 2 and not spec.full_matrix)
+    for weights in (layer.lokr_w1, layer.lokr_w1_a, layer.lokr_w1_b, layer.lokr_w2, layer.lokr_w2_a, layer.lokr_w2_b):
+        if "default" in weights:
+            del weights["default"]
+    layer.create_adapter_parameters("default", spec.dim, ((out_l, out_k), (in_m, in_n)), use_w1, use_w2, False)
+    layer.reset_adapter_parameters_lycoris_way("default")
+    layer.scaling["default"] = 1.0 if use_w1 and use_w2 else spec.alpha / spec.dim
+    layer._move_adapter_to_device_of_base_layer("default")
 
 
 def _offload_device(transformer) -> torch.device | None:
@@ -138,7 +220,7 @@ def _pin_offload_groups(transformer) -> int:
 
 def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> None:
     """Attention path, precision, checkpointing and placement of the frozen base. Call before `add_lora`."""
-    if any("lora_" in name for name, _ in transformer.named_parameters()):
+    if any(is_adapter_parameter(name) for name, _ in transformer.named_parameters()):
         raise RuntimeError("prepare_base must run before add_lora (it casts, quantizes and offloads the base only)")
     device = torch.device(device)
     if cfg.enable_group_offload and cfg.enable_model_cpu_offload:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import ema as lora_ema
 from .batches import load_batch, plan_epoch, text_entry
 from .checkpoints import (
     CheckpointError,
@@ -27,7 +28,15 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import ConfigError, ResolvedConfig, UserError, check_device_support, mask_secrets
-from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
+from .export import (
+    adapter_config,
+    adapter_scales,
+    lora_state_dict,
+    lycoris_metadata,
+    save_comfyui_lora,
+    save_diffusers_lora,
+    to_comfyui,
+)
 from .files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem, write_json_atomic
 from .manifest import load_manifest
 from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
@@ -35,7 +44,7 @@ from .objective import counter_seed, training_loss
 from .progress import TrainProgress
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
-from .validation import ImageCondition, TextCondition, sample_video, validation_dir
+from .validation import ImageCondition, TextCondition, dataset_validation_inputs, sample_video, validation_dir
 
 
 class TrainError(UserError):
@@ -153,12 +162,13 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     add_lora(transformer, cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
     try:  # fail now, not after hours of training, if the targets have no ComfyUI name
-        to_comfyui(lora_state_dict(transformer), alpha=float(cfg.lora_alpha or cfg.lora_rank))
+        to_comfyui(lora_state_dict(transformer), float(cfg.lora_alpha or cfg.lora_rank), adapter_scales(transformer))
     except ValueError as e:
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
     room = _Room(out, params)
     room.check(room.checkpoint + room.export, "a checkpoint and the final LoRA export")  # now, not after hours
+    ema = lora_ema.create(transformer, cfg)
 
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
 
@@ -181,6 +191,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         state.run = identity
         lr_scheduler.load_state_dict(sched_state)
         _apply_learning_rate(lr_scheduler, cfg.learning_rate, accelerator.print)
+        if ema is not None:
+            ema.load_checkpoint(resume, accelerator.print)
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
 
     loss_log = LossLog(out / "logs" / "loss.jsonl", resume_from_step=state.global_step) if main else None
@@ -231,6 +243,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     )
                 state.global_step += 1
                 steps_this_run += 1
+                if ema is not None:
+                    ema.update(state.global_step)
                 state.loss_history.append(step_loss)
                 now = time.time()
                 lr = lr_scheduler.get_last_lr()[0]
@@ -260,9 +274,12 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                         optimizer,
                         lr_scheduler,
                         cfg.checkpoints_total_limit,
+                        ema,
                     )
                 if _validation_due(cfg, state.global_step, total_steps, final=last) and main:
-                    _validate(cfg, manifest, model, paths, state.global_step, device)
+                    for suffix, weights in lora_ema.validation_variants(cfg, ema):
+                        with weights:
+                            _validate(cfg, manifest, model, paths, state.global_step, device, suffix)
                 if stop_now or limited:
                     stopped_early = not last
                     if stop_now:
@@ -289,8 +306,11 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         try:
             room.check(room.export, "the final LoRA export")
             lora_path = room.write("the final LoRA export", _export, cfg, model, out)
+            if ema is not None:
+                with ema.applied():
+                    room.write("the EMA LoRA export", _export, cfg, model, out / lora_ema.EXPORT_DIR)
         except (TrainError, OSError, RuntimeError) as e:  # keep the steps since the last checkpoint
-            raise TrainError(f"{e}. {_keep_last_step(out, state, model, optimizer, lr_scheduler)}") from e
+            raise TrainError(f"{e}. {_keep_last_step(out, state, model, optimizer, lr_scheduler, ema)}") from e
         losses = [(i + 1, v) for i, v in enumerate(state.loss_history)]
         plot_losses(out / "loss.png", {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if main:
@@ -357,10 +377,10 @@ class _Room:
             raise
 
 
-def _keep_last_step(out, state, model, optimizer, lr_scheduler) -> str:
+def _keep_last_step(out, state, model, optimizer, lr_scheduler, ema) -> str:
     """After a failed final export: a checkpoint of the last step, so that a rerun exports without training again."""
     try:
-        path = _checkpoint(out, state, model, optimizer, lr_scheduler, None)
+        path = _checkpoint(out, state, model, optimizer, lr_scheduler, None, ema)
     except (OSError, RuntimeError) as e:
         return f"No checkpoint of step {state.global_step} could be written either ({e}); the last checkpoint is kept"
     return (
@@ -369,11 +389,13 @@ def _keep_last_step(out, state, model, optimizer, lr_scheduler) -> str:
     )
 
 
-def _checkpoint(out, state, model, optimizer, lr_scheduler, keep) -> Path:
-    return save_checkpoint(out, state, lora_state_dict(model), optimizer.state_dict(), lr_scheduler.state_dict(), keep)
+def _checkpoint(out, state, model, optimizer, lr_scheduler, keep, ema=None) -> Path:
+    extra = ema.checkpoint_files() if ema is not None else None
+    lora, opt, sched = lora_state_dict(model), optimizer.state_dict(), lr_scheduler.state_dict()
+    return save_checkpoint(out, state, lora, opt, sched, keep, extra)
 
 
-def _validate(cfg, manifest, model, paths, step: int, device) -> list[Path]:
+def _validate(cfg, manifest, model, paths, step: int, device, suffix: str = "") -> list[Path]:
     from .media import write_video
 
     vae = load_vae(paths).to(device)
@@ -384,33 +406,40 @@ def _validate(cfg, manifest, model, paths, step: int, device) -> list[Path]:
     if manifest.task == "i2v":
         cond_latent, image_embeds = manifest.validation_image_condition()
         image = ImageCondition(cond_latent, image_embeds)
-    width, height = cfg.validation_size
-    if image is not None:  # the cached condition fixes the size
-        height = image.cond_latent.shape[-2] * vae.spatial_compression_ratio
-        width = image.cond_latent.shape[-1] * vae.spatial_compression_ratio
+    jobs = [("0", manifest.validation_prompt_key, image)]
+    if cfg.validation_using_datasets and manifest.task == "i2v":
+        ids = [cfg.eval_dataset_id] if isinstance(cfg.eval_dataset_id, str) else cfg.eval_dataset_id
+        jobs += dataset_validation_inputs(manifest, ids, cfg.num_eval_images)
     was_training = model.training
     model.eval()
-    frames = sample_video(
-        model,
-        vae,
-        scheduler,
-        prompt=_text_condition(manifest, manifest.validation_prompt_key),
-        negative=_text_condition(manifest, manifest.validation_negative_key),
-        width=width,
-        height=height,
-        num_frames=cfg.validation_num_video_frames,
-        num_inference_steps=cfg.validation_num_inference_steps,
-        guidance_scale=cfg.validation_guidance,
-        seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
-        image=image,
-        device=device,
-        offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
-    )
+    written = []
+    for name, prompt_key, image in jobs:
+        width, height = cfg.validation_size
+        if image is not None:  # the cached condition fixes the size
+            height = image.cond_latent.shape[-2] * vae.spatial_compression_ratio
+            width = image.cond_latent.shape[-1] * vae.spatial_compression_ratio
+        frames = sample_video(
+            model,
+            vae,
+            scheduler,
+            prompt=_text_condition(manifest, prompt_key),
+            negative=_text_condition(manifest, manifest.validation_negative_key),
+            width=width,
+            height=height,
+            num_frames=cfg.validation_num_video_frames,
+            num_inference_steps=cfg.validation_num_inference_steps,
+            guidance_scale=cfg.validation_guidance,
+            seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
+            image=image,
+            device=device,
+            offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
+        )
+        target = validation_dir(cfg.output_dir, step) / f"validation_{name}{suffix}.mp4"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_video(target, frames, fps=cfg.validation_fps)
+        written.append(target)
     model.train(was_training)
-    target = validation_dir(cfg.output_dir, step) / "validation_0.mp4"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_video(target, frames, fps=cfg.validation_fps)
-    return [target]
+    return written
 
 
 def _export(cfg, model, out: Path) -> Path:
@@ -419,9 +448,11 @@ def _export(cfg, model, out: Path) -> Path:
         "hvtune.flavour": cfg.model_flavour,
         "hvtune.rank": str(cfg.lora_rank),
         "hvtune.alpha": str(cfg.lora_alpha or cfg.lora_rank),
+        **lycoris_metadata(cfg),
     }
     path = save_diffusers_lora(state_dict, out, meta, adapter_config(model))
-    save_comfyui_lora(state_dict, out / "comfyui_lora.safetensors", alpha=float(cfg.lora_alpha or cfg.lora_rank))
+    alpha = float(cfg.lora_alpha or cfg.lora_rank)
+    save_comfyui_lora(state_dict, out / "comfyui_lora.safetensors", alpha, scales=adapter_scales(model))
     return path
 
 
@@ -445,6 +476,7 @@ def _run_record(resolved, manifest, paths, determinism, world, state, started, s
     import hashlib
 
     lora_sha = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
+    ema_path = lora_path.parent / "ema" / lora_path.name if lora_path else None  # use_ema's copy (hvtune.ema)
     record = resolved.to_record()
     return {
         "hvtune_run": 1,
@@ -464,6 +496,7 @@ def _run_record(resolved, manifest, paths, determinism, world, state, started, s
         "outputs": {
             "lora": str(lora_path) if lora_path else None,
             "lora_sha256": lora_sha,
+            "ema_lora": str(ema_path) if ema_path and ema_path.is_file() else None,
             "loss_log": "logs/loss.jsonl",
         },
     }

@@ -116,3 +116,24 @@ def sample_video(
 
 def validation_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "validation" / f"step_{step:06d}"
+
+
+def dataset_validation_inputs(manifest, dataset_ids: list[str] | None, per_dataset: int):
+    """[(name, caption text key, ImageCondition)] for i2v validation on training samples (`validation_using_datasets`):
+    the first `per_dataset` samples of each selected dataset (all when `dataset_ids` is None), in manifest order, each
+    with its own cached first-frame condition, SigLIP embedding and first caption."""
+    from safetensors.torch import load_file
+
+    taken: dict[str, int] = {}
+    inputs = []
+    for sample in manifest.samples:
+        if (dataset_ids is not None and sample.dataset not in dataset_ids) or sample.image_key is None:
+            continue
+        if taken.get(sample.dataset, 0) >= per_dataset:
+            continue
+        taken[sample.dataset] = taken.get(sample.dataset, 0) + 1
+        cond = load_file(manifest.latent_path(sample))["cond_latents"][:, :1].float()[None]
+        embeds = load_file(manifest.image_path(sample))["image_embeds"].float()[None]
+        name = f"{sample.dataset}_{taken[sample.dataset] - 1}"
+        inputs.append((name, sample.text_keys[0], ImageCondition(cond, embeds)))
+    return inputs
