@@ -4,8 +4,8 @@
     python benchmarks/bench_gpu.py --res 480p --configs plain,gc
     python benchmarks/bench_gpu.py --cpu-smoke             # same code end to end on the CPU, tiny sizes, < 60 s
 
-The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG` below is
-diffusers' own `TRANSFORMER_CONFIGS["480p_t2v"]` / `["720p_t2v"]` from huggingface/diffusers
+The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG`
+(`hvtune.architectures.TRANSFORMER_CONFIG`) is diffusers' own `TRANSFORMER_CONFIGS["480p_t2v"]` / `["720p_t2v"]` from huggingface/diffusers
 scripts/convert_hunyuan_video1_5_to_diffusers.py (also the class defaults of `HunyuanVideo15Transformer3DModel` in
 diffusers 0.42.1): 54 dual-stream blocks, 16 heads x 128 = hidden 2048, mlp_ratio 4, 2 refiner blocks, patch 1x1x1,
 text_embed_dim 3584 (Qwen2.5-VL-7B), text_embed_2_dim 1472 (ByT5-small glyph), image_embed_dim 1152 (SigLIP),
@@ -57,29 +57,11 @@ APP = HERE.parent / "app"
 
 # ------------------------------------------------------------------------------------------------- architecture
 
-# huggingface/diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py, TRANSFORMER_CONFIGS["480p_t2v"] (720p_t2v
-# differs only in target_size 960); identical to HunyuanVideo15Transformer3DModel's defaults in diffusers 0.42.1.
-REAL_CONFIG = dict(
-    in_channels=65,  # noisy latents 32 + condition latents 32 + mask 1
-    out_channels=32,
-    num_attention_heads=16,
-    attention_head_dim=128,
-    num_layers=54,
-    num_refiner_layers=2,
-    mlp_ratio=4.0,
-    patch_size=1,
-    patch_size_t=1,
-    qk_norm="rms_norm",
-    text_embed_dim=3584,
-    text_embed_2_dim=1472,
-    image_embed_dim=1152,
-    rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56),
-    use_meanflow=False,
-    target_size=640,
-    task_type="t2v",
-)
-TARGET_SIZE = {"480p": 640, "720p": 960}
+sys.path.insert(0, str(APP))
+# The real architecture, the FLOP model and the cards' peaks live in the package (`hvtune plan` uses them too).
+from hvtune.architectures import TARGET_SIZE, forward_flops, latent_shape, peak_bf16_tflops  # noqa: E402
+from hvtune.architectures import TRANSFORMER_CONFIG as REAL_CONFIG  # noqa: E402
+
 RESOLUTIONS = {"480p": (61, 480, 848), "720p": (121, 720, 1280)}  # frames, height, width
 
 # --cpu-smoke: the same code on a model the CPU runs in seconds (2 blocks, hidden 64, fp32)
@@ -103,18 +85,6 @@ SMOKE_TEXT = {"qwen_pad": 40, "byt5_pad": 8, "image": 9, "caption": 12}
 PIPELINE_TEXT = {"qwen_pad": 1000, "byt5_pad": 256, "image": 729}
 DEFAULT_CAPTION_TOKENS = 120  # Qwen valid tokens incl. the 5 template tokens; bench_seqlen.py measures real captions
 
-PEAK_BF16_TFLOPS = [  # dense, no sparsity; first match on the device name wins
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM / HBM3
-    ("H800", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("B200", 2250.0),
-    ("MI300X", 1307.0),
-]
 
 # Memory configurations (the trainer's config keys) x text layouts.
 MEMORY = {
@@ -155,37 +125,6 @@ DEFAULT_CONFIGS = {
     ],
     "720p": ["gc:maskfree", "gc+offload+stream:maskfree", "gc", "gc+offload+stream+int8:maskfree"],
 }
-
-
-def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """VAE: 32 channels, 4x causal temporal (4n+1 frames -> n+1), 16x spatial."""
-    if (frames - 1) % 4:
-        raise ValueError(f"frames must be 4n+1, got {frames}")
-    return 32, (frames - 1) // 4 + 1, height // 16, width // 16
-
-
-def forward_flops(cfg: dict, n_video: int, n_qwen: int, n_byt5: int, n_image: int, batch: int = 1) -> dict:
-    """Matmul FLOPs of one forward pass (multiply-add = 2), per component. See the module docstring."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    layers, r = cfg["num_layers"], cfg["mlp_ratio"]
-    per_token_block = 2 * (4 + 2 * r) * d * d  # q, k, v, out + MLP d -> r*d -> d, one stream
-    n_text = n_qwen + n_byt5 + n_image
-    seq = n_video + n_text
-    patch = cfg["patch_size_t"] * cfg["patch_size"] ** 2
-    parts = {
-        "blocks_linear": layers * per_token_block * seq,
-        "attention": layers * 4 * seq * seq * d,
-        "modulation": layers * 2 * 2 * d * 6 * d + 2 * d * 2 * d,  # adaLN-zero of both streams + norm_out, per sample
-        "refiner": cfg["num_refiner_layers"] * (per_token_block * n_qwen + 4 * n_qwen * n_qwen * d)
-        + 2 * cfg["text_embed_dim"] * d * n_qwen,
-        "byt5_projection": 2 * (cfg["text_embed_2_dim"] * 2048 + 2048 * 2048 + 2048 * d) * n_byt5,
-        "image_projection": 2 * (cfg["image_embed_dim"] ** 2 + cfg["image_embed_dim"] * d) * n_image,
-        "patch_embed_and_out": 2 * (cfg["in_channels"] + cfg["out_channels"]) * patch * d * n_video,
-    }
-    parts = {k: v * batch for k, v in parts.items()}
-    parts["total"] = sum(parts.values())
-    parts["seq_len"] = seq
-    return parts
 
 
 def text_layout(mode: str, smoke: bool, caption_tokens: int) -> dict:
@@ -664,10 +603,7 @@ def _slug(name: str) -> str:
 def _peak_tflops(name: str, override: float | None) -> float | None:
     if override:
         return override
-    for key, value in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return value
-    return None
+    return peak_bf16_tflops(name)
 
 
 def _table(rows: list[list], header: list[str]) -> str:

@@ -12,6 +12,7 @@ STAGES = [
     "files",  # used by every stage that writes
     "config",
     "model_files",  # model registry
+    "architectures",
     "tiny_model",
     "encoder_layouts",
     "registry",
@@ -32,6 +33,7 @@ STAGES = [
     "record",  # run record
     "compare",
     "trainer",  # the loop: wires the stages
+    "plan",  # the full-size step on meta tensors (uses the trainer's step)
     "demo",  # entry points
     "cli",
     "__main__",
