@@ -4,12 +4,9 @@
     python benchmarks/bench_gpu.py --res 480p --configs plain,gc
     python benchmarks/bench_gpu.py --cpu-smoke             # same code end to end on the CPU, tiny sizes, < 60 s
 
-The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG`
-(`hvtune.architectures.TRANSFORMER_CONFIG`) is diffusers' own `TRANSFORMER_CONFIGS["480p_t2v"]` / `["720p_t2v"]` from huggingface/diffusers
-scripts/convert_hunyuan_video1_5_to_diffusers.py (also the class defaults of `HunyuanVideo15Transformer3DModel` in
-diffusers 0.42.1): 54 dual-stream blocks, 16 heads x 128 = hidden 2048, mlp_ratio 4, 2 refiner blocks, patch 1x1x1,
-text_embed_dim 3584 (Qwen2.5-VL-7B), text_embed_2_dim 1472 (ByT5-small glyph), image_embed_dim 1152 (SigLIP),
-rope_axes_dim (16, 56, 56), rope_theta 256, target_size 640 (480p) / 960 (720p). 8,326,608,160 parameters.
+The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG` is
+`hvtune.architectures.TRANSFORMER_CONFIG` (diffusers' own TRANSFORMER_CONFIGS; see that module), with target_size
+640 (480p) / 960 (720p). 8,326,608,160 parameters.
 
 Each configuration runs in its own subprocess (an OOM or a hang in one does not take the rest down, and peak memory
 starts clean) through the trainer's own code: `hvtune.memory.prepare_base` (precision, int8-torchao, gradient

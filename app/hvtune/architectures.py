@@ -50,7 +50,9 @@ class UnknownArchitecture(ValueError):
 def transformer_config(flavour: str) -> dict:
     """The diffusers config of the flavour's transformer (kwargs of `HunyuanVideo15Transformer3DModel`)."""
     if flavour not in FLAVOUR_DEFAULTS:
-        raise UnknownArchitecture(f"no known architecture for model_flavour {flavour!r}; one of {sorted(FLAVOUR_DEFAULTS)}")
+        raise UnknownArchitecture(
+            f"no known architecture for model_flavour {flavour!r}; one of {sorted(FLAVOUR_DEFAULTS)}"
+        )
     task, res = flavour.split("-")
     return dict(TRANSFORMER_CONFIG, target_size=TARGET_SIZE[res], task_type=task)
 

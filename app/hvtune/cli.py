@@ -40,6 +40,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import detected_gpu, format_plan, format_sweep, parse_gpu, shape_for, simulate, sweep, verdict
+
+    resolved = _config(args)
+    gpu = detected_gpu() if args.gpu == "auto" else parse_gpu(args.gpu) if args.gpu else None
+    if args.gpu == "auto" and gpu is None:
+        print("plan: no GPU visible; name one with --gpu (a card or a size such as 24GB)")
+        return EXIT_OK
+    shape = shape_for(resolved, args.caption_tokens)
+    plan = simulate(resolved.train, shape)
+    if args.verdict:
+        fits = gpu is None or plan.gpu_peak <= gpu.memory_gib * 2**30
+        print(verdict(plan, gpu, None if fits else sweep(resolved.train, shape, gpu, progress=lambda _: None)))
+        return EXIT_OK
+    print(format_plan(plan, gpu))
+    if gpu is not None:
+        print(format_sweep(sweep(resolved.train, shape, gpu), gpu))
+    return EXIT_OK
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .registry import resolve_model
 
@@ -140,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config("check", cmd_check, "Validate the config and show every resolved value with its source.")
+    p = with_config("plan", cmd_plan, "Predict GPU memory, host RAM and s/step: the full-size step on meta tensors.")
+    p.add_argument("--gpu", help="a card (RTX 4090, A100 80, H100, ...), a size (24GB) or auto: list what fits")
+    p.add_argument("--caption-tokens", type=int, default=256, help="Qwen tokens per caption (default 256)")
+    p.add_argument("--verdict", action="store_true", help="one line: does the configured setting fit the card")
     with_config("fetch", cmd_fetch, "Resolve or download every model component the flavour needs.")
     p = with_config("cache", cmd_cache, "Encode text, video latents and i2v conditions once (or verify the cache).")
     p.add_argument("action", nargs="?", choices=["build", "verify"], default="build")

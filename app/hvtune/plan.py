@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .architectures import (
-    GPUS,
     GPU,
+    GPUS,
     IMAGE_TOKENS,
     find_gpu,
     forward_flops,
@@ -211,13 +211,13 @@ class TensorTracker:
         real_kwargs = tree_map(to_real, real_kwargs)
         try:
             real_out = func(*real_args, **real_kwargs)
-        except Exception:  # noqa: BLE001  a kernel the CPU lacks (or a dtype it refuses): no shadow, stay exact elsewhere
+        except Exception:  # a kernel the CPU lacks for this dtype: no shadow (values stay unknown, shapes exact)
             return
         flat_real, _ = tree_flatten(real_out)
         for m, r in zip(flat_out, flat_real, strict=False):
-            if isinstance(m, torch.Tensor) and m.device.type == "meta" and isinstance(r, torch.Tensor):
-                if r.shape == m.shape:
-                    self.shadows[m] = r
+            meta_out = isinstance(m, torch.Tensor) and m.device.type == "meta"
+            if meta_out and isinstance(r, torch.Tensor) and r.shape == m.shape:
+                self.shadows[m] = r
 
     def _data_dependent_shape(self, func, args, kwargs):
         """nonzero / boolean indexing / masked_select: computed on the shadows, the result made meta (+ shadow)."""
@@ -433,7 +433,9 @@ def largest_bucket(resolved: ResolvedConfig) -> tuple[int, int, int]:
     best = None
     for ds in media_datasets(resolved):
         resolution = dataset_resolution(ds, resolved)
-        sizes = [resolution] if isinstance(resolution, tuple) else [(w, h) for h, w in crop_size_list(resolution * 4 / 3)]
+        sizes = (
+            [resolution] if isinstance(resolution, tuple) else [(w, h) for h, w in crop_size_list(resolution * 4 / 3)]
+        )
         v = ds.video
         frames = 1 if ds.dataset_type == "image" else v.num_frames
         if ds.dataset_type == "video" and v.bucket_strategy == "resolution_frames":
@@ -503,7 +505,10 @@ def _batch_for(shape: StepShape, model_config: dict, seed: int = 0):
 
 def _accelerator(cfg: TrainConfig, cpu: bool = True):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one process-wide state and refuses another mixed_precision; the sweep simulates several
+    AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, gradient_accumulation_steps=1)
 
 
@@ -516,27 +521,49 @@ def _state_tensors(optimizer) -> list:
     return out
 
 
-def run_step(
-    transformer, cfg: TrainConfig, shape: StepShape, *, device: str, autocast_device: str = "cuda", steps: int = 1
-) -> StepMemory:
-    """prepare_base -> add_lora -> build_optimizer -> `steps` x trainer.training_step on `transformer` (already built
-    on `device`), under a TensorTracker for `device`. Group offload is not applied here (see `offload_resident`)."""
+def storage_bytes(tensors, device_type: str) -> int:
+    """Bytes of the distinct storages of `tensors` on `device_type` (shared tensors counted once)."""
+    seen = {}
+    for t in tensors:
+        if t.device.type == device_type:
+            for st in _storages(t):
+                seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+def prepare_step(transformer, cfg: TrainConfig, device: str):
+    """The trainer's setup on `transformer`: prepare_base, add_lora (seeded as the trainer seeds it),
+    build_optimizer, and the optimizer's state allocated. Returns (the config the step runs with, LoRA params,
+    optimizer). On meta, diffusers' offload hooks would copy weights to the CPU (there is no data to copy), so
+    offload is left out and `offload_resident` accounts for it; a real run keeps it (on the CPU it moves nothing)."""
     import torch
 
     from .memory import add_lora, build_optimizer, prepare_base
     from .objective import counter_seed
-    from .trainer import training_step
 
-    started = time.perf_counter()
     meta = device == "meta"
-    step_cfg = cfg.model_copy(update={"enable_group_offload": False, "group_offload_use_stream": False, "flow_schedule_shift": cfg.shift})
-    model_config = dict(transformer.config)
+    offload = {"enable_group_offload": False, "group_offload_use_stream": False} if meta else {}
+    step_cfg = cfg.model_copy(update={**offload, "flow_schedule_shift": cfg.shift})
     prepare_base(transformer, step_cfg, device)
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))
     add_lora(transformer, step_cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, step_cfg)
     _warm_optimizer(optimizer, params, meta=meta)
+    return step_cfg, params, optimizer
+
+
+def run_step(
+    transformer, cfg: TrainConfig, shape: StepShape, *, device: str, autocast_device: str = "cuda", steps: int = 1
+) -> StepMemory:
+    """`prepare_step`, then `steps` x trainer.training_step on `transformer` (already built on `device`) under a
+    TensorTracker for `device`; the peak is the last step's."""
+    from .trainer import training_step
+
+    started = time.perf_counter()
+    meta = device == "meta"
+    model_config = dict(transformer.config)
+    step_cfg, params, optimizer = prepare_step(transformer, cfg, device)
     accelerator = _accelerator(step_cfg)
     batch = _batch_for(shape, model_config)
     image_embed_shape = (0, model_config["image_embed_dim"])
@@ -578,7 +605,7 @@ def run_step(
         del loss
         tracker.adopt(_state_tensors(optimizer))
     memory.peak = tracker.peak
-    memory.optimizer_state = sum(tensor_bytes(t) for t in _state_tensors(optimizer))
+    memory.optimizer_state = storage_bytes(_state_tensors(optimizer), device)
     memory.seconds = time.perf_counter() - started
     return memory
 
@@ -634,6 +661,19 @@ def _warm_optimizer(optimizer, params, *, meta: bool) -> None:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def compare_with_cpu(model_config: dict, cfg: TrainConfig, shape: StepShape) -> tuple[StepMemory, StepMemory]:
+    """(predicted, measured): the same step of the same (small) architecture on meta tensors with the CPU's
+    autocast rules, and for real on the CPU, both measured by the TensorTracker. The validation of the plan."""
+    import torch
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    predicted = run_step(build_meta_transformer(model_config), cfg, shape, device="meta", autocast_device="cpu")
+    torch.manual_seed(0)
+    real = HunyuanVideo15Transformer3DModel(**model_config)
+    measured = run_step(real, cfg, shape, device="cpu")
+    return predicted, measured
 
 
 def build_meta_transformer(model_config: dict):
@@ -728,11 +768,7 @@ class Plan:
 MEMORY_KNOBS = ("gradient_checkpointing", "enable_group_offload", "group_offload_use_stream", "base_model_precision")
 
 
-def simulate(cfg: TrainConfig, shape: StepShape, *, autocast_device: str = "cuda") -> Plan:
-    """The full-size step for `cfg` at `shape` on the meta device."""
-    model_config = transformer_config(cfg.model_flavour)
-    transformer = build_meta_transformer(model_config)
-    memory = run_step(transformer, cfg, shape, device="meta", autocast_device=autocast_device)
+def _plan(cfg: TrainConfig, shape: StepShape, transformer, memory: StepMemory, model_config: dict) -> Plan:
     if cfg.enable_group_offload:
         device_weights, host_weights = offload_resident(transformer, cfg)
     else:
@@ -745,9 +781,53 @@ def simulate(cfg: TrainConfig, shape: StepShape, *, autocast_device: str = "cuda
     return Plan(cfg.model_flavour, shape, settings, memory, device_weights, host_weights, flops)
 
 
-def shape_for(resolved: ResolvedConfig) -> StepShape:
+def simulate(cfg: TrainConfig, shape: StepShape, *, autocast_device: str = "cuda") -> Plan:
+    """The full-size step for `cfg` at `shape` on the meta device."""
+    model_config = transformer_config(cfg.model_flavour)
+    transformer = build_meta_transformer(model_config)
+    memory = run_step(transformer, cfg, shape, device="meta", autocast_device=autocast_device)
+    return _plan(cfg, shape, transformer, memory, model_config)
+
+
+def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print) -> list[Plan]:
+    """Every memory setting for `cfg` at `shape`: checkpointing x base precision are simulated (they change what
+    the step allocates); group offload (off / block_level / block_level + streams where CUDA) changes only where the
+    base weights live, so it is derived from each simulation with `offload_resident`."""
+    model_config = transformer_config(cfg.model_flavour)
+    offloads = [dict(enable_group_offload=False, group_offload_use_stream=False)]
+    offloads.append(dict(enable_group_offload=True, group_offload_use_stream=False, group_offload_type="block_level"))
+    if gpu.name != "MI300X":  # streams need CUDA (ROCm refuses group_offload_use_stream)
+        offloads.append(
+            dict(enable_group_offload=True, group_offload_use_stream=True, group_offload_type="block_level")
+        )
+    plans = []
+    for checkpointing in (False, True):
+        for precision in ("bf16", "int8-torchao"):
+            variant = cfg.model_copy(
+                update={"gradient_checkpointing": checkpointing, "base_model_precision": precision}
+            )
+            started = time.perf_counter()
+            transformer = build_meta_transformer(model_config)
+            memory = run_step(transformer, variant, shape, device="meta")
+            for offload in offloads:
+                plans.append(_plan(variant.model_copy(update=offload), shape, transformer, memory, model_config))
+            progress(
+                f"  simulated checkpointing={'on' if checkpointing else 'off'} base={precision} "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
+    return sorted(plans, key=lambda p: p.seconds_per_step(gpu))
+
+
+def shape_for(resolved: ResolvedConfig, caption_tokens: int = CAPTION_TOKENS) -> StepShape:
     w, h, f = largest_bucket(resolved)
-    return StepShape(batch=resolved.train.train_batch_size, frames=f, width=w, height=h, task=resolved.task)
+    return StepShape(
+        batch=resolved.train.train_batch_size,
+        frames=f,
+        width=w,
+        height=h,
+        task=resolved.task,
+        qwen_tokens=caption_tokens,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
@@ -797,9 +877,94 @@ def parse_gpu(text: str) -> GPU:
     return gpu
 
 
-def run_plan(resolved: ResolvedConfig, gpu: GPU | None = None) -> Plan:
-    return simulate(resolved.train, shape_for(resolved))
+def settings_keys(plan: Plan) -> dict[str, Any]:
+    """The config.json keys that select the plan's memory setting."""
+    keys = {k: plan.settings[k] for k in MEMORY_KNOBS}
+    if keys["enable_group_offload"]:
+        keys["group_offload_type"] = "block_level"
+    else:
+        del keys["group_offload_use_stream"]
+    return keys
 
 
-def _ceil(x: float) -> int:
-    return math.ceil(x)
+def format_settings(plan: Plan) -> str:
+    s = plan.settings
+    parts = ["checkpointing" if s["gradient_checkpointing"] else "no checkpointing"]
+    if s["enable_group_offload"]:
+        parts.append("group offload" + (" + streams" if s["group_offload_use_stream"] else ""))
+    parts.append("int8 base" if s["base_model_precision"] == "int8-torchao" else "bf16 base")
+    return ", ".join(parts)
+
+
+def format_sweep(plans: list[Plan], gpu: GPU) -> str:
+    fits = [p for p in plans if p.gpu_peak <= gpu.memory_gib * GiB]
+    lines = [f"memory settings on {gpu.name} ({gpu.memory_gib:g} GB), fastest first:"]
+    for p in plans:
+        mark = "fits" if p in fits else "no  "
+        lines.append(
+            f"  {mark}  {gib(p.gpu_peak):>9}  {p.seconds_per_step(gpu):6.1f} s/step  host RAM {gib(p.host_peak):>8}"
+            f"  {format_settings(p)}"
+        )
+    if fits:
+        best = fits[0]
+        lines.append(f"best that fits: {format_settings(best)}; set in config.json:")
+        lines += [f'  "{k}": {json_value(v)},' for k, v in settings_keys(best).items()]
+    else:
+        lines.append(how_to_fit(min(plans, key=lambda p: p.gpu_peak), gpu))
+    return "\n".join(lines)
+
+
+def json_value(v) -> str:
+    import json
+
+    return json.dumps(v)
+
+
+def how_to_fit(plan: Plan, gpu: GPU) -> str:
+    """For the smallest setting that does not fit: by how much, and how far frames, resolution or rank would have to
+    go (activations grow about linearly with the tokens; LoRA, its gradients and its state linearly with the rank)."""
+    over = plan.gpu_peak - gpu.memory_gib * GiB
+    act = max(plan.activations - plan.memory.lora_grads, 1)
+    lora = plan.memory.lora_weights + plan.memory.lora_grads + plan.memory.optimizer_state
+    shape = plan.shape
+    keep = max(0.0, 1 - over / act)  # share of the tokens that would fit
+    frames = max(1, int(shape.latents[1] * keep - 1) * 4 + 1)
+    scale = math.sqrt(keep)
+    knobs = {
+        "frames": (min(over, act * (1 - 1 / max(shape.latents[1], 1))), f"num_frames {shape.frames} -> {frames}"),
+        "resolution": (min(over, act * 0.75), f"resolution x{scale:.2f} ({int(shape.height * scale) // 16 * 16}p)"),
+        "rank": (lora * (1 - 4 / max(plan.settings["lora_rank"], 4)), f"lora_rank {plan.settings['lora_rank']} -> 4"),
+    }
+    best = max(knobs, key=lambda k: knobs[k][0])
+    return (
+        f"does not fit: the smallest setting ({format_settings(plan)}) needs {gib(plan.gpu_peak)}, "
+        f"{gib(over)} more than the {gib(gpu.memory_gib * GiB)} of {gpu.name}. The knob that moves it most is "
+        f"{best}: {knobs[best][1]}" + ("" if keep > 0 else " (activations alone do not fit: a larger card is needed)")
+    )
+
+
+def verdict(plan: Plan, gpu: GPU, sweep_plans: list[Plan] | None = None) -> str:
+    """One line: does the configured setting fit this card; if not, the fastest setting that does."""
+    line = f"predicted peak {gib(plan.gpu_peak)} {'<=' if plan.gpu_peak <= gpu.memory_gib * GiB else '>'} "
+    line += f"{gpu.memory_gib:g} GB on this {gpu.name}"
+    if plan.gpu_peak <= gpu.memory_gib * GiB or not sweep_plans:
+        return line
+    fits = [p for p in sweep_plans if p.gpu_peak <= gpu.memory_gib * GiB]
+    if not fits:
+        return line + "; " + how_to_fit(min(sweep_plans, key=lambda p: p.gpu_peak), gpu)
+    best = fits[0]
+    keys = ", ".join(f"{k}={json_value(v)}" for k, v in settings_keys(best).items() if plan.settings.get(k) != v)
+    return line + f": set {keys} (predicted {gib(best.gpu_peak)})"
+
+
+def detected_gpu() -> GPU | None:
+    """The visible CUDA/ROCm card as a GPU entry (its real memory size), or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    known = find_gpu(props.name)
+    speed = known.bf16_tflops if known else 989.0
+    link = known.host_link_gbps if known else 25.0
+    return GPU(known.name if known else props.name, round(props.total_memory / GiB, 2), speed, link, ())
