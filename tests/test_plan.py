@@ -128,13 +128,12 @@ def test_full_size_base_weight_bytes_bf16_and_int8():
     assert _bytes(frozen) == 2 * FULL_PARAMS
 
     transformer, _, _ = _full("t2v-480p", base_model_precision="int8-torchao")
-    linears = [m for name, m in transformer.named_modules() if "lora_" not in name and type(m).__name__ == "Linear"] + [
-        m.base_layer for m in transformer.modules() if hasattr(m, "base_layer")
-    ]
-    linear_weights = sum(m.weight.shape[0] * m.weight.shape[1] for m in linears)
-    rows = sum(m.weight.shape[0] for m in linears)
-    # int8 weight-only: one byte per weight and one bf16 scale per output row; everything else stays bf16
-    expected = linear_weights + 2 * rows + 2 * (FULL_PARAMS - linear_weights)
+    linears = [m for name, m in transformer.named_modules() if type(m) is torch.nn.Linear and "lora_" not in name]
+    linear_weights = sum(m.in_features * m.out_features for m in linears)
+    rows = sum(m.out_features for m in linears)
+    # torchao int8 weight-only: one byte per weight, a float32 scale and an int8 zero point per output row;
+    # everything else (biases, norms, embeddings) stays bf16
+    expected = linear_weights + (4 + 1) * rows + 2 * (FULL_PARAMS - linear_weights)
     frozen = [p for p in transformer.parameters() if not p.requires_grad]
     assert _bytes(frozen) == expected
     assert all(p.dtype == torch.float32 for p in transformer.parameters() if p.requires_grad)
