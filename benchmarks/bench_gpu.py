@@ -376,9 +376,34 @@ def run_config(spec: dict) -> dict:
     peak = spec.get("peak_tflops")
     result["mfu"] = round(train_flops / s_step / (peak * 1e12), 4) if peak else None
 
+    if not smoke and mode == "maskfree":  # plan's prediction for the same step, beside the measurement
+        result.update(_plan_prediction(cfg, spec["res"], text, device))
     if spec.get("backend_probe", True):
         result["sdpa_in_model"] = _model_backend_probe(transformer, batch, training_loss, autocast, image_shape, device)
     return result
+
+
+def _plan_prediction(cfg, res: str, text: dict, device) -> dict:
+    """`hvtune plan` for this configuration (maskfree layout: no padding, which plan's shapes describe): the peak it
+    predicts for torch.cuda.max_memory_allocated (no allowances) and s/step on this card, to calibrate plan."""
+    import torch
+
+    from hvtune.architectures import find_gpu
+    from hvtune.plan import GiB, StepShape, simulate
+
+    frames, height, width = RESOLUTIONS[res]
+    shape = StepShape(1, frames, width, height, "t2v", qwen_tokens=text["qwen"], byt5_tokens=text["byt5"])
+    started = time.perf_counter()
+    plan = simulate(cfg.model_copy(update={"model_flavour": f"t2v-{res}"}), shape)
+    gpu = find_gpu(torch.cuda.get_device_name(device))
+    measured = torch.cuda.max_memory_allocated() / GiB
+    predicted = plan.tracked_peak / GiB
+    return {
+        "plan_peak_gib": round(predicted, 2),
+        "plan_peak_ratio": round(predicted / measured, 3) if measured else None,
+        "plan_s_per_step": round(plan.seconds_per_step(gpu), 2) if gpu else None,
+        "plan_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _model_backend_probe(transformer, batch, training_loss, autocast, image_shape, device) -> dict:
@@ -621,6 +646,7 @@ def _row(r: dict) -> list:
             "-",
             "-",
             "-",
+            "-",
             (r.get("error") or "")[:60],
         ]
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
@@ -631,6 +657,7 @@ def _row(r: dict) -> list:
         "ok",
         r["s_per_step"],
         r.get("peak_vram_gib", "-"),
+        r.get("plan_peak_gib", "-"),
         r["seq_len"],
         r["tokens_per_s"],
         mfu,
@@ -638,8 +665,19 @@ def _row(r: dict) -> list:
     ]
 
 
-HEADER = ["res", "config", "status", "s/step", "peak VRAM GiB", "S tokens", "tokens/s", "MFU", "SDPA in model"]
-WIDTHS = [5, 30, 7, 8, 13, 8, 10, 6, 24]
+HEADER = [
+    "res",
+    "config",
+    "status",
+    "s/step",
+    "peak VRAM GiB",
+    "plan GiB",
+    "S tokens",
+    "tokens/s",
+    "MFU",
+    "SDPA in model",
+]
+WIDTHS = [5, 30, 7, 8, 13, 8, 8, 10, 6, 24]
 
 
 def _line(cells: list) -> str:

@@ -37,23 +37,26 @@ def cmd_check(args: argparse.Namespace) -> int:
         state = "disabled" if ds.disabled else ds.dataset_type
         print(f"  {ds.id}: {state} {ds.instance_data_dir or ds.cache_dir or ''}")
     print("config OK")
+    if detect_device() != "cpu":  # a GPU is visible: will the configured setting fit it (simulated, ~1 min)
+        from .plan import gpu_verdict
+
+        print(gpu_verdict(resolved))
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import detected_gpu, format_plan, format_sweep, parse_gpu, shape_for, simulate, sweep, verdict
+    from .plan import detected_gpu, format_plan, format_sweep, gpu_verdict, parse_gpu, shape_for, simulate, sweep
 
     resolved = _config(args)
     gpu = detected_gpu() if args.gpu == "auto" else parse_gpu(args.gpu) if args.gpu else None
     if args.gpu == "auto" and gpu is None:
         print("plan: no GPU visible; name one with --gpu (a card or a size such as 24GB)")
         return EXIT_OK
+    if args.verdict:
+        print(gpu_verdict(resolved, gpu, args.caption_tokens))
+        return EXIT_OK
     shape = shape_for(resolved, args.caption_tokens)
     plan = simulate(resolved.train, shape)
-    if args.verdict:
-        fits = gpu is None or plan.gpu_peak <= gpu.memory_gib * 2**30
-        print(verdict(plan, gpu, None if fits else sweep(resolved.train, shape, gpu, progress=lambda _: None)))
-        return EXIT_OK
     print(format_plan(plan, gpu))
     if gpu is not None:
         print(format_sweep(sweep(resolved.train, shape, gpu), gpu))

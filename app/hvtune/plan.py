@@ -968,3 +968,15 @@ def detected_gpu() -> GPU | None:
     speed = known.bf16_tflops if known else 989.0
     link = known.host_link_gbps if known else 25.0
     return GPU(known.name if known else props.name, round(props.total_memory / GiB, 2), speed, link, ())
+
+
+def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens: int = CAPTION_TOKENS) -> str:
+    """The one line `hvtune check` and the entrypoints print when a GPU is visible (`gpu` defaults to it)."""
+    gpu = gpu or detected_gpu()
+    if gpu is None:
+        return "plan: no GPU visible"
+    shape = shape_for(resolved, caption_tokens)
+    plan = simulate(resolved.train, shape)
+    if plan.gpu_peak <= gpu.memory_gib * GiB:
+        return verdict(plan, gpu)
+    return verdict(plan, gpu, sweep(resolved.train, shape, gpu, progress=lambda _: None))

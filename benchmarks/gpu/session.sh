@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/site:app PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "${1:-targets}" in
   # the two targets: <= 24 GB with offload + checkpointing; >= 40% MFU without offload (no mask vs key mask)
-  targets) args=(--res 480p --configs "gc+offload+stream,plain:maskfree,plain,gc" --deadline 380 --timeout 200) ;;
+  targets) args=(--res 480p --configs "gc+offload+stream:maskfree,plain:maskfree,gc:maskfree,plain,gc" --deadline 380 --timeout 200) ;;
   rest) args=(--res 480p --configs "gc+offload,gc+int8,gc+offload+stream+int8,gc:maskfree,plain:trimmed" --no-sdpa
               --deadline 420 --timeout 200) ;;
   720p) args=(--res 720p --configs "gc:maskfree,gc+offload+stream:maskfree" --steps 1 --no-sdpa --deadline 300 --timeout 280) ;;
