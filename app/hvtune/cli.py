@@ -45,21 +45,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import detected_gpu, format_plan, format_sweep, gpu_verdict, parse_gpu, shape_for, simulate, sweep
+    from .plan import plan_report
 
-    resolved = _config(args)
-    gpu = detected_gpu() if args.gpu == "auto" else parse_gpu(args.gpu) if args.gpu else None
-    if args.gpu == "auto" and gpu is None:
-        print("plan: no GPU visible; name one with --gpu (a card or a size such as 24GB)")
-        return EXIT_OK
-    if args.verdict:
-        print(gpu_verdict(resolved, gpu, args.caption_tokens))
-        return EXIT_OK
-    shape = shape_for(resolved, args.caption_tokens)
-    plan = simulate(resolved.train, shape)
-    print(format_plan(plan, gpu))
-    if gpu is not None:
-        print(format_sweep(sweep(resolved.train, shape, gpu), gpu))
+    print(plan_report(_config(args), args.gpu, caption_tokens=args.caption_tokens, verdict_only=args.verdict))
     return EXIT_OK
 
 

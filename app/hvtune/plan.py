@@ -178,16 +178,29 @@ class TensorTracker:
             return x
         return self.shadows.get(x)
 
+    def _all_known(self, args, kwargs) -> bool:
+        """Whether every meta tensor among the arguments (top level or in a list) has a shadow."""
+        import torch
+
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, list | tuple) else (a,):
+                if isinstance(t, torch.Tensor) and t.device.type == "meta" and t not in self.shadows:
+                    return False
+        return True
+
     def _shadow(self, func, args, kwargs, out) -> None:
         import torch
         from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+        mutable = func._schema.is_mutable
+        if not mutable and not self._all_known(args, kwargs):  # the common case (activations): nothing to do
+            return
         flat_out, _ = tree_flatten(out)
         metas_out = [t for t in flat_out if isinstance(t, torch.Tensor) and t.device.type == "meta"]
         if not metas_out:
             return
         flat_in, spec = tree_flatten((args, kwargs))
-        mutated = [a for a, arg in zip(args, func._schema.arguments, strict=False) if _writes(arg)]
+        mutated = [a for a, arg in zip(args, func._schema.arguments, strict=False) if _writes(arg)] if mutable else []
         known = all(
             self._real(a) is not None for a in flat_in if isinstance(a, torch.Tensor) and a.device.type == "meta"
         )
@@ -818,6 +831,13 @@ def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print) -> list[
     return sorted(plans, key=lambda p: p.seconds_per_step(gpu))
 
 
+def configured(plans: list[Plan], cfg: TrainConfig) -> Plan | None:
+    """The sweep's plan for the configured memory setting, when the sweep covers it (block_level, 1 block/group)."""
+    if cfg.enable_group_offload and (cfg.group_offload_type, cfg.group_offload_blocks_per_group) != ("block_level", 1):
+        return None
+    return next((p for p in plans if all(p.settings[k] == getattr(cfg, k) for k in MEMORY_KNOBS)), None)
+
+
 def shape_for(resolved: ResolvedConfig, caption_tokens: int = CAPTION_TOKENS) -> StepShape:
     w, h, f = largest_bucket(resolved)
     return StepShape(
@@ -870,7 +890,8 @@ def parse_gpu(text: str) -> GPU:
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gb|gib|g)?\s*", text.lower())
     if m:
-        return GPU(f"{float(m.group(1)):g} GB card", float(m.group(1)), 989.0, 25.0, ())
+        # a size alone says nothing about speed: s/step is given for an H100's bf16 peak
+        return GPU(f"{float(m.group(1)):g} GB card (H100 speed)", float(m.group(1)), 989.0, 25.0, ())
     gpu = find_gpu(text)
     if gpu is None:
         raise PlanError(f"unknown GPU {text!r}; known: {', '.join(g.name for g in GPUS)}; or a size such as 24GB")
@@ -980,3 +1001,18 @@ def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens
     if plan.gpu_peak <= gpu.memory_gib * GiB:
         return verdict(plan, gpu)
     return verdict(plan, gpu, sweep(resolved.train, shape, gpu, progress=lambda _: None))
+
+
+def plan_report(
+    resolved: ResolvedConfig, gpu_name: str | None, *, caption_tokens: int = CAPTION_TOKENS, verdict_only: bool = False
+) -> str:
+    """What `hvtune plan` prints: the configured setting's plan, and with a card the sweep (or only the verdict)."""
+    gpu = detected_gpu() if gpu_name == "auto" else parse_gpu(gpu_name) if gpu_name else None
+    if gpu_name == "auto" and gpu is None:
+        return "plan: no GPU visible; name one with --gpu (a card or a size such as 24GB)"
+    if verdict_only:
+        return gpu_verdict(resolved, gpu, caption_tokens) if gpu else "plan: --verdict needs --gpu"
+    shape = shape_for(resolved, caption_tokens)
+    plans = sweep(resolved.train, shape, gpu) if gpu is not None else []
+    text = format_plan(configured(plans, resolved.train) or simulate(resolved.train, shape), gpu)
+    return text + ("\n" + format_sweep(plans, gpu) if plans else "")
