@@ -3,19 +3,21 @@
 The transformer is built from the flavour's real architecture (`architectures.transformer_config`) on PyTorch's
 meta device (8.3B parameters, no bytes), then goes through the trainer's own code: `memory.prepare_base` (attention
 processor, base precision incl. torchao int8, gradient checkpointing), `memory.add_lora`, `memory.build_optimizer`
-and `trainer.training_step` (the objective, backward, clipping, optimizer step), twice, so the second step runs with
-the optimizer state allocated as in every later step. Three helpers make the meta execution faithful:
+and `trainer.training_step` (the objective, backward, clipping, optimizer step), after the optimizer's state has been
+allocated by its own first step, so the measured step is a steady-state one. Helpers make the meta execution faithful:
 
 - `TensorTracker` (a TorchDispatchMode) records every tensor storage the step creates on the tracked device
   (`untyped_storage().nbytes()`, freed through `weakref.finalize` on the storage) and keeps the running peak. The same
-  tracker measures a real CPU step (`measure_cpu_step`), which is how the prediction is validated.
+  tracker measures a real CPU step (`compare_with_cpu`), which is how the prediction is validated.
 - Data-dependent code (`torch.all(image_embeds == 0)`, boolean-mask indexing of the text tokens, the attention
   processor's "is any key padded" test) needs values: every small meta tensor whose inputs are known carries a real
   CPU "shadow" computed from them (the batch is real CPU data; masks, zeros and aranges are computed for real), so
   `.item()` and `nonzero` get the true answer and the sequence lengths are exactly the real ones.
 - `MetaAutocast` (a TorchFunctionMode) applies autocast's casting rules to meta tensors, which PyTorch's autocast
   ignores: matmuls, convolutions and attention in bf16, the ops CUDA autocast runs in float32 in float32 (cast copies
-  of trainable weights cached for the forward, as autocast does), so saved activations have the GPU's dtypes.
+  of trainable weights cached for the forward, as autocast does), so saved activations have the GPU's dtypes. It
+  also runs SDPA on meta tensors through the GPU's fused kernels (flash, memory-efficient: O(S) memory), where PyTorch
+  would take the math path and materialise S x S scores.
 
 What meta execution cannot see is accounted for separately, with the estimate stated in `Plan.allowances`:
 group offload (diffusers' offload hooks copy real weights CPU <-> GPU; the plan computes the resident groups from the
@@ -28,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .architectures import (
@@ -253,12 +255,9 @@ class TensorTracker:
             self._track_out(out)
             self._shadow(aten.index.Tensor, (src, converted), {}, out)
             return out
-        reals = [self._real(a) for a in args]
-        if any(r is None for r in reals if r is not None) or any(
-            isinstance(a, torch.Tensor) and a.device.type == "meta" and self._real(a) is None for a in args
-        ):
+        if not self._all_known(args, kwargs):
             raise DataDependentOp(f"{func} on a meta tensor whose values are not known")
-        real_out = func(*reals, **kwargs)
+        real_out = func(*[self._real(a) for a in args], **kwargs)
         return self._to_meta(real_out)
 
     def _to_meta(self, real):
@@ -477,7 +476,6 @@ class StepMemory:
     lora_params: int
     base_params: int
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
     @property
     def activations(self) -> int:
@@ -588,7 +586,7 @@ def run_step(
         lora_grads=sum(p.numel() * 4 for p in params),
         optimizer_state=0,
         lora_params=sum(p.numel() for p in params),
-        base_params=sum(_numel(p) for p in transformer.parameters() if not p.requires_grad),
+        base_params=sum(p.numel() for p in transformer.parameters() if not p.requires_grad),
         seconds=0.0,
     )
     autocast = MetaAutocast(autocast_device, enabled=cfg.mixed_precision == "bf16") if meta else None
@@ -642,10 +640,6 @@ def _recompute_under(transformer, autocast: MetaAutocast) -> None:
     for module in transformer.modules():
         if getattr(module, "_gradient_checkpointing_func", None) is not None:
             module._gradient_checkpointing_func = functools.partial(checkpointed)
-
-
-def _numel(p) -> int:
-    return p.numel()
 
 
 class _null:
@@ -740,7 +734,6 @@ class Plan:
     device_weights: int  # base weights resident on the GPU (all of them unless offloaded)
     host_weights: int  # base weights held in host memory by group offload
     train_flops: float
-    validation: StepMemory | None = None
 
     @property
     def activations(self) -> int:
