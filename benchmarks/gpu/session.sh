@@ -5,6 +5,8 @@
 #     bash benchmarks/gpu/session.sh 720p       # 720p, one step each
 # Installs the carried wheels beside the device's torch, runs bench_gpu.py within a deadline that leaves time to copy
 # the JSON to $OUT, and copies it there (the `run` tool brings it back; put it in benchmarks/results/).
+# Every `:maskfree` configuration also carries `hvtune plan`'s prediction for the same step (plan_peak_gib,
+# plan_peak_ratio = predicted / torch.cuda.max_memory_allocated, plan_s_per_step): the first session calibrates plan.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python3 -c 'import sys; assert (3, 11) <= sys.version_info[:2] <= (3, 13), f"Python {sys.version.split()[0]}: fetch_wheels.sh has wheels for 3.11-3.13"'
