@@ -4,12 +4,9 @@
     python benchmarks/bench_gpu.py --res 480p --configs plain,gc
     python benchmarks/bench_gpu.py --cpu-smoke             # same code end to end on the CPU, tiny sizes, < 60 s
 
-The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG` below is
-diffusers' own `TRANSFORMER_CONFIGS["480p_t2v"]` / `["720p_t2v"]` from huggingface/diffusers
-scripts/convert_hunyuan_video1_5_to_diffusers.py (also the class defaults of `HunyuanVideo15Transformer3DModel` in
-diffusers 0.42.1): 54 dual-stream blocks, 16 heads x 128 = hidden 2048, mlp_ratio 4, 2 refiner blocks, patch 1x1x1,
-text_embed_dim 3584 (Qwen2.5-VL-7B), text_embed_2_dim 1472 (ByT5-small glyph), image_embed_dim 1152 (SigLIP),
-rope_axes_dim (16, 56, 56), rope_theta 256, target_size 640 (480p) / 960 (720p). 8,326,608,160 parameters.
+The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG` is
+`hvtune.architectures.TRANSFORMER_CONFIG` (diffusers' own TRANSFORMER_CONFIGS; see that module), with target_size
+640 (480p) / 960 (720p). 8,326,608,160 parameters.
 
 Each configuration runs in its own subprocess (an OOM or a hang in one does not take the rest down, and peak memory
 starts clean) through the trainer's own code: `hvtune.memory.prepare_base` (precision, int8-torchao, gradient
@@ -57,29 +54,11 @@ APP = HERE.parent / "app"
 
 # ------------------------------------------------------------------------------------------------- architecture
 
-# huggingface/diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py, TRANSFORMER_CONFIGS["480p_t2v"] (720p_t2v
-# differs only in target_size 960); identical to HunyuanVideo15Transformer3DModel's defaults in diffusers 0.42.1.
-REAL_CONFIG = dict(
-    in_channels=65,  # noisy latents 32 + condition latents 32 + mask 1
-    out_channels=32,
-    num_attention_heads=16,
-    attention_head_dim=128,
-    num_layers=54,
-    num_refiner_layers=2,
-    mlp_ratio=4.0,
-    patch_size=1,
-    patch_size_t=1,
-    qk_norm="rms_norm",
-    text_embed_dim=3584,
-    text_embed_2_dim=1472,
-    image_embed_dim=1152,
-    rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56),
-    use_meanflow=False,
-    target_size=640,
-    task_type="t2v",
-)
-TARGET_SIZE = {"480p": 640, "720p": 960}
+sys.path.insert(0, str(APP))
+# The real architecture, the FLOP model and the cards' peaks live in the package (`hvtune plan` uses them too).
+from hvtune.architectures import TARGET_SIZE, forward_flops, latent_shape, peak_bf16_tflops  # noqa: E402
+from hvtune.architectures import TRANSFORMER_CONFIG as REAL_CONFIG  # noqa: E402
+
 RESOLUTIONS = {"480p": (61, 480, 848), "720p": (121, 720, 1280)}  # frames, height, width
 
 # --cpu-smoke: the same code on a model the CPU runs in seconds (2 blocks, hidden 64, fp32)
@@ -103,18 +82,6 @@ SMOKE_TEXT = {"qwen_pad": 40, "byt5_pad": 8, "image": 9, "caption": 12}
 PIPELINE_TEXT = {"qwen_pad": 1000, "byt5_pad": 256, "image": 729}
 DEFAULT_CAPTION_TOKENS = 120  # Qwen valid tokens incl. the 5 template tokens; bench_seqlen.py measures real captions
 
-PEAK_BF16_TFLOPS = [  # dense, no sparsity; first match on the device name wins
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM / HBM3
-    ("H800", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("B200", 2250.0),
-    ("MI300X", 1307.0),
-]
 
 # Memory configurations (the trainer's config keys) x text layouts.
 MEMORY = {
@@ -155,37 +122,6 @@ DEFAULT_CONFIGS = {
     ],
     "720p": ["gc:maskfree", "gc+offload+stream:maskfree", "gc", "gc+offload+stream+int8:maskfree"],
 }
-
-
-def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """VAE: 32 channels, 4x causal temporal (4n+1 frames -> n+1), 16x spatial."""
-    if (frames - 1) % 4:
-        raise ValueError(f"frames must be 4n+1, got {frames}")
-    return 32, (frames - 1) // 4 + 1, height // 16, width // 16
-
-
-def forward_flops(cfg: dict, n_video: int, n_qwen: int, n_byt5: int, n_image: int, batch: int = 1) -> dict:
-    """Matmul FLOPs of one forward pass (multiply-add = 2), per component. See the module docstring."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    layers, r = cfg["num_layers"], cfg["mlp_ratio"]
-    per_token_block = 2 * (4 + 2 * r) * d * d  # q, k, v, out + MLP d -> r*d -> d, one stream
-    n_text = n_qwen + n_byt5 + n_image
-    seq = n_video + n_text
-    patch = cfg["patch_size_t"] * cfg["patch_size"] ** 2
-    parts = {
-        "blocks_linear": layers * per_token_block * seq,
-        "attention": layers * 4 * seq * seq * d,
-        "modulation": layers * 2 * 2 * d * 6 * d + 2 * d * 2 * d,  # adaLN-zero of both streams + norm_out, per sample
-        "refiner": cfg["num_refiner_layers"] * (per_token_block * n_qwen + 4 * n_qwen * n_qwen * d)
-        + 2 * cfg["text_embed_dim"] * d * n_qwen,
-        "byt5_projection": 2 * (cfg["text_embed_2_dim"] * 2048 + 2048 * 2048 + 2048 * d) * n_byt5,
-        "image_projection": 2 * (cfg["image_embed_dim"] ** 2 + cfg["image_embed_dim"] * d) * n_image,
-        "patch_embed_and_out": 2 * (cfg["in_channels"] + cfg["out_channels"]) * patch * d * n_video,
-    }
-    parts = {k: v * batch for k, v in parts.items()}
-    parts["total"] = sum(parts.values())
-    parts["seq_len"] = seq
-    return parts
 
 
 def text_layout(mode: str, smoke: bool, caption_tokens: int) -> dict:
@@ -440,9 +376,34 @@ def run_config(spec: dict) -> dict:
     peak = spec.get("peak_tflops")
     result["mfu"] = round(train_flops / s_step / (peak * 1e12), 4) if peak else None
 
+    if not smoke and mode == "maskfree":  # plan's prediction for the same step, beside the measurement
+        result.update(_plan_prediction(cfg, spec["res"], text, device))
     if spec.get("backend_probe", True):
         result["sdpa_in_model"] = _model_backend_probe(transformer, batch, training_loss, autocast, image_shape, device)
     return result
+
+
+def _plan_prediction(cfg, res: str, text: dict, device) -> dict:
+    """`hvtune plan` for this configuration (maskfree layout: no padding, which plan's shapes describe): the peak it
+    predicts for torch.cuda.max_memory_allocated (no allowances) and s/step on this card, to calibrate plan."""
+    import torch
+
+    from hvtune.architectures import find_gpu
+    from hvtune.plan import GiB, StepShape, simulate
+
+    frames, height, width = RESOLUTIONS[res]
+    shape = StepShape(1, frames, width, height, "t2v", qwen_tokens=text["qwen"], byt5_tokens=text["byt5"])
+    started = time.perf_counter()
+    plan = simulate(cfg.model_copy(update={"model_flavour": f"t2v-{res}"}), shape)
+    gpu = find_gpu(torch.cuda.get_device_name(device))
+    measured = torch.cuda.max_memory_allocated() / GiB
+    predicted = plan.tracked_peak / GiB
+    return {
+        "plan_peak_gib": round(predicted, 2),
+        "plan_peak_ratio": round(predicted / measured, 3) if measured else None,
+        "plan_s_per_step": round(plan.seconds_per_step(gpu), 2) if gpu else None,
+        "plan_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _model_backend_probe(transformer, batch, training_loss, autocast, image_shape, device) -> dict:
@@ -664,10 +625,7 @@ def _slug(name: str) -> str:
 def _peak_tflops(name: str, override: float | None) -> float | None:
     if override:
         return override
-    for key, value in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return value
-    return None
+    return peak_bf16_tflops(name)
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -688,6 +646,7 @@ def _row(r: dict) -> list:
             "-",
             "-",
             "-",
+            "-",
             (r.get("error") or "")[:60],
         ]
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
@@ -698,6 +657,7 @@ def _row(r: dict) -> list:
         "ok",
         r["s_per_step"],
         r.get("peak_vram_gib", "-"),
+        r.get("plan_peak_gib", "-"),
         r["seq_len"],
         r["tokens_per_s"],
         mfu,
@@ -705,8 +665,19 @@ def _row(r: dict) -> list:
     ]
 
 
-HEADER = ["res", "config", "status", "s/step", "peak VRAM GiB", "S tokens", "tokens/s", "MFU", "SDPA in model"]
-WIDTHS = [5, 30, 7, 8, 13, 8, 10, 6, 24]
+HEADER = [
+    "res",
+    "config",
+    "status",
+    "s/step",
+    "peak VRAM GiB",
+    "plan GiB",
+    "S tokens",
+    "tokens/s",
+    "MFU",
+    "SDPA in model",
+]
+WIDTHS = [5, 30, 7, 8, 13, 8, 8, 10, 6, 24]
 
 
 def _line(cells: list) -> str:

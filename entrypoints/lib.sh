@@ -162,9 +162,13 @@ hv_check_gpu() {
       if [ ! -r /dev/kfd ] || [ ! -w /dev/kfd ]; then
         hv_die "/dev/kfd is not accessible to uid $(id -u): add the container user to the host's video and render groups (group_add, or --group-add \$(getent group render | cut -d: -f3))"
       fi ;;
-    cpu) ;;
+    cpu) return 0 ;;
     *) hv_die "HVTUNE_VENDOR=$HVTUNE_VENDOR is not one of cuda, rocm, cpu" ;;
   esac
+  # before any download: will the configured setting fit this card (hvtune plan; advice only, never fatal)
+  if [ "${HVTUNE_SKIP_PLAN:-0}" != 1 ]; then
+    hvtune plan "${HV_CONFIG_ARGS[@]}" --gpu auto --verdict 2>/dev/null | sed 's/^/[hvtune] /' || true
+  fi
 }
 
 hv_gpu_count() {

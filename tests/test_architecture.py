@@ -13,6 +13,7 @@ STAGES = [
     "lycoris",  # the lycoris_config file, read by config
     "config",
     "model_files",  # model registry
+    "architectures",
     "tiny_model",
     "encoder_layouts",
     "registry",
@@ -35,6 +36,7 @@ STAGES = [
     "compare",
     "progress",  # progress lines / bar
     "trainer",  # the loop: wires the stages
+    "plan",  # the full-size step on meta tensors (uses the trainer's step)
     "demo",  # entry points
     "library_logs",
     "cli",

@@ -71,6 +71,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         state = "disabled" if ds.disabled else ds.dataset_type
         print(f"  {ds.id}: {state} {ds.instance_data_dir or ds.cache_dir or ''}")
     print("config OK")
+    if detect_device() != "cpu":  # a GPU is visible: will the configured setting fit it (simulated, ~1 min)
+        from .plan import gpu_verdict
+
+        print(gpu_verdict(resolved))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_report
+
+    print(plan_report(_config(args), args.gpu, caption_tokens=args.caption_tokens, verdict_only=args.verdict))
     return EXIT_OK
 
 
@@ -186,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config("check", cmd_check, "Validate the config and show every resolved value with its source.")
+    p = with_config("plan", cmd_plan, "Predict GPU memory, host RAM and s/step: the full-size step on meta tensors.")
+    p.add_argument("--gpu", help="a card (RTX 4090, A100 80, H100, ...), a size (24GB) or auto: list what fits")
+    p.add_argument("--caption-tokens", type=int, default=256, help="Qwen tokens per caption (default 256)")
+    p.add_argument("--verdict", action="store_true", help="one line: does the configured setting fit the card")
     with_config("fetch", cmd_fetch, "Resolve or download every model component the flavour needs.")
     p = with_config("cache", cmd_cache, "Encode text, video latents and i2v conditions once (or verify the cache).")
     p.add_argument("action", nargs="?", choices=["build", "verify"], default="build")

@@ -208,27 +208,20 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
             for index in range(state.batch_in_epoch, len(plan)):
                 items = plan[index][rank * cfg.train_batch_size : (rank + 1) * cfg.train_batch_size]
                 batch = load_batch(manifest, items)
-                with accelerator.accumulate(transformer):
-                    # LoRA dropout draws from the global RNG: key it on the position so resume sees the same masks
-                    torch.manual_seed(counter_seed(cfg.seed, state.epoch, index, rank, purpose="dropout"))
-                    with accelerator.autocast():
-                        loss, _ = training_loss(
-                            transformer,
-                            batch,
-                            seed=cfg.seed,
-                            epoch=state.epoch,
-                            shift=cfg.flow_schedule_shift,
-                            mode=cfg.timestep_sampling,
-                            caption_dropout_p=cfg.caption_dropout_probability,
-                            empty_prompt=empty,
-                            image_embed_shape=image_embed_shape,
-                            device=device,
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss = training_step(
+                    accelerator,
+                    transformer,
+                    optimizer,
+                    params,
+                    batch,
+                    cfg,
+                    epoch=state.epoch,
+                    index=index,
+                    rank=rank,
+                    empty=empty,
+                    image_embed_shape=image_embed_shape,
+                    device=device,
+                )
                 micro_losses.append(loss.detach())
                 state.batch_in_epoch = index + 1
                 if not accelerator.sync_gradients:
@@ -320,6 +313,37 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         )
     accelerator.end_training()
     return TrainResult(out, state.global_step, stopped_early, lora_path, main)
+
+
+def training_step(
+    accelerator, transformer, optimizer, params, batch, cfg, *, epoch, index, rank, empty, image_embed_shape, device
+):
+    """One micro-batch: forward (the objective) under autocast, backward, clipping and the optimizer step when the
+    gradients sync. The loop calls it, and so does `hvtune plan` on the full-size model without memory."""
+    import torch
+
+    with accelerator.accumulate(transformer):
+        # LoRA dropout draws from the global RNG: key it on the position so resume sees the same masks
+        torch.manual_seed(counter_seed(cfg.seed, epoch, index, rank, purpose="dropout"))
+        with accelerator.autocast():
+            loss, _ = training_loss(
+                transformer,
+                batch,
+                seed=cfg.seed,
+                epoch=epoch,
+                shift=cfg.flow_schedule_shift,
+                mode=cfg.timestep_sampling,
+                caption_dropout_p=cfg.caption_dropout_probability,
+                empty_prompt=empty,
+                image_embed_shape=image_embed_shape,
+                device=device,
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _apply_learning_rate(lr_scheduler, learning_rate: float, log) -> None:

@@ -5,6 +5,8 @@
 #     bash benchmarks/gpu/session.sh 720p       # 720p, one step each
 # Installs the carried wheels beside the device's torch, runs bench_gpu.py within a deadline that leaves time to copy
 # the JSON to $OUT, and copies it there (the `run` tool brings it back; put it in benchmarks/results/).
+# Every `:maskfree` configuration also carries `hvtune plan`'s prediction for the same step (plan_peak_gib,
+# plan_peak_ratio = predicted / torch.cuda.max_memory_allocated, plan_s_per_step): the first session calibrates plan.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python3 -c 'import sys; assert (3, 11) <= sys.version_info[:2] <= (3, 13), f"Python {sys.version.split()[0]}: fetch_wheels.sh has wheels for 3.11-3.13"'
@@ -14,7 +16,7 @@ export PYTHONPATH=/tmp/site:app PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "${1:-targets}" in
   # the two targets: <= 24 GB with offload + checkpointing; >= 40% MFU without offload (no mask vs key mask)
-  targets) args=(--res 480p --configs "gc+offload+stream,plain:maskfree,plain,gc" --deadline 380 --timeout 200) ;;
+  targets) args=(--res 480p --configs "gc+offload+stream:maskfree,plain:maskfree,gc:maskfree,plain,gc" --deadline 380 --timeout 200) ;;
   rest) args=(--res 480p --configs "gc+offload,gc+int8,gc+offload+stream+int8,gc:maskfree,plain:trimmed" --no-sdpa
               --deadline 420 --timeout 200) ;;
   720p) args=(--res 720p --configs "gc:maskfree,gc+offload+stream:maskfree" --steps 1 --no-sdpa --deadline 300 --timeout 280) ;;
