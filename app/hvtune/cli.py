@@ -34,7 +34,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  {key:<{width}}  {value!r:<40}  {resolved.sources.get(key, 'default')}")
     print(f"datasets: {resolved.backend_path or '(from instance_data_dir)'}")
     for ds in resolved.datasets:
-        state = "disabled" if ds.disabled else ds.dataset_type
+        state = "disabled" if ds.skipped else ds.dataset_type
         print(f"  {ds.id}: {state} {ds.instance_data_dir or ds.cache_dir or ''}")
     print("config OK")
     return EXIT_OK

@@ -45,6 +45,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -132,16 +133,116 @@ class ScanResult:
 
 
 def media_datasets(resolved: ResolvedConfig) -> list[DatasetConfig]:
-    return [d for d in resolved.datasets if not d.disabled and d.dataset_type in ("video", "image")]
+    return [d for d in resolved.datasets if not d.skipped and d.dataset_type in ("video", "image")]
 
 
-def dataset_resolution(ds: DatasetConfig, resolved: ResolvedConfig) -> int | tuple[int, int]:
-    """The dataset's `resolution` as an int (short side) or (W, H); default: the flavour's short side."""
+@dataclass(frozen=True)
+class BucketRule:
+    """SimpleTuner's spatial bucket settings of one dataset, after its pixel_area -> area conversion."""
+
+    resolution: float | tuple[int, int]  # pixel edge ("pixel"), megapixels ("area"), or a fixed (W, H)
+    resolution_type: str  # "pixel" | "area" | "fixed"
+    alignment: int = 64
+    rounding: int = 2
+    crop: bool = False
+    crop_aspect: str = "square"
+    minimum_image_size: float | None = None  # pixel edge ("pixel") or megapixels ("area")
+
+    def describe(self) -> str:
+        if self.resolution_type == "fixed":
+            return "{}x{} fixed".format(*self.resolution)
+        unit = "px edge" if self.resolution_type == "pixel" else "megapixels"
+        crop = f", crop {self.crop_aspect}" if self.crop else ""
+        return f"{self.resolution:g} {unit}, alignment {self.alignment}{crop}"
+
+
+def _area_from_pixels(value: float | None) -> float | None:
+    """pixel_area converts minimum/maximum_image_size and target_downsample_size above 10 to megapixels."""
+    if value is None or value <= 10:
+        return value
+    return value * value / 1e6
+
+
+def dataset_bucket_rule(ds: DatasetConfig, resolved: ResolvedConfig) -> BucketRule:
+    """The dataset's `resolution`/`resolution_type`, falling back to the top-level ones as SimpleTuner's
+    data_backend/factory.py does; "WxH" is hvtune's fixed size. pixel_area R becomes area R*R/1e6 megapixels
+    (factory.py `_handle_resolution_conversion`)."""
+    t = resolved.train
     if isinstance(ds.resolution, str):
-        return parse_wxh(ds.resolution)
-    if isinstance(ds.resolution, int):
-        return ds.resolution
-    return min(resolved.train.flavour.resolution)
+        return BucketRule(parse_wxh(ds.resolution), "fixed")
+    resolution = ds.resolution if ds.resolution is not None else t.resolution
+    if resolution is None:
+        resolution = min(t.flavour.resolution)
+    kind = ds.resolution_type or t.resolution_type
+    minimum = ds.minimum_image_size if ds.minimum_image_size is not None else t.minimum_image_size
+    if kind == "pixel_area":
+        resolution, kind, minimum = resolution * resolution / 1e6, "area", _area_from_pixels(minimum)
+    return BucketRule(
+        resolution, kind, t.aspect_bucket_alignment, t.aspect_bucket_rounding, ds.crop, ds.crop_aspect, minimum or None
+    )
+
+
+def _to_multiple(value: float, multiple: int) -> int:
+    """SimpleTuner's MultiaspectImage._round_to_nearest_multiple (Python's round: halves go to even)."""
+    return max(round(value / multiple) * multiple, multiple)
+
+
+def _pixel_resolution(rule: BucketRule) -> int:
+    """TrainingSample._set_resolution: the square edge; areas near 0.25/0.5/1/2/4 MP map to 512/768/1024/1536/2048."""
+    if rule.resolution_type == "pixel":
+        return int(rule.resolution)
+    area = rule.resolution * 1e6
+    for megapixels, edge in ((0.25, 512), (0.5, 768), (1.0, 1024), (2.0, 1536), (4.0, 2048)):
+        if abs(rule.resolution - megapixels) < 0.05:
+            area = edge * edge
+            break
+    return int(_to_multiple(math.sqrt(area), rule.alignment))
+
+
+def simpletuner_bucket(width: int, height: int, rule: BucketRule) -> tuple[int, int]:
+    """(W, H) SimpleTuner 4.10.1 trains a width x height source at: TrainingSample.calculate_target_size with
+    MultiaspectImage.calculate_new_size_by_pixel_edge ("pixel") or calculate_new_size_by_pixel_area ("area")."""
+    if rule.resolution_type == "fixed":
+        return rule.resolution  # type: ignore[return-value]
+    if rule.crop and rule.crop_aspect == "square":
+        edge = _pixel_resolution(rule)
+        return edge, edge
+    aspect = round(width / height, rule.rounding)
+    if rule.resolution_type == "pixel":
+        res = int(rule.resolution)
+        if width < height:
+            w_t, h_t = res, int(res / aspect)
+        else:
+            h_t, w_t = res, int(res * aspect)
+        size = (_to_multiple(w_t, rule.alignment), _to_multiple(h_t, rule.alignment))
+    else:
+        edge = _to_multiple(int(math.sqrt(rule.resolution * 1e6)), rule.alignment)
+        if aspect == 1.0 and width == height:
+            return edge, edge
+        size = (
+            _to_multiple(edge * math.sqrt(aspect), rule.alignment),
+            _to_multiple(edge / math.sqrt(aspect), rule.alignment),
+        )
+    if round(size[0] / size[1], rule.rounding) == 1.0:
+        edge = _pixel_resolution(rule)
+        return edge, edge
+    return size
+
+
+def meets_minimum(width: int, height: int, rule: BucketRule) -> bool:
+    """SimpleTuner's meets_resolution_requirements (helpers/metadata/backends/base.py) for minimum_image_size."""
+    if rule.minimum_image_size is None or rule.resolution_type == "fixed":
+        return True
+    if rule.resolution_type == "pixel":
+        return rule.minimum_image_size <= min(width, height)
+    area = rule.minimum_image_size * 1e6
+    if rule.crop and rule.crop_aspect == "square" and math.floor(math.sqrt(area)) > min(width, height):
+        return False
+    return area <= width * height
+
+
+def dataset_resolution(ds: DatasetConfig, resolved: ResolvedConfig) -> BucketRule:
+    return dataset_bucket_rule(ds, resolved)
 
 
 def crop_size_list(base_size: float, patch_size: int = PATCH, max_ratio: float = 4.0) -> list[tuple[int, int]]:
@@ -276,10 +377,24 @@ class Captions:
             table[Path(str(name)).as_posix()] = str(row["caption"])
         return table
 
+    def _instance_prompts(self) -> list[str]:
+        prompt = self.ds.instance_prompt
+        if isinstance(prompt, list):
+            return [p for p in (" ".join(str(x).split()) for x in prompt) if p] or _split_captions("", "instance_prompt")
+        return _split_captions(prompt or "", "instance_prompt")
+
     def __call__(self, path: Path, rel: str) -> list[str]:
+        """Captions with SimpleTuner's only_instance_prompt / prepend_instance_prompt (helpers/prompts.py)."""
+        if self.ds.only_instance_prompt or self.ds.caption_strategy == "instanceprompt":
+            return self._instance_prompts()
+        captions = self._captions(path, rel)
+        if self.ds.prepend_instance_prompt and self.ds.instance_prompt:
+            prefix = self._instance_prompts()[0]
+            captions = [f"{prefix} {c}" for c in captions]
+        return captions
+
+    def _captions(self, path: Path, rel: str) -> list[str]:
         strategy = self.ds.caption_strategy
-        if strategy == "instanceprompt":
-            return _split_captions(self.ds.instance_prompt or "", "instance_prompt")
         if strategy == "filename":
             return _split_captions(re.sub(r"[_]+", " ", path.stem), f"file name {path.name}")
         if strategy == "metadata":
@@ -479,7 +594,11 @@ def scan(resolved: ResolvedConfig, *, probe_index: ProbeIndex | None = None, pro
                 else:
                     info = None
                     width, height = entry["image"]["width"], entry["image"]["height"]
-                size = bucket_size(width, height, resolution)
+                if not meets_minimum(width, height, resolution):
+                    raise DatasetError(
+                        "too_small", f"source is {width}x{height}, below minimum_image_size ({resolution.describe()})"
+                    )
+                size = simpletuner_bucket(width, height, resolution)
                 if width < size[0] or height < size[1]:
                     raise DatasetError(
                         "too_small",

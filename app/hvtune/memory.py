@@ -151,7 +151,8 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
 
     transformer.requires_grad_(False)
     use_key_padding_attention(transformer)
-    if cfg.base_model_precision == "bf16":
+    if cfg.base_model_precision == "bf16" or (cfg.base_model_precision == "no_change" and cfg.mixed_precision == "bf16"):
+        # no_change follows mixed_precision, as SimpleTuner's cmd_args.py (model_is_bf16) does
         transformer.to(torch.bfloat16)
     elif cfg.base_model_precision == "int8-torchao":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -191,22 +192,29 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
       over float32 LoRA weights with float32 states, i.e. identical to `adamw`. The name is accepted so SimpleTuner
       configs (whose default it is) run unchanged.
     - `adamw8bit`: `bitsandbytes.optim.AdamW8bit` (8-bit block-wise quantized states; runs on CPU and GPU)."""
-    kwargs = dict(
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    from .simpletuner import OPTIMIZERS, optimizer_problem, optimizer_settings
+
+    if problem := optimizer_problem(cfg.optimizer):
+        raise UserError(f"optimizer {cfg.optimizer!r}: {problem}")
+    # SimpleTuner's hyperparameters: the optimizer's own defaults, optimizer_config, optimizer_beta1/2
+    kwargs = dict(lr=cfg.learning_rate, **optimizer_settings(
+        cfg.optimizer, cfg.optimizer_config, cfg.optimizer_beta1, cfg.optimizer_beta2
+    ))  # fmt: skip
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters: add_lora must run before build_optimizer")
-    if cfg.optimizer in ("adamw", "adamw_bf16"):
+    implementation = OPTIMIZERS[cfg.optimizer][0]
+    if implementation == "torch.AdamW":
         return torch.optim.AdamW(params, **kwargs)
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+    if implementation == "torch.Adam":
+        return torch.optim.Adam(params, **kwargs)
+    if implementation == "torchao.AdamW8bit":
+        from torchao.optim import AdamW8bit
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    raise UserError(f"optimizer {cfg.optimizer!r} is not supported (adamw, adamw_bf16, adamw8bit)")
+        return AdamW8bit(params, **kwargs)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, implementation.split(".")[1])(params, **kwargs)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -216,9 +224,19 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total
     `lr_warmup_steps` > 0 runs as `constant_with_warmup` (the same lr after the warmup)."""
     from diffusers.optimization import get_scheduler
 
+    from .simpletuner import scheduler_problem
+
     name = cfg.lr_scheduler
+    if problem := scheduler_problem(name):
+        raise UserError(f"lr_scheduler {name!r}: {problem}")
     if name == "constant" and cfg.lr_warmup_steps > 0:
         name = "constant_with_warmup"
+    if name == "polynomial":  # SimpleTuner passes lr_end and lr_power (helpers/training/custom_schedule.py)
+        from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
+
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer, cfg.lr_warmup_steps, total_steps, lr_end=cfg.lr_end, power=cfg.lr_power
+        )
     return get_scheduler(
         name,
         optimizer=optimizer,

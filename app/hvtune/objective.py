@@ -52,7 +52,9 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def sample_sigmas(draws: list[int], *, seed: int, epoch: int, shift: float, mode: str = "sigmoid") -> torch.Tensor:
+def sample_sigmas(
+    draws: list[int], *, seed: int, epoch: int, shift: float, mode: str = "sigmoid", sigmoid_scale: float = 1.0
+) -> torch.Tensor:
     """(len(draws),) float32 sigmas in [0, 1] on the CPU, each from its draw's own generator, then shifted."""
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"unknown timestep_sampling {mode!r}; one of {', '.join(TIMESTEP_MODES)}")
@@ -60,7 +62,8 @@ def sample_sigmas(draws: list[int], *, seed: int, epoch: int, shift: float, mode
     for draw in draws:
         g = counter_generator(seed, epoch, draw, purpose="timestep")
         if mode == "sigmoid":
-            values.append(torch.sigmoid(torch.randn((), generator=g, dtype=torch.float32)))
+            # SimpleTuner's flow_sigmoid_scale: sigmoid(scale * N(0, 1)) (helpers/models/common.py)
+            values.append(torch.sigmoid(sigmoid_scale * torch.randn((), generator=g, dtype=torch.float32)))
         else:
             values.append(torch.rand((), generator=g, dtype=torch.float32))
     if not values:
@@ -164,6 +167,7 @@ def training_loss(
     epoch: int,
     shift: float,
     mode: str = "sigmoid",
+    sigmoid_scale: float = 1.0,
     caption_dropout_p: float = 0.0,
     empty_prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     image_embed_shape: tuple[int, int] = (0, 1152),
@@ -186,7 +190,8 @@ def training_loss(
     _check_batch(transformer, batch, image_embed_shape)
     x0 = batch.latents.to(device, torch.float32)
     draws = list(batch.draws)
-    sigmas = sample_sigmas(draws, seed=seed, epoch=epoch, shift=shift, mode=mode).to(device)
+    sigmas = sample_sigmas(draws, seed=seed, epoch=epoch, shift=shift, mode=mode, sigmoid_scale=sigmoid_scale)
+    sigmas = sigmas.to(device)
     noise = sample_noise(tuple(x0.shape[1:]), draws, seed=seed, epoch=epoch, device=device)
     s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
     noisy = (1 - s) * x0 + s * noise

@@ -109,7 +109,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     components = ["transformer", "scheduler"] + (["vae"] if _validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
 
-    dtype = {"bf16": torch.bfloat16, "int8-torchao": torch.bfloat16}.get(cfg.base_model_precision)
+    base_bf16 = cfg.base_model_precision != "no_change" or cfg.mixed_precision == "bf16"
+    dtype = torch.bfloat16 if base_bf16 else None
     transformer = load_transformer(paths, dtype=dtype)
     transformer.requires_grad_(False)
     prepare_base(transformer, cfg, device)  # precision, checkpointing, offload: before LoRA so LoRA stays fp32
@@ -127,7 +128,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     if batches_per_epoch == 0:
         raise TrainError(f"no full batch of {global_batch} samples in any bucket: lower train_batch_size or add clips")
     steps_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    total_steps = cfg.train_steps_limit or cfg.num_train_epochs * steps_per_epoch
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
 
     offloaded = cfg.enable_group_offload
@@ -168,16 +169,20 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                             batch,
                             seed=cfg.seed,
                             epoch=state.epoch,
-                            shift=cfg.flow_schedule_shift,
-                            mode=cfg.timestep_sampling,
+                            shift=cfg.shift,
+                            mode=cfg.timestep_mode,
+                            sigmoid_scale=cfg.flow_sigmoid_scale,
                             caption_dropout_p=cfg.caption_dropout_probability,
                             empty_prompt=empty,
                             image_embed_shape=image_embed_shape,
                             device=device,
                         )
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:  # SimpleTuner's trainer.py
+                        if cfg.grad_clip_method == "norm":
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        else:  # "value", SimpleTuner's default: clamp each element to +-max_grad_norm
+                            accelerator.clip_grad_value_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro_losses.append(loss.detach())
