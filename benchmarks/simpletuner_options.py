@@ -36,7 +36,7 @@ def read_fields(package: Path) -> dict[str, dict]:
 def main(package: str) -> None:
     doc = {
         "simpletuner": "4.10.1",
-        "source": "simpletuner/simpletuner_sdk/server/services/field_registry/sections/*.py (ConfigField name, default_value)",
+        "source": "simpletuner/simpletuner_sdk/server/services/field_registry/sections/*.py (ConfigField)",
         "options": read_fields(Path(package)),
     }
     OUT.write_text(json.dumps(doc, indent=0, default=str) + "\n")

@@ -525,7 +525,10 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
         )
     from .simpletuner import optimizer_problem, scheduler_problem
 
-    for key, rule in (("optimizer", optimizer_problem(t.optimizer)), ("lr_scheduler", scheduler_problem(t.lr_scheduler))):
+    for key, rule in (
+        ("optimizer", optimizer_problem(t.optimizer)),
+        ("lr_scheduler", scheduler_problem(t.lr_scheduler)),
+    ):
         if rule:
             problems.append(Problem(where(key), key, getattr(t, key), rule))
     if t.group_offload_use_stream and t.enable_model_cpu_offload:

@@ -380,7 +380,9 @@ class Captions:
     def _instance_prompts(self) -> list[str]:
         prompt = self.ds.instance_prompt
         if isinstance(prompt, list):
-            return [p for p in (" ".join(str(x).split()) for x in prompt) if p] or _split_captions("", "instance_prompt")
+            return [p for p in (" ".join(str(x).split()) for x in prompt) if p] or _split_captions(
+                "", "instance_prompt"
+            )
         return _split_captions(prompt or "", "instance_prompt")
 
     def __call__(self, path: Path, rel: str) -> list[str]:

@@ -151,7 +151,9 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
 
     transformer.requires_grad_(False)
     use_key_padding_attention(transformer)
-    if cfg.base_model_precision == "bf16" or (cfg.base_model_precision == "no_change" and cfg.mixed_precision == "bf16"):
+    if cfg.base_model_precision == "bf16" or (
+        cfg.base_model_precision == "no_change" and cfg.mixed_precision == "bf16"
+    ):
         # no_change follows mixed_precision, as SimpleTuner's cmd_args.py (model_is_bf16) does
         transformer.to(torch.bfloat16)
     elif cfg.base_model_precision == "int8-torchao":

@@ -16,6 +16,7 @@ benchmarks/simpletuner_options.py. Paths below are inside the wheel `simpletuner
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -79,10 +80,17 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
         CMD_ARGS,
     ),
     "resolution": _same("dataset default resolution, see resolution_type", FACTORY),
-    "resolution_type": _same("pixel (short edge), area (megapixels), pixel_area (edge -> area); default pixel_area", IMAGE),
-    "aspect_bucket_alignment": _same("bucket sides are multiples of it (default 64); hvtune needs a multiple of 16", IMAGE),
+    "resolution_type": _same(
+        "pixel (short edge), area (megapixels), pixel_area (edge -> area); default pixel_area", IMAGE
+    ),
+    "aspect_bucket_alignment": _same(
+        "bucket sides are multiples of it (default 64); hvtune needs a multiple of 16", IMAGE
+    ),
     "aspect_bucket_rounding": _same("decimals of the aspect ratio used for buckets (default 2)", IMAGE),
-    "minimum_image_size": _same("skip sources below it (pixel edge, or area for area/pixel_area); 0/None: none", "helpers/metadata/backends/base.py"),
+    "minimum_image_size": _same(
+        "skip sources below it (pixel edge, or area for area/pixel_area); 0/None: none",
+        "helpers/metadata/backends/base.py",
+    ),
     "maximum_image_size": _same("with crop and target_downsample_size: downsample larger sources first", SAMPLE),
     "target_downsample_size": _same("size to downsample to before cropping (with crop and maximum_image_size)", SAMPLE),
     # LoRA
@@ -112,7 +120,9 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "optimizer_beta2": _same("overrides the optimizer's beta2 (with optimizer_beta1)", OPTIMIZERS),
     "adam_beta1": _ignored("SimpleTuner passes it only to DeepSpeed's optimizer; use optimizer_beta1", OPTIMIZERS),
     "adam_beta2": _ignored("SimpleTuner passes it only to DeepSpeed's optimizer; use optimizer_beta2", OPTIMIZERS),
-    "adam_epsilon": _ignored("SimpleTuner passes it only to DeepSpeed's optimizer; use optimizer_config eps=", OPTIMIZERS),
+    "adam_epsilon": _ignored(
+        "SimpleTuner passes it only to DeepSpeed's optimizer; use optimizer_config eps=", OPTIMIZERS
+    ),
     "adam_weight_decay": _ignored(
         "SimpleTuner passes it only to DeepSpeed's optimizer; use optimizer_config weight_decay=", OPTIMIZERS
     ),
@@ -189,6 +199,22 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "pretrained_t5_model_name_or_path": _refused("not a HunyuanVideo component"),
 }
 
+# Options other model families register (helpers/models/field_registry/*.py), seen in the Wan/LTX examples.
+TRAIN_KEYS.update(
+    {
+        key: _refused("an option of another model family (LTX-2 conditioning, SDNQ), not HunyuanVideo 1.5")
+        for key in (
+            "ltx2_intrinsic_conditioning",
+            "ltx2_reference_temporal_scale_factor",
+            "ltx2_reference_spatial_scale_factor",
+            "ltx2_prefix_conditioning_probability",
+            "ltx2_prefix_conditioning_frames",
+            "ltx2_first_frame_conditioning_probability",
+            "sdnq_hadamard_group_size",
+        )
+    }
+)
+
 # Implemented on the features branch (i15feat): refused here until that branch is merged; the lead flips this block.
 FEATURES_BRANCH_KEYS: dict[str, KeyPolicy] = {
     key: _refused("not implemented in this build (EMA, LyCORIS, dataset i2v validation, block swap)")
@@ -219,7 +245,9 @@ DATASET_KEYS: dict[str, KeyPolicy] = {
     "type": _same("local only"),
     "dataset_type": _same("video, image, text_embeds"),
     "instance_data_dir": _same("folder of clips/images"),
-    "caption_strategy": _same("textfile, filename (SimpleTuner's default when omitted), instanceprompt, metadata", FACTORY),
+    "caption_strategy": _same(
+        "textfile, filename (SimpleTuner's default when omitted), instanceprompt, metadata", FACTORY
+    ),
     "instance_prompt": _same("a string or a list (one caption variant per entry)"),
     "prepend_instance_prompt": _same("instance_prompt + ' ' + caption", "helpers/prompts.py"),
     "only_instance_prompt": _same("use instance_prompt as the only caption", "helpers/prompts.py"),
@@ -303,7 +331,10 @@ def classify_unknown(key: str, value: Any) -> tuple[str, str]:
     if policy is not None and policy.status == "refused":
         return "refused", policy.note
     if key in simpletuner_defaults():
-        return "refused", f"a SimpleTuner option hvtune does not implement (its default is {simpletuner_defaults()[key]!r})"
+        return (
+            "refused",
+            f"a SimpleTuner option hvtune does not implement (its default is {simpletuner_defaults()[key]!r})",
+        )
     return "unknown", "not a SimpleTuner 4.10.1 option nor an hvtune one (a typo?)"
 
 
@@ -384,11 +415,78 @@ def optimizer_settings(name: str, optimizer_config: str | None, beta1: float | N
         elif text.lower() == "none":
             value = None
         else:
-            try:
+            with suppress(ValueError):
                 value = float(text) if any(c in text for c in ".eE") else int(text)
-            except ValueError:
-                pass
         settings[key] = value
     if beta1 is not None and beta2 is not None:
         settings["betas"] = (beta1, beta2)
     return settings
+
+
+# Defaults hvtune keeps different from SimpleTuner's on purpose; `hvtune check` prints the reason on the key's line
+# when the key is omitted. tests/test_simpletuner.py fails for any other default that differs.
+KEPT_DEFAULTS: dict[str, str] = {
+    "model_type": "SimpleTuner's default is full; hvtune trains LoRAs only",
+    "model_family": "hvtune is for HunyuanVideo 1.5 only",
+    "pretrained_model_name_or_path": "HunyuanVideo 1.5's hub id (SimpleTuner has none)",
+    "model_flavour": "SimpleTuner's HunyuanVideo default flavour t2v-480p (helpers/models/hunyuanvideo/model.py)",
+    "output_dir": "hvtune's output folder name",
+    "cache_dir": "hvtune's cache folder (SimpleTuner: output_dir/cache)",
+    "seed": "SimpleTuner leaves training unseeded; hvtune is reproducible by default (42)",
+    "resolution": "SimpleTuner's 1024 (pixel_area) is above the 480p/720p model's size; the flavour's 480/720",
+    "train_batch_size": "SimpleTuner's 4 does not fit video on most GPUs; 1",
+    "learning_rate": "SimpleTuner's 4e-7 is its full fine-tune rate; 1e-4 is a LoRA rate",
+    "caption_dropout_probability": "SimpleTuner's None is 0 (no dropout)",
+    "validation_resolution": "SimpleTuner's 256 is not a video size; the flavour's 848x480 or 1280x720",
+    "validation_num_video_frames": "SimpleTuner's None renders the pipeline default; hvtune 61",
+    "validation_guidance": "validation only: Tencent's 6.0 for HunyuanVideo 1.5 (SimpleTuner 7.5)",
+    "validation_negative_prompt": "validation only: empty",
+    "validation_prompt": "validation only: a neutral prompt",
+    "validation_step_interval": "validation only: at the end of training (SimpleTuner every 100 steps)",
+    "report_to": "logging only: TensorBoard (SimpleTuner none)",
+    "tracker_project_name": "logging only",
+    "tracker_run_name": "logging only",
+    "adam_beta1": "unused, as in SimpleTuner (DeepSpeed only)",
+    "adam_beta2": "unused, as in SimpleTuner (DeepSpeed only)",
+    "adam_epsilon": "unused, as in SimpleTuner (DeepSpeed only)",
+    "adam_weight_decay": "unused, as in SimpleTuner (DeepSpeed only)",
+}
+
+
+def render_markdown() -> str:
+    """docs/SIMPLETUNER.md; tests/test_simpletuner.py checks the file equals this."""
+    lines = [
+        "# SimpleTuner options in hvtune",
+        "",
+        "Generated from `app/hvtune/simpletuner.py` (tests/test_simpletuner.py keeps them equal).",
+        "Meanings were read from",
+        f"SimpleTuner {VERSION}'s wheel (`pip download --no-deps simpletuner=={VERSION}`); paths are inside it.",
+        "",
+        "- **same**: hvtune does what SimpleTuner does. **ignored**: no effect on the LoRA, reported as a notice.",
+        "- **refused**: changes training in SimpleTuner, hvtune does not do it: `hvtune check` fails naming the key,",
+        "  unless the value is SimpleTuner's default or `allow_unsupported_keys: true` (then a notice says it is not",
+        "  applied). Any other SimpleTuner option set to a non-default value is refused the same way; unknown keys are",
+        "  reported as unknown.",
+        "",
+    ]
+
+    def table(title: str, entries: dict[str, KeyPolicy]) -> None:
+        lines.extend([f"## {title}", "", "| key | status | in hvtune | SimpleTuner source |", "|---|---|---|---|"])
+        for key, p in entries.items():
+            lines.append(f"| `{key}` | {p.status} | {p.note.replace('|', '/')} | {p.source and f'`{p.source}`'} |")
+        lines.append("")
+
+    table("config.json", TRAIN_KEYS)
+    table("config.json: implemented on the features branch (refused in this build)", FEATURES_BRANCH_KEYS)
+    table("multidatabackend.json: one dataset", DATASET_KEYS)
+    table("multidatabackend.json: a dataset's `video`", VIDEO_KEYS)
+    lines.extend(["## Optimizers", "", "| SimpleTuner name | hvtune implementation | SimpleTuner's default settings |"])
+    lines.append("|---|---|---|")
+    for name, (impl, settings) in OPTIMIZERS.items():
+        lines.append(f"| `{name}` | {impl} | {settings} |")
+    for name, nearest in NEAREST_OPTIMIZER.items():
+        lines.append(f"| `{name}` | refused: nearest `{nearest}` | |")
+    lines.extend(["", "## Defaults kept different on purpose", "", "| key | why |", "|---|---|"])
+    lines.extend(f"| `{k}` | {v} |" for k, v in KEPT_DEFAULTS.items())
+    lines.append("")
+    return "\n".join(lines)

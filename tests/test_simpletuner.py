@@ -1,0 +1,213 @@
+"""SimpleTuner 4.10.1 configs mean the same in hvtune: its example configs pass `hvtune check`, buckets equal the
+ones SimpleTuner's own code computes, every default either equals SimpleTuner's or is listed as kept on purpose,
+and docs/SIMPLETUNER.md is generated from the policy table.
+
+tests/data/simpletuner-4.10.1/ holds the HunyuanVideo, Wan and LTX example configs copied unchanged from the wheel
+`simpletuner-4.10.1-py3-none-any.whl` (simpletuner/examples/<name>/config.json and
+simpletuner/examples/multidatabackend-small-video-480p+2s24fps.json)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from hvtune.cli import main
+from hvtune.config import ConfigError, TrainConfig, load_config
+from hvtune.datasets import BucketRule, simpletuner_bucket
+from hvtune.simpletuner import (
+    FEATURES_BRANCH_KEYS,
+    KEPT_DEFAULTS,
+    TRAIN_KEYS,
+    render_markdown,
+    simpletuner_defaults,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = Path(__file__).parent / "data" / "simpletuner-4.10.1"
+HUNYUAN = EXAMPLES / "hunyuanvideo-1.5-t2v.peft-lora.config.json"
+# keys that name another model or its data; the rest of a Wan/LTX example is what it shares with HunyuanVideo
+OTHER_MODEL = {"model_family", "model_flavour", "pretrained_model_name_or_path", "data_backend_config"}
+
+
+def _project(tmp_path: Path, config: dict) -> Path:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    backend = [
+        {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": str(videos),
+         "resolution": 480, "resolution_type": "pixel_area", "video": {"num_frames": 49}},
+        {"id": "text", "dataset_type": "text_embeds", "default": True, "type": "local", "cache_dir": "cache/text"},
+    ]  # fmt: skip
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    config = {**config, "data_backend_config": str(tmp_path / "multidatabackend.json")}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_hunyuanvideo_example_passes_check_and_lists_each_ignored_key(tmp_path, capsys):
+    config = json.loads(HUNYUAN.read_text())
+    assert main(["check", "--config", str(_project(tmp_path, config))]) == 0
+    out = capsys.readouterr()
+    for key in ("hub_model_id", "compress_disk_cache", "disable_benchmark", "vae_batch_size"):
+        assert f"{key} (" in out.err  # listed with its reason
+    assert "1920x1080 (16:9) -> 704x384, 1080x1920 (9:16) -> 384x704" in out.out
+    r = load_config(_project(tmp_path / "b", config) if (tmp_path / "b").mkdir() is None else None, env={})
+    t = r.train
+    assert (t.num_train_epochs, t.max_train_steps, t.checkpointing_steps, t.validation_steps) == (0, 200, 100, 50)
+    assert (t.optimizer, t.max_grad_norm, t.grad_clip_method, t.shift) == ("adamw_bf16", 0.1, "value", 5.0)
+
+
+def test_hub_dataset_of_the_example_is_refused_with_its_reason(tmp_path):
+    backend = json.loads((EXAMPLES / "multidatabackend-small-video-480p+2s24fps.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps(backend))
+    (tmp_path / "c.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "m.json")}))
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.json", env={})
+    assert "hub datasets are not supported" in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.config.json") if "hunyuan" not in p.name))
+def test_wan_and_ltx_examples_keys_shared_with_hunyuanvideo_pass(tmp_path, name):
+    config = json.loads((EXAMPLES / name).read_text())
+    refused = {k for k, p in TRAIN_KEYS.items() if p.status == "refused"} | set(FEATURES_BRANCH_KEYS)
+    shared = {
+        k: v
+        for k, v in config.items()
+        if k not in OTHER_MODEL | refused and (k in TRAIN_KEYS or k in TrainConfig.model_fields)
+    }
+    if shared.get("base_model_precision") not in ("no_change", "int8-torchao", "bf16"):
+        shared.pop("base_model_precision", None)  # quantisers of other stacks: refused, tested below
+    r = load_config(_project(tmp_path, shared), env={})
+    assert r.train.num_train_epochs == 0 and r.train.train_steps_limit == config["max_train_steps"]
+
+
+def test_every_example_key_is_classified_never_unknown():
+    keys = {k for p in EXAMPLES.glob("*.config.json") for k in json.loads(p.read_text())}
+    known = set(TRAIN_KEYS) | set(FEATURES_BRANCH_KEYS) | set(TrainConfig.model_fields) | set(simpletuner_defaults())
+    assert keys - known == set()
+
+
+def test_refused_key_is_an_error_unless_allowed(tmp_path):
+    path = _project(tmp_path, {"tread_config": {"routes": []}, "use_ema": True})
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={})
+    assert "tread_config" in str(e.value) and "use_ema" in str(e.value)
+    r = load_config(path, env={}, argv=["--allow_unsupported_keys=true"])
+    assert any("NOT applied" in n and "tread_config" in n for n in r.notices)
+
+
+def test_unknown_video_key_and_disabled_dataset(tmp_path):
+    path = _project(tmp_path, {})
+    backend = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backend[0]["video"]["num_frame"] = 61  # typo
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    with pytest.raises(ConfigError, match=r"video\.num_frame"):
+        load_config(path, env={})
+    backend[0]["video"].pop("num_frame")
+    backend[0]["disable"] = True
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    assert load_config(path, env={}).datasets[0].skipped
+
+
+def test_seed_zero_and_minus_one_draw_a_seed(tmp_path):
+    for asked in (0, -1):
+        r = load_config(
+            _project(tmp_path / str(asked + 2), {"seed": asked})
+            if (tmp_path / str(asked + 2)).mkdir() is None
+            else None,
+            env={},
+        )
+        assert r.train.seed not in (0, -1) and any("drew seed" in n for n in r.notices)
+
+
+def test_defaults_equal_simpletuners_or_are_kept_on_purpose():
+    st = simpletuner_defaults()
+    differ = {}
+    for name, field in TrainConfig.model_fields.items():
+        key = field.alias or name
+        if key in st and field.default != st[key] and not (st[key] is None and field.default in (0, 0.0)):
+            differ[key] = (field.default, st[key])
+    assert set(differ) - set(KEPT_DEFAULTS) == set(), differ
+
+
+def test_docs_table_is_generated_from_the_policy():
+    assert (ROOT / "docs" / "SIMPLETUNER.md").read_text() == render_markdown()
+
+
+# ------------------------------------------------------------------ buckets against SimpleTuner's own code
+
+
+@pytest.fixture(scope="session")
+def simpletuner_image(tmp_path_factory):
+    """helpers/multiaspect/image.py from the real wheel (downloaded once, PyPI), with its StateTracker stubbed to
+    hold the alignment setting."""
+    cache = Path.home() / ".cache" / "hvtune-tests"
+    wheel = cache / "simpletuner-4.10.1-py3-none-any.whl"
+    if not wheel.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "simpletuner==4.10.1", "--python-version",
+               "3.12", "--only-binary=:all:", "-d", str(cache), "-q"]  # fmt: skip
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip("PyPI not reachable: cannot download simpletuner 4.10.1")
+    source = zipfile.ZipFile(wheel).read("simpletuner/helpers/multiaspect/image.py").decode()
+    args = types.SimpleNamespace(aspect_bucket_alignment=64, aspect_bucket_rounding=2)
+
+    class StateTracker:
+        @staticmethod
+        def get_args():
+            return args
+
+        @staticmethod
+        def get_resolution_by_aspect(**_):
+            return None
+
+        @staticmethod
+        def set_resolution_by_aspect(**_):
+            return None
+
+    stub = types.ModuleType("simpletuner.helpers.training.state_tracker")
+    stub.StateTracker = StateTracker
+    tv = types.ModuleType("torchvision")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    saved = {k: sys.modules.get(k) for k in (stub.__name__, "torchvision")}
+    sys.modules[stub.__name__], sys.modules["torchvision"] = stub, tv
+    try:
+        spec = importlib.util.spec_from_loader("st_image", loader=None)
+        module = importlib.util.module_from_spec(spec)
+        exec(compile(source, "simpletuner/helpers/multiaspect/image.py", "exec"), module.__dict__)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return module.MultiaspectImage, args
+
+
+SOURCES = [(1920, 1080), (1080, 1920), (1280, 720), (848, 480), (640, 480), (480, 640), (1000, 1000), (2560, 1080),
+           (720, 1280), (1024, 768), (500, 300)]  # fmt: skip
+
+
+@pytest.mark.parametrize("alignment", [16, 32, 64])
+@pytest.mark.parametrize(("resolution", "kind"), [(480, "pixel_area"), (720, "pixel_area"), (480, "pixel"),
+                                                   (720, "pixel"), (0.25, "area"), (0.5, "area")])  # fmt: skip
+def test_buckets_equal_simpletuners_code(simpletuner_image, alignment, resolution, kind):
+    image, args = simpletuner_image
+    args.aspect_bucket_alignment = alignment
+    mp = resolution * resolution / 1e6 if kind == "pixel_area" else resolution
+    rule = BucketRule(mp if kind != "pixel" else resolution, "area" if kind != "pixel" else "pixel", alignment)
+    for w, h in SOURCES:
+        aspect = image.calculate_image_aspect_ratio((w, h))
+        if kind == "pixel":
+            target, _, _ = image.calculate_new_size_by_pixel_edge(aspect, resolution, (w, h))
+        else:
+            target, _, _ = image.calculate_new_size_by_pixel_area(aspect, mp, (w, h))
+        if round(target[0] / target[1], 2) == 1.0:  # TrainingSample.calculate_target_size: square -> pixel_resolution
+            continue
+        assert simpletuner_bucket(w, h, rule) == tuple(target), (w, h)
