@@ -64,7 +64,7 @@ def test_layers_env_then_flag_win(project):
 def test_no_config_file_env_only(tmp_path):
     (tmp_path / "clips").mkdir()
     r = load_config(None, env={"HVTUNE_INSTANCE_DATA_DIR": str(tmp_path / "clips"), "HVTUNE_MODEL_FLAVOUR": "i2v-720p"})
-    assert r.task == "i2v" and r.train.validation_resolution == "1280x720" and r.train.flow_schedule_shift == 7.0
+    assert r.task == "i2v" and r.train.validation_resolution == "1280x720" and r.train.flow_schedule_shift == 3.0  # SimpleTuner default
     assert [d.dataset_type for d in r.datasets] == ["video", "text_embeds"]
 
 

@@ -38,7 +38,7 @@ OTHER_MODEL = {"model_family", "model_flavour", "pretrained_model_name_or_path",
 
 def _project(tmp_path: Path, config: dict) -> Path:
     videos = tmp_path / "videos"
-    videos.mkdir()
+    videos.mkdir(parents=True)
     backend = [
         {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": str(videos),
          "resolution": 480, "resolution_type": "pixel_area", "video": {"num_frames": 49}},
@@ -58,7 +58,7 @@ def test_hunyuanvideo_example_passes_check_and_lists_each_ignored_key(tmp_path, 
     for key in ("hub_model_id", "compress_disk_cache", "disable_benchmark", "vae_batch_size"):
         assert f"{key} (" in out.err  # listed with its reason
     assert "1920x1080 (16:9) -> 704x384, 1080x1920 (9:16) -> 384x704" in out.out
-    r = load_config(_project(tmp_path / "b", config) if (tmp_path / "b").mkdir() is None else None, env={})
+    r = load_config(_project(tmp_path / "b", config), env={})
     t = r.train
     assert (t.num_train_epochs, t.max_train_steps, t.checkpointing_steps, t.validation_steps) == (0, 200, 100, 50)
     assert (t.optimizer, t.max_grad_norm, t.grad_clip_method, t.shift) == ("adamw_bf16", 0.1, "value", 5.0)

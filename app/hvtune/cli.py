@@ -35,7 +35,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config: {resolved.config_path or '(none: defaults, environment and flags)'}")
     for key, value in values.items():
         source = resolved.sources.get(key, "default")
-        st_key = type(resolved.train).model_fields[key].alias or key
+        field = type(resolved.train).model_fields.get(key)
+        st_key = (field.alias if field else None) or key
         kept = KEPT_DEFAULTS.get(st_key) if source == "default" else None
         kept = f"  (differs from SimpleTuner: {kept})" if kept else ""
         print(f"  {key:<{width}}  {value!r:<40}  {source}{kept}")

@@ -523,11 +523,13 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
                 "HunyuanVideo 1.5 needs multiples of 16: use 16, 32 or 64",
             )
         )
+    if t.lr_scheduler == "constant" and t.lr_warmup_steps > 0:
+        notices.append("lr_scheduler constant ignores lr_warmup_steps, as in SimpleTuner: use constant_with_warmup")
     from .simpletuner import optimizer_problem, scheduler_problem
 
     for key, rule in (
         ("optimizer", optimizer_problem(t.optimizer)),
-        ("lr_scheduler", scheduler_problem(t.lr_scheduler)),
+        ("lr_scheduler", scheduler_problem(t.lr_scheduler, t.lr_warmup_steps)),
     ):
         if rule:
             problems.append(Problem(where(key), key, getattr(t, key), rule))

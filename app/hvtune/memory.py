@@ -29,6 +29,8 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
 
 from __future__ import annotations
 
+import math
+
 import re
 
 import torch
@@ -219,6 +221,28 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return getattr(bnb.optim, implementation.split(".")[1])(params, **kwargs)
 
 
+def simpletuner_wave(name: str, cfg: TrainConfig):
+    """lr factor per step of SimpleTuner's own schedules (helpers/training/custom_schedule.py, classes Cosine,
+    CosineAnnealingHardRestarts, Sine as get_lr_scheduler builds them: T_0 = lr_warmup_steps, eta_min = lr_end, the
+    default steps_per_epoch=-1, lr floored to 1e-9). With steps_per_epoch=-1, Cosine's T_cur is -step (a cosine
+    wave of period 2 T_0 that never restarts; T_0 = 1000 when lr_warmup_steps is 0) and CosineAnnealingHardRestarts'
+    T_cur is step % -1 = 0 (the lr stays at learning_rate). Its num_processes factors cancel: SimpleTuner steps the
+    scheduler num_processes times per step over a period num_processes times longer."""
+    base, eta = cfg.learning_rate, cfg.lr_end
+    period = cfg.lr_warmup_steps if cfg.lr_warmup_steps > 0 else 1000
+
+    def factor(step: int) -> float:
+        if name == "cosine":
+            lr = eta + (base - eta) * (1 + math.cos(math.pi * -step / period)) / 2
+        elif name == "sine":
+            lr = eta + (base - eta) * (0.5 * (1 + math.sin(math.pi * step / period)))
+        else:  # cosine_with_restarts
+            lr = eta + (base - eta) * (1 + math.cos(0.0)) / 2
+        return math.floor(lr * 1e9) / 1e9 / base
+
+    return factor
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     """diffusers' `get_scheduler`: constant, constant_with_warmup, linear and cosine (linear warmup over
     `lr_warmup_steps`, then constant or a decay to 0 at `total_steps`). Stepped once per optimizer step.
@@ -229,10 +253,10 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total
     from .simpletuner import scheduler_problem
 
     name = cfg.lr_scheduler
-    if problem := scheduler_problem(name):
+    if problem := scheduler_problem(name, cfg.lr_warmup_steps):
         raise UserError(f"lr_scheduler {name!r}: {problem}")
-    if name == "constant" and cfg.lr_warmup_steps > 0:
-        name = "constant_with_warmup"
+    if name in ("cosine", "cosine_with_restarts", "sine"):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, simpletuner_wave(name, cfg))
     if name == "polynomial":  # SimpleTuner passes lr_end and lr_power (helpers/training/custom_schedule.py)
         from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
 

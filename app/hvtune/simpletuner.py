@@ -104,8 +104,9 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "gradient_accumulation_steps": _same("micro-batches per optimizer step"),
     "learning_rate": _same("peak learning rate"),
     "lr_scheduler": _same(
-        "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial (diffusers get_scheduler); "
-        "sine is refused (nearest: cosine_with_restarts)",
+        "constant, constant_with_warmup, linear, polynomial (diffusers' schedules, as SimpleTuner); cosine, "
+        "cosine_with_restarts, sine as SimpleTuner's own classes compute them: period lr_warmup_steps, no warmup, "
+        "floor to lr_end; cosine_with_restarts stays at learning_rate (its steps_per_epoch=-1 keeps T_cur at 0)",
         SCHEDULERS,
     ),
     "lr_warmup_steps": _same("linear warmup steps"),
@@ -375,14 +376,10 @@ NEAREST_OPTIMIZER: dict[str, str] = {
 }
 
 # SimpleTuner's lr_scheduler names (helpers/training/custom_schedule.py get_lr_scheduler). constant,
-# constant_with_warmup, linear and polynomial go to diffusers' schedules in SimpleTuner too; its cosine,
-# cosine_with_restarts and sine are its own classes whose cycle is lr_warmup_steps long.
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "polynomial")
-REFUSED_SCHEDULERS = {
-    "cosine": "SimpleTuner's cosine is its own schedule with lr_warmup_steps-long cycles, not implemented",
-    "cosine_with_restarts": "SimpleTuner's cosine_with_restarts (CosineAnnealingHardRestarts) is not implemented",
-    "sine": "SimpleTuner's sine schedule is not implemented",
-}
+# constant_with_warmup, linear and polynomial are diffusers' schedules there too; cosine, cosine_with_restarts and
+# sine are SimpleTuner's own classes, whose period is lr_warmup_steps (memory.build_lr_scheduler restates them).
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "polynomial", "cosine", "cosine_with_restarts", "sine")
+NEEDS_WARMUP_PERIOD = ("cosine_with_restarts", "sine")  # SimpleTuner raises for T_0 = lr_warmup_steps = 0
 
 
 def optimizer_problem(name: str) -> str | None:
@@ -393,12 +390,12 @@ def optimizer_problem(name: str) -> str | None:
     return f"unknown optimizer; one of {', '.join(OPTIMIZERS)}"
 
 
-def scheduler_problem(name: str) -> str | None:
-    if name in SCHEDULERS:
-        return None
-    if name in REFUSED_SCHEDULERS:
-        return REFUSED_SCHEDULERS[name] + "; use polynomial (lr_power 1.0 = linear decay to lr_end) or constant"
-    return f"unknown lr_scheduler; one of {', '.join(SCHEDULERS)}"
+def scheduler_problem(name: str, warmup_steps: int) -> str | None:
+    if name not in SCHEDULERS:
+        return f"unknown lr_scheduler; one of {', '.join(SCHEDULERS)}"
+    if name in NEEDS_WARMUP_PERIOD and warmup_steps <= 0:
+        return f"SimpleTuner's {name} uses lr_warmup_steps as its period: set lr_warmup_steps > 0"
+    return None
 
 
 def optimizer_settings(name: str, optimizer_config: str | None, beta1: float | None, beta2: float | None) -> dict:
