@@ -45,7 +45,11 @@ def _batch():
 
 
 def _model(**cfg):
-    base = {"base_model_precision": "no_change", "mixed_precision": "no", "lora_dropout": 0.0}  # an fp32 base, no dropout
+    base = {
+        "base_model_precision": "no_change",
+        "mixed_precision": "no",
+        "lora_dropout": 0.0,
+    }  # an fp32 base, no dropout
     cfg = TrainConfig(**{**base, "lora_init_type": "gaussian", **cfg})
     transformer = _fresh()
     prepare_base(transformer, cfg, "cpu")
@@ -224,7 +228,7 @@ def test_optimizers_step(name):
         ("constant", [1.0, 1.0, 1.0, 1.0]),  # SimpleTuner: diffusers' constant, which ignores lr_warmup_steps
         ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0]),
         ("linear", [0.0, 0.5, 1.0, 0.5]),
-        ("polynomial", [0.0, 0.5, 1.0, 0.5 ** 0.8]),  # lr_end 4e-7, lr_power 0.8 (SimpleTuner's defaults)
+        ("polynomial", [0.0, 0.5, 1.0, 0.5**0.8]),  # lr_end 4e-7, lr_power 0.8 (SimpleTuner's defaults)
         # SimpleTuner's Cosine/Sine/CosineAnnealingHardRestarts: period lr_warmup_steps, no warmup, floor lr_end
         ("cosine", [1.0, 0.5, 4e-7, 1.0]),
         ("sine", [0.5, 1.0, 0.5, 0.5]),

@@ -19,15 +19,18 @@ Decisions (documented for users in the module and the cache report):
   A caption that is not valid UTF-8 is REJECTED (`caption_not_utf8`, with the byte offset): decoding with replacement
   characters would silently train on text the user never wrote. A UTF-8 byte-order mark is accepted and dropped.
   Missing or whitespace-only captions are skipped (`missing_caption`, `empty_caption`).
-- Buckets, spatial: `resolution` as an int R is the short side of the 16:9 frame at that area, i.e. a target area of
-  R*R*16/9 pixels, i.e. Tencent's `target_size` = R*4/3 (480 -> 640, the 480p model's own value; 720 -> 960). The
-  size follows the HunyuanVideo 1.5 pipeline's rule (`generate_crop_size_list(base_size=R*4/3, patch 16, max ratio
-  4)` then `get_closest_ratio`; restated in `crop_size_list`/`bucket_size`, tested equal to diffusers' functions):
-  width and height are multiples of 16, the area stays at or below the target, and the aspect is the listed one
-  nearest the source's (1920x1080 -> 848x480 at 480, 1280x720 at 720). A "WxH"
-  resolution is a fixed size for every sample. The source is scaled to cover the bucket and centre-cropped; it is
-  never upscaled: a source smaller than its bucket in either dimension is skipped (`too_small`). No `resolution`:
-  the flavour's short side (480 or 720).
+- Buckets, spatial: SimpleTuner 4.10.1's rule (`simpletuner_bucket`, tested against the wheel's own
+  helpers/multiaspect/image.py). A dataset's `resolution`/`resolution_type` fall back to the top-level ones;
+  `resolution_type` defaults to `pixel_area` and `resolution` to the flavour's short side (480 or 720; SimpleTuner's
+  1024 is kept different on purpose). `pixel_area` R is an area of R*R pixels (480 -> 0.2304 megapixels): the bucket
+  keeps the source's aspect (rounded to `aspect_bucket_rounding` decimals) at that area, each side rounded to the
+  nearest multiple of `aspect_bucket_alignment` (default 64: 1920x1080 -> 704x384 at 480). `pixel` R is the short
+  edge (1920x1080 -> 832x512 at 480 with alignment 64, 848x480 with alignment 16). A bucket that comes out square is
+  the square of the resolution's edge (areas near 0.25/0.5/1/2/4 megapixels use 512/768/1024/1536/2048).
+  `crop: true` with `crop_aspect: square` trains every source at that square. A "WxH" resolution is hvtune's fixed
+  size for every sample. `minimum_image_size` skips smaller sources (`too_small`). The source is scaled to cover the
+  bucket and centre-cropped; it is never upscaled: a source smaller than its bucket is skipped (`too_small`), where
+  SimpleTuner would upscale it.
 - Buckets, frames (after resampling to `video.frame_rate` when set): `min_frames` defaults to `num_frames`
   (SimpleTuner). A clip with fewer than `min_frames` frames is skipped (`too_few_frames`); one with more than
   `max_frames` (when set) is skipped (`too_many_frames`). `aspect_ratio`: F = `num_frames`, or for a clip between
@@ -243,40 +246,6 @@ def meets_minimum(width: int, height: int, rule: BucketRule) -> bool:
 
 def dataset_resolution(ds: DatasetConfig, resolved: ResolvedConfig) -> BucketRule:
     return dataset_bucket_rule(ds, resolved)
-
-
-def crop_size_list(base_size: float, patch_size: int = PATCH, max_ratio: float = 4.0) -> list[tuple[int, int]]:
-    """Tencent's `generate_crop_size_list` (diffusers `hunyuan_video1_5/image_processor.py`), restated here so that a
-    scan does not import diffusers (seconds on a fully cached rerun); tests check it against diffusers' own."""
-    num_patches = round((base_size / patch_size) ** 2)
-    sizes = []
-    wp, hp = num_patches, 1
-    while wp > 0:
-        if max(wp, hp) / min(wp, hp) <= max_ratio:
-            sizes.append((wp * patch_size, hp * patch_size))
-        if (hp + 1) * wp <= num_patches:
-            hp += 1
-        else:
-            wp -= 1
-    return sizes
-
-
-def bucket_size(width: int, height: int, resolution: int | tuple[int, int]) -> tuple[int, int]:
-    """(W, H) of the bucket for a source of display size width x height (see the module docstring): the pipeline's
-    `calculate_default_height_width(height, width, target_size=R*4/3)`, i.e. `get_closest_ratio`: the listed size
-    whose height/width ratio is nearest the source's among those >= it (landscape) or <= it (portrait)."""
-    if isinstance(resolution, tuple):
-        return resolution
-    crops = crop_size_list(resolution * 4 / 3)  # (h, w) pairs, as the pipeline reads them
-    aspect = float(height) / float(width)
-    best = None
-    for h, w in crops:
-        diff = round(float(h) / float(w), 5) - aspect
-        if (diff <= 0 if aspect >= 1 else diff >= 0) and (best is None or abs(diff) < best[0]):
-            best = (abs(diff), w, h)
-    if best is None:
-        raise DatasetError("aspect_out_of_range", f"aspect {width}x{height} is beyond 4:1, the widest bucket")
-    return best[1], best[2]
 
 
 def round_to_4n1(n: int) -> int:

@@ -30,7 +30,6 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
 from __future__ import annotations
 
 import math
-
 import re
 
 import torch
