@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hvtune.cli import main
-from hvtune.config import ConfigError, TrainConfig, load_config
+from hvtune.config import ConfigError, DatasetConfig, TrainConfig, load_config
 from hvtune.datasets import BucketRule, simpletuner_bucket
 from hvtune.simpletuner import (
     FEATURES_BRANCH_KEYS,
@@ -211,3 +211,119 @@ def test_buckets_equal_simpletuners_code(simpletuner_image, alignment, resolutio
         if round(target[0] / target[1], 2) == 1.0:  # TrainingSample.calculate_target_size: square -> pixel_resolution
             continue
         assert simpletuner_bucket(w, h, rule) == tuple(target), (w, h)
+
+
+# ------------------------------------------------------------------------------------- training keys, SimpleTuner's way
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "eps", "weight_decay", "betas"),
+    [
+        ("adamw_bf16", "AdamW", 1e-6, 1e-2, (0.9, 0.999)),  # AdamWBF16's default_settings
+        ("torch-adamw", "AdamW", 1e-8, 1e-2, (0.9, 0.999)),
+        ("optimi-adamw", "AdamW", 1e-6, 0.0, (0.9, 0.99)),
+        ("bnb-adamw8bit", "AdamW8bit", 1e-6, 1e-2, (0.9, 0.999)),
+        ("ao-adamw8bit", "AdamW8bit", 1e-6, 1e-2, (0.9, 0.999)),
+    ],
+)
+def test_optimizer_names_and_settings_as_simpletuner(name, cls, eps, weight_decay, betas):
+    import torch
+
+    from hvtune.memory import build_optimizer
+
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(4, 4))], _cfg(optimizer=name, learning_rate=1e-4))
+    group = opt.param_groups[0]
+    assert type(opt).__name__ == cls
+    assert (group["eps"], group["weight_decay"], tuple(group["betas"])) == (eps, weight_decay, betas)
+    # optimizer_config and optimizer_beta1/2 override them; adam_* do not (SimpleTuner uses them for DeepSpeed only)
+    cfg = _cfg(optimizer=name, optimizer_config="weight_decay=0.0,eps=1e-7", optimizer_beta1=0.8,
+               optimizer_beta2=0.95, adam_weight_decay=0.5)  # fmt: skip
+    group = build_optimizer([torch.nn.Parameter(torch.zeros(4, 4))], cfg).param_groups[0]
+    assert (group["eps"], group["weight_decay"], tuple(group["betas"])) == (1e-7, 0.0, (0.8, 0.95))
+
+
+def test_unavailable_optimizer_is_refused_with_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"prodigy.*nearest is adamw_bf16"):
+        load_config(_project(tmp_path, {"optimizer": "prodigy"}), env={})
+
+
+@pytest.mark.parametrize("method", ["value", "norm"])
+def test_gradient_clipping_methods(method):
+    import torch
+    from accelerate import Accelerator
+
+    from hvtune.memory import clip_gradients
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    param.grad = torch.tensor([3.0, -0.5, 0.1, -4.0])
+    clip_gradients(Accelerator(cpu=True), [param], _cfg(max_grad_norm=1.0, grad_clip_method=method))
+    if method == "value":  # SimpleTuner's default: each element clamped to [-1, 1]
+        assert param.grad.tolist() == pytest.approx([1.0, -0.5, 0.1, -1.0])
+    else:
+        assert float(param.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+        assert param.grad[0] / param.grad[3] == pytest.approx(3.0 / -4.0)
+    assert _cfg().grad_clip_method == "value" and _cfg().max_grad_norm == 2.0  # SimpleTuner's defaults
+
+
+def test_flow_schedule_keys():
+    import torch
+
+    from hvtune.objective import counter_generator, sample_sigmas
+
+    assert _cfg(flow_schedule_shift=0).shift == 1.0  # 0: no shift (custom_schedule.apply_flow_schedule_shift)
+    assert _cfg(flow_use_uniform_schedule=True).timestep_mode == "uniform"
+    scaled = sample_sigmas([0, 1], seed=3, epoch=0, shift=1.0, sigmoid_scale=2.0)
+    draws = [torch.randn((), generator=counter_generator(3, 0, d, purpose="timestep")) for d in (0, 1)]
+    assert scaled.tolist() == pytest.approx([float(torch.sigmoid(2.0 * x)) for x in draws])
+
+
+def test_steps_epochs_intervals_and_validation_resolution(tmp_path):
+    r = load_config(
+        _project(tmp_path, {"num_train_epochs": 3, "max_train_steps": 0, "checkpoint_step_interval": 7,
+                            "validation_step_interval": 9, "validation_resolution": "512, 1280x720"}),
+        env={},
+    )  # fmt: skip
+    t = r.train
+    assert (t.train_steps_limit, t.num_train_epochs, t.checkpointing_steps, t.validation_steps) == (None, 3, 7, 9)
+    assert t.validation_resolution == "512x512" and any("validating at 512 only" in n for n in r.notices)
+    with pytest.raises(ConfigError, match="num_train_epochs"):
+        load_config(_project(tmp_path / "z", {"num_train_epochs": 0, "max_train_steps": 0}), env={})
+
+
+def test_instance_prompt_keys(tmp_path):
+    from hvtune.datasets import Captions
+
+    clip = tmp_path / "a_red_ball.mp4"
+    clip.write_bytes(b"")
+    clip.with_suffix(".txt").write_text("bouncing")
+    make = lambda **kw: Captions(  # noqa: E731
+        DatasetConfig(id="d", instance_data_dir=str(tmp_path), **kw), tmp_path, None
+    )
+    assert make()(clip, clip.name) == ["a red ball"]  # SimpleTuner's default caption_strategy: filename
+    assert make(caption_strategy="textfile", prepend_instance_prompt=True, instance_prompt="sks")(clip, clip.name) == [
+        "sks bouncing"
+    ]
+    assert make(only_instance_prompt=True, instance_prompt=["sks one", "sks two"])(clip, clip.name) == [
+        "sks one",
+        "sks two",
+    ]
+
+
+def test_crop_keys(tmp_path):
+    path = _project(tmp_path, {})
+    backend = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backend[0].update({"crop": True, "crop_style": "random"})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    with pytest.raises(ConfigError, match="crop_style"):
+        load_config(path, env={})
+    backend[0].update({"crop_style": "center", "crop_aspect": "square"})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    from hvtune.datasets import dataset_bucket_rule
+
+    r = load_config(path, env={})
+    rule = dataset_bucket_rule(r.datasets[0], r)
+    assert simpletuner_bucket(1920, 1080, rule) == simpletuner_bucket(1080, 1920, rule) == (512, 512)

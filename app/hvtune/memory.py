@@ -220,6 +220,18 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return getattr(bnb.optim, implementation.split(".")[1])(params, **kwargs)
 
 
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+    """SimpleTuner's clipping (helpers/training/trainer.py): nothing when max_grad_norm is 0; `grad_clip_method`
+    "value" (its default) clamps every gradient element to [-max_grad_norm, max_grad_norm]
+    (accelerator.clip_grad_value_), "norm" rescales the whole gradient to that norm (accelerator.clip_grad_norm_)."""
+    if cfg.max_grad_norm <= 0:
+        return
+    if cfg.grad_clip_method == "norm":
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        accelerator.clip_grad_value_(params, cfg.max_grad_norm)
+
+
 def simpletuner_wave(name: str, cfg: TrainConfig):
     """lr factor per step of SimpleTuner's own schedules (helpers/training/custom_schedule.py, classes Cosine,
     CosineAnnealingHardRestarts, Sine as get_lr_scheduler builds them: T_0 = lr_warmup_steps, eta_min = lr_end, the

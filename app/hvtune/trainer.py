@@ -22,7 +22,7 @@ from .config import ConfigError, ResolvedConfig, UserError, check_device_support
 from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
 from .files import write_json_atomic
 from .manifest import load_manifest
-from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
+from .memory import add_lora, build_lr_scheduler, build_optimizer, clip_gradients, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
@@ -105,7 +105,10 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     main = accelerator.is_main_process
     if trackers:
         scalars = {k: v for k, v in cfg.model_dump().items() if isinstance(v, int | float | str | bool)}
-        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hvtune"), config=scalars)
+        run_name = {"wandb": {"name": cfg.tracker_run_name}} if cfg.tracker_run_name else {}
+        accelerator.init_trackers(
+            os.environ.get("WANDB_PROJECT", cfg.tracker_project_name), config=scalars, init_kwargs=run_name
+        )
     components = ["transformer", "scheduler"] + (["vae"] if _validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
 
@@ -178,11 +181,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                             device=device,
                         )
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:  # SimpleTuner's trainer.py
-                        if cfg.grad_clip_method == "norm":
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                        else:  # "value", SimpleTuner's default: clamp each element to +-max_grad_norm
-                            accelerator.clip_grad_value_(params, cfg.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        clip_gradients(accelerator, params, cfg)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro_losses.append(loss.detach())
