@@ -327,3 +327,15 @@ def test_crop_keys(tmp_path):
     r = load_config(path, env={})
     rule = dataset_bucket_rule(r.datasets[0], r)
     assert simpletuner_bucket(1920, 1080, rule) == simpletuner_bucket(1080, 1920, rule) == (512, 512)
+
+
+def test_other_quantisers_refused_with_the_nearest_and_downsample_before_crop_refused(tmp_path):
+    with pytest.raises(ConfigError, match="use int8-torchao"):
+        load_config(_project(tmp_path, {"base_model_precision": "int8-quanto"}), env={})
+    path = _project(tmp_path / "b", {"maximum_image_size": 1024, "target_downsample_size": 720})
+    assert load_config(path, env={})  # without crop both have no effect, in SimpleTuner too
+    backend = json.loads((tmp_path / "b" / "multidatabackend.json").read_text())
+    backend[0].update({"crop": True, "crop_style": "centre"})
+    (tmp_path / "b" / "multidatabackend.json").write_text(json.dumps(backend))
+    with pytest.raises(ConfigError, match="target_downsample_size"):
+        load_config(path, env={})

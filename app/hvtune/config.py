@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     model_flavour: str = "t2v-480p"
     text_encoder_path: str | None = None
     vision_encoder_path: str | None = None
-    base_model_precision: Literal["bf16", "no_change", "int8-torchao"] = "no_change"
+    base_model_precision: str = "no_change"  # no_change, bf16, int8-torchao (others refused in _check_train_rules)
     # data and outputs
     data_backend_config: str | None = Field(None, alias="dataset_backend_config")
     instance_data_dir: str | None = None
@@ -395,6 +395,7 @@ def load_config(
         )
     if datasets:
         _check_dataset_rules(datasets, str(backend_path or "instance_data_dir"), problems, check_paths, path)
+        _check_dataset_simpletuner(datasets, train, str(backend_path or "instance_data_dir"), problems, notices)
 
     if problems:
         raise ConfigError(problems)
@@ -510,6 +511,15 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
             problems.append(
                 Problem(where("validation_resolution"), "validation_resolution", t.validation_resolution, str(e))
             )
+    if t.base_model_precision not in ("no_change", "bf16", "int8-torchao"):
+        problems.append(
+            Problem(
+                where("base_model_precision"),
+                "base_model_precision",
+                t.base_model_precision,
+                "hvtune quantises with torchao int8 only: use int8-torchao (nearest), bf16 or no_change",
+            )
+        )
     if not t.train_steps_limit and t.num_train_epochs == 0:
         problems.append(
             Problem(where("num_train_epochs"), "num_train_epochs", 0, "0 means 'use max_train_steps': set one of them")
@@ -642,6 +652,33 @@ def _report_dataset_keys(path, label, ds: DatasetConfig, allow: bool, problems, 
             )
     if ignored:
         notices.append(f"{path} {label}: ignored, no effect on the LoRA: " + "; ".join(ignored))
+
+
+def _check_dataset_simpletuner(
+    datasets: list[DatasetConfig], t: TrainConfig, where: str, problems: list[Problem], notices: list[str]
+) -> None:
+    """Dataset settings whose SimpleTuner meaning needs the top-level config too."""
+    for i, ds in enumerate(datasets):
+        if ds.skipped or ds.dataset_type not in ("video", "image"):
+            continue
+        label = f"[{i}] id={ds.id}"
+        maximum = ds.maximum_image_size if ds.maximum_image_size is not None else t.maximum_image_size
+        downsample = ds.target_downsample_size if ds.target_downsample_size is not None else t.target_downsample_size
+        if ds.crop and maximum and downsample:  # SimpleTuner: TrainingSample._should_resize_before_crop
+            problems.append(
+                Problem(
+                    where,
+                    f"{label}.target_downsample_size",
+                    downsample,
+                    "with crop and maximum_image_size, SimpleTuner downsamples to it before cropping (a wider view); "
+                    "hvtune does not: drop maximum_image_size/target_downsample_size or crop",
+                )
+            )
+        if "caption_strategy" not in ds.model_fields_set:
+            notices.append(
+                f"{where} {label}: caption_strategy not set: SimpleTuner's default, filename (captions from file "
+                "names); set textfile to read the .txt beside each file"
+            )
 
 
 def _check_dataset_rules(

@@ -91,8 +91,14 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
         "skip sources below it (pixel edge, or area for area/pixel_area); 0/None: none",
         "helpers/metadata/backends/base.py",
     ),
-    "maximum_image_size": _same("with crop and target_downsample_size: downsample larger sources first", SAMPLE),
-    "target_downsample_size": _same("size to downsample to before cropping (with crop and maximum_image_size)", SAMPLE),
+    "maximum_image_size": _same(
+        "no effect without crop, as in SimpleTuner; with crop see target_downsample_size", SAMPLE
+    ),
+    "target_downsample_size": _same(
+        "no effect without crop, as in SimpleTuner; with crop and maximum_image_size refused (downsample-then-crop "
+        "is not implemented)",
+        SAMPLE,
+    ),
     # LoRA
     "lora_rank": _same("LoRA rank"),
     "lora_alpha": _same("LoRA alpha (default: the rank)"),
@@ -144,7 +150,9 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "checkpoint_step_interval": _same("checkpoint every N steps (old name checkpointing_steps)", CLI_UTILS),
     "checkpointing_steps": _same("old name of checkpoint_step_interval", CLI_UTILS),
     "checkpoints_total_limit": _same("keep the newest N checkpoints; default 5 as SimpleTuner"),
-    "resume_from_checkpoint": _same("latest (SimpleTuner's default), a checkpoint name, or empty for a fresh start"),
+    "resume_from_checkpoint": _same(
+        "latest (SimpleTuner's default), a checkpoint name in output_dir/checkpoints or a path; empty: fresh start"
+    ),
     "validation_step_interval": _same("validate every N steps (old name validation_steps)", CLI_UTILS),
     "validation_steps": _same("old name of validation_step_interval", CLI_UTILS),
     "validation_disable": _same("no validation videos"),
@@ -256,8 +264,8 @@ DATASET_KEYS: dict[str, KeyPolicy] = {
     "resolution": _same("see resolution_type", FACTORY),
     "resolution_type": _same("pixel, area, pixel_area (default: the top-level one, pixel_area)", FACTORY),
     "minimum_image_size": _same("skip smaller sources", "helpers/metadata/backends/base.py"),
-    "maximum_image_size": _same("with crop: downsample larger sources to target_downsample_size first", SAMPLE),
-    "target_downsample_size": _same("with crop: size to downsample to first", SAMPLE),
+    "maximum_image_size": _same("no effect without crop (SimpleTuner too); see target_downsample_size", SAMPLE),
+    "target_downsample_size": _same("no effect without crop; with crop and maximum_image_size refused", SAMPLE),
     "crop": _same("crop to the bucket (false: resize to the bucket, cropping only the rounding excess)", SAMPLE),
     "crop_style": _same("center/centre; random, corner and face are refused (hvtune crops the centre)", FACTORY),
     "crop_aspect": _same("square or preserve; random/closest (crop_aspect_buckets) are refused", SAMPLE),
