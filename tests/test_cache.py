@@ -451,7 +451,8 @@ def test_load_manifest_detects_missing_changed_and_deleted_and_verify_finds_corr
                 f"--cache_dir={tmp_path / 'p' / 'cache'}",
             )
         )
-    assert "datasets[clips].resolution: cache built with 32, config now 64" in str(e.value)
+    built, now = "'32 px edge, alignment 16'", "'64 px edge, alignment 16'"
+    assert f"datasets[clips].resolution: cache built with {built}, config now {now}" in str(e.value)
     assert "hvtune cache" in str(e.value)
     with pytest.raises(CacheError, match="task: cache built with 't2v', config now 'i2v'"):
         load_manifest(load(config, "--model_flavour=i2v-480p"))

@@ -339,3 +339,17 @@ def test_other_quantisers_refused_with_the_nearest_and_downsample_before_crop_re
     (tmp_path / "b" / "multidatabackend.json").write_text(json.dumps(backend))
     with pytest.raises(ConfigError, match="target_downsample_size"):
         load_config(path, env={})
+
+
+def test_seed_guide_check_shows_buckets_kept_defaults_and_frame_rate(monkeypatch, capsys):
+    from conftest import SEED_GUIDE
+
+    monkeypatch.chdir(SEED_GUIDE)
+    assert main(["check", "--config", "config/config.json"]) == 0
+    out = capsys.readouterr().out
+    assert "buckets: 1920x1080 (16:9) -> 704x384, 1080x1920 (9:16) -> 384x704  [0.2304 megapixels" in out
+    assert "video.frame_rate 24: resampled (SimpleTuner 4.10.1 does not resample)" in out
+    seed_line = next(line for line in out.splitlines() if line.strip().startswith("seed "))
+    assert "differs from SimpleTuner" in seed_line
+    shift_line = next(line for line in out.splitlines() if line.strip().startswith("flow_schedule_shift "))
+    assert "3.0" in shift_line and "differs" not in shift_line

@@ -172,7 +172,7 @@ class TrainConfig(_Section):
     validation_seed: int | None = None
     validation_image: str | None = None
     validation_fps: int = 24
-    validation_prompt_library: Literal[False] = False
+    validation_prompt_library: bool = False
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     tracker_project_name: str = "hvtune"
     tracker_run_name: str | None = None
@@ -518,6 +518,15 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
                 "base_model_precision",
                 t.base_model_precision,
                 "hvtune quantises with torchao int8 only: use int8-torchao (nearest), bf16 or no_change",
+            )
+        )
+    if t.validation_prompt_library:
+        problems.append(
+            Problem(
+                where("validation_prompt_library"),
+                "validation_prompt_library",
+                True,
+                "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false",
             )
         )
     if not t.train_steps_limit and t.num_train_epochs == 0:
