@@ -84,7 +84,9 @@ def test_wan_and_ltx_examples_keys_shared_with_hunyuanvideo_pass(tmp_path, name)
     }
     if shared.get("base_model_precision") not in ("no_change", "int8-torchao", "bf16"):
         shared.pop("base_model_precision", None)  # quantisers of other stacks: refused, tested below
-    r = load_config(_project(tmp_path, shared), env={})
+    path = _project(tmp_path, shared)
+    assert main(["check", "--config", str(path)]) == 0
+    r = load_config(path, env={})
     assert r.train.num_train_epochs == 0 and r.train.train_steps_limit == config["max_train_steps"]
 
 
