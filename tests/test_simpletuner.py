@@ -355,3 +355,18 @@ def test_seed_guide_check_shows_buckets_kept_defaults_and_frame_rate(monkeypatch
     assert "differs from SimpleTuner" in seed_line
     shift_line = next(line for line in out.splitlines() if line.strip().startswith("flow_schedule_shift "))
     assert "3.0" in shift_line and "differs" not in shift_line
+
+
+def test_every_key_marked_same_is_read_by_hvtune():
+    names = set(TrainConfig.model_fields) | {f.alias for f in TrainConfig.model_fields.values() if f.alias}
+    assert [k for k, p in TRAIN_KEYS.items() if p.status == "same" and k not in names] == []
+    dataset_names = set(DatasetConfig.model_fields)
+    from hvtune.simpletuner import DATASET_KEYS
+
+    assert [k for k, p in DATASET_KEYS.items() if p.status == "same" and k not in dataset_names] == []
+
+
+def test_top_level_instance_prompt_is_each_datasets_default(tmp_path):
+    path = _project(tmp_path, {"instance_prompt": "sks", "prepend_instance_prompt": True})
+    ds = load_config(path, env={}).datasets[0]
+    assert (ds.instance_prompt, ds.prepend_instance_prompt) == ("sks", True)

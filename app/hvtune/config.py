@@ -114,6 +114,8 @@ class TrainConfig(_Section):
     maximum_image_size: float | None = None
     target_downsample_size: float | None = None
     instance_prompt: str | list[str] | None = None
+    prepend_instance_prompt: bool = False
+    only_instance_prompt: bool = False
     # LoRA
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = None
@@ -394,6 +396,7 @@ def load_config(
             )
         )
     if datasets:
+        _dataset_defaults_from_config(datasets, train)
         _check_dataset_rules(datasets, str(backend_path or "instance_data_dir"), problems, check_paths, path)
         _check_dataset_simpletuner(datasets, train, str(backend_path or "instance_data_dir"), problems, notices)
 
@@ -661,6 +664,17 @@ def _report_dataset_keys(path, label, ds: DatasetConfig, allow: bool, problems, 
             )
     if ignored:
         notices.append(f"{path} {label}: ignored, no effect on the LoRA: " + "; ".join(ignored))
+
+
+def _dataset_defaults_from_config(datasets: list[DatasetConfig], t: TrainConfig) -> None:
+    """SimpleTuner's data_backend/factory.py: a dataset without instance_prompt / prepend_instance_prompt takes the
+    top-level one; only_instance_prompt applies when either sets it."""
+    for ds in datasets:
+        if "instance_prompt" not in ds.model_fields_set and t.instance_prompt is not None:
+            ds.instance_prompt = t.instance_prompt
+        if "prepend_instance_prompt" not in ds.model_fields_set:
+            ds.prepend_instance_prompt = t.prepend_instance_prompt
+        ds.only_instance_prompt = ds.only_instance_prompt or t.only_instance_prompt
 
 
 def _check_dataset_simpletuner(

@@ -104,7 +104,6 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "lora_alpha": _same("LoRA alpha (default: the rank)"),
     "lora_dropout": _same("LoRA dropout, default 0.1 as in SimpleTuner", REGISTRY + "/lora.py"),
     "lora_init_type": _same("default or gaussian"),
-    "lora_type": _same("standard only here (lycoris: see the features branch)"),
     # optimisation
     "train_batch_size": _same("per-device batch"),
     "gradient_accumulation_steps": _same("micro-batches per optimizer step"),
@@ -167,7 +166,9 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "report_to": _same("tensorboard, wandb or none"),
     "tracker_project_name": _same("tracker project (wandb project)"),
     "tracker_run_name": _same("tracker run name"),
-    "instance_prompt": _same("top-level default for datasets with caption_strategy instanceprompt"),
+    "instance_prompt": _same("default of each dataset's instance_prompt", FACTORY),
+    "prepend_instance_prompt": _same("default of each dataset's prepend_instance_prompt", FACTORY),
+    "only_instance_prompt": _same("true: every dataset uses only its instance_prompt", FACTORY),
     "allow_unsupported_keys": _same("hvtune: accept refused keys with a notice instead of an error"),
     # no effect on the LoRA
     "hub_model_id": _ignored(_HUB),
@@ -228,6 +229,7 @@ TRAIN_KEYS.update(
 FEATURES_BRANCH_KEYS: dict[str, KeyPolicy] = {
     key: _refused("not implemented in this build (EMA, LyCORIS, dataset i2v validation, block swap)")
     for key in (
+        "lora_type",  # "standard" is SimpleTuner's default and asks for nothing; "lycoris" is refused here
         "use_ema",
         "ema_decay",
         "ema_update_interval",
