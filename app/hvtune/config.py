@@ -29,7 +29,7 @@ FLAVOURS: tuple[str, ...] = Flavour.__args__  # type: ignore[attr-defined]
 class FlavourDefaults:
     task: Task
     resolution: tuple[int, int]  # (width, height), multiples of 16
-    flow_shift: float  # Tencent's inference shift, also SimpleTuner's training default
+    flow_shift: float  # Tencent's inference shift (the pipeline's); training uses flow_schedule_shift (default 3.0)
 
 
 FLAVOUR_DEFAULTS: dict[str, FlavourDefaults] = {
@@ -128,7 +128,6 @@ class TrainConfig(_Section):
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = Field(0, ge=0)
-    lr_num_cycles: float = Field(1, gt=0)
     lr_power: float = 0.8
     lr_end: float = Field(4e-7, ge=0)
     max_train_steps: int | None = Field(None, ge=0)  # 0 or None: from num_train_epochs

@@ -115,7 +115,7 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
         SCHEDULERS,
     ),
     "lr_warmup_steps": _same("linear warmup steps"),
-    "lr_num_cycles": _same("cycles of cosine_with_restarts"),
+    "lr_num_cycles": _ignored("SimpleTuner passes it to diffusers' schedules, none of which uses it for its names"),
     "lr_power": _same("power of polynomial"),
     "lr_end": _same("final lr of polynomial"),
     "max_train_steps": _same("0 or absent: use num_train_epochs", CMD_ARGS),
