@@ -72,7 +72,7 @@ def write_demo_project(
         "checkpoints_total_limit": 2,
         "mixed_precision": "no",
         "base_model_precision": "no_change",
-        "optimizer": "adamw",
+        "optimizer": "torch-adamw",  # SimpleTuner's name; same settings as hvtune's earlier "adamw"
         "lora_rank": 8,
         "seed": seed or 42,  # SimpleTuner reads seed 0 as "a new seed from the clock": the demo must repeat
     }
