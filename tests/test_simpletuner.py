@@ -241,9 +241,8 @@ def test_optimizer_names_and_settings_as_simpletuner(name, cls, eps, weight_deca
     group = opt.param_groups[0]
     assert type(opt).__name__ == cls
     assert (group["eps"], group["weight_decay"], tuple(group["betas"])) == (eps, weight_decay, betas)
-    # optimizer_config and optimizer_beta1/2 override them; adam_* do not (SimpleTuner uses them for DeepSpeed only)
-    cfg = _cfg(optimizer=name, optimizer_config="weight_decay=0.0,eps=1e-7", optimizer_beta1=0.8,
-               optimizer_beta2=0.95, adam_weight_decay=0.5)  # fmt: skip
+    # optimizer_config and optimizer_beta1/2 override them (adam_* are ignored: SimpleTuner feeds them to DeepSpeed)
+    cfg = _cfg(optimizer=name, optimizer_config="weight_decay=0.0,eps=1e-7", optimizer_beta1=0.8, optimizer_beta2=0.95)
     group = build_optimizer([torch.nn.Parameter(torch.zeros(4, 4))], cfg).param_groups[0]
     assert (group["eps"], group["weight_decay"], tuple(group["betas"])) == (1e-7, 0.0, (0.8, 0.95))
 

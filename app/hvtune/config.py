@@ -136,10 +136,6 @@ class TrainConfig(_Section):
     optimizer_config: str | None = None
     optimizer_beta1: float | None = None
     optimizer_beta2: float | None = None
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
     max_grad_norm: float = Field(2.0, ge=0)
     grad_clip_method: Literal["value", "norm"] = "value"
     mixed_precision: Literal["bf16", "no"] = "bf16"

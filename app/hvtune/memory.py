@@ -5,7 +5,8 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
 
 - `base_model_precision`: `bf16` casts the frozen base to bf16; `int8-torchao` casts it to bf16 and quantizes its
   linear weights in place (torchao `Int8WeightOnlyConfig`, LoRA layers skipped), so the LoRA layers added afterwards
-  wrap int8 base layers and stay float32; `no_change` keeps the loaded dtype. LoRA parameters are always float32.
+  wrap int8 base layers and stay float32; `no_change` follows `mixed_precision`
+  (bf16 with bf16, as loaded with "no"), as in SimpleTuner. LoRA parameters are always float32.
 - `gradient_checkpointing`: diffusers' block-level activation recomputation (`enable_gradient_checkpointing`).
 - `enable_group_offload`: diffusers group offload (`enable_group_offload`, offload device = CPU): the frozen base
   weights live on the CPU and groups of blocks (`block_level`, `group_offload_blocks_per_group` per group) or single
@@ -152,11 +153,8 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
 
     transformer.requires_grad_(False)
     use_key_padding_attention(transformer)
-    if cfg.base_model_precision == "bf16" or (
-        cfg.base_model_precision == "no_change" and cfg.mixed_precision == "bf16"
-    ):
-        # no_change follows mixed_precision, as SimpleTuner's cmd_args.py (model_is_bf16) does
-        transformer.to(torch.bfloat16)
+    if cfg.base_model_precision in ("bf16", "no_change") and base_dtype(cfg) == torch.bfloat16:
+        transformer.to(torch.bfloat16)  # no_change follows mixed_precision (see base_dtype)
     elif cfg.base_model_precision == "int8-torchao":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -186,15 +184,13 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizers by SimpleTuner's names, all over the (float32) LoRA parameters:
+    """Optimizers by SimpleTuner's names (table: `simpletuner.OPTIMIZERS`), over the float32 LoRA parameters, with
+    SimpleTuner's settings: the optimizer's own defaults, then `optimizer_config`, then `optimizer_beta1/2`.
 
-    - `adamw`: `torch.optim.AdamW`, float32 states.
-    - `adamw_bf16`: in SimpleTuner this is an AdamW that keeps bf16 *parameters* and updates them with stochastic
-      rounding, for models trained in bf16. In hvtune the trainable parameters are the LoRA weights, which are always
-      float32 (the bf16 part is the frozen base), so there is nothing to round: it is the same `torch.optim.AdamW`
-      over float32 LoRA weights with float32 states, i.e. identical to `adamw`. The name is accepted so SimpleTuner
-      configs (whose default it is) run unchanged.
-    - `adamw8bit`: `bitsandbytes.optim.AdamW8bit` (8-bit block-wise quantized states; runs on CPU and GPU)."""
+    `adamw_bf16` (SimpleTuner's default) and `optimi-adamw` keep bf16 *parameters* in SimpleTuner and update them
+    with stochastic rounding / Kahan summation. hvtune's trainable parameters are the LoRA weights, always float32
+    (the bf16 part is the frozen base), so there is nothing to round: `torch.optim.AdamW` with the same settings
+    computes that update. `bnb-*` are bitsandbytes' optimizers, `ao-adamw8bit` torchao's `AdamW8bit`."""
     from .simpletuner import OPTIMIZERS, optimizer_problem, optimizer_settings
 
     if problem := optimizer_problem(cfg.optimizer):
@@ -220,16 +216,26 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return getattr(bnb.optim, implementation.split(".")[1])(params, **kwargs)
 
 
+def base_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """dtype to load the frozen base in: bf16 for bf16 and int8-torchao, and for no_change when mixed_precision is
+    bf16 (SimpleTuner's cmd_args.py `model_is_bf16`); None (as stored, fp32) for no_change without mixed precision."""
+    if cfg.base_model_precision != "no_change" or cfg.mixed_precision == "bf16":
+        return torch.bfloat16
+    return None
+
+
 def clip_gradients(accelerator, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
     """SimpleTuner's clipping (helpers/training/trainer.py): nothing when max_grad_norm is 0; `grad_clip_method`
     "value" (its default) clamps every gradient element to [-max_grad_norm, max_grad_norm]
-    (accelerator.clip_grad_value_), "norm" rescales the whole gradient to that norm (accelerator.clip_grad_norm_)."""
+    (accelerator.clip_grad_value_), "norm" rescales the whole gradient to that norm (accelerator.clip_grad_norm_).
+    `accelerator` None: torch's own functions (a single process without a gradient scaler)."""
     if cfg.max_grad_norm <= 0:
         return
+    utils = accelerator if accelerator is not None else torch.nn.utils
     if cfg.grad_clip_method == "norm":
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
-        accelerator.clip_grad_value_(params, cfg.max_grad_norm)
+        utils.clip_grad_value_(params, cfg.max_grad_norm)
 
 
 def simpletuner_wave(name: str, cfg: TrainConfig):

@@ -453,10 +453,6 @@ KEPT_DEFAULTS: dict[str, str] = {
     "report_to": "logging only: TensorBoard (SimpleTuner none)",
     "tracker_project_name": "logging only",
     "tracker_run_name": "logging only",
-    "adam_beta1": "unused, as in SimpleTuner (DeepSpeed only)",
-    "adam_beta2": "unused, as in SimpleTuner (DeepSpeed only)",
-    "adam_epsilon": "unused, as in SimpleTuner (DeepSpeed only)",
-    "adam_weight_decay": "unused, as in SimpleTuner (DeepSpeed only)",
 }
 
 

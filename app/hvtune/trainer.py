@@ -22,7 +22,7 @@ from .config import ConfigError, ResolvedConfig, UserError, check_device_support
 from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora, to_comfyui
 from .files import write_json_atomic
 from .manifest import load_manifest
-from .memory import add_lora, build_lr_scheduler, build_optimizer, clip_gradients, prepare_base
+from .memory import add_lora, base_dtype, build_lr_scheduler, build_optimizer, clip_gradients, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
@@ -112,9 +112,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     components = ["transformer", "scheduler"] + (["vae"] if _validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
 
-    base_bf16 = cfg.base_model_precision != "no_change" or cfg.mixed_precision == "bf16"
-    dtype = torch.bfloat16 if base_bf16 else None
-    transformer = load_transformer(paths, dtype=dtype)
+    transformer = load_transformer(paths, dtype=base_dtype(cfg))
     transformer.requires_grad_(False)
     prepare_base(transformer, cfg, device)  # precision, checkpointing, offload: before LoRA so LoRA stays fp32
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))  # LoRA A init uses the global RNG
