@@ -101,8 +101,8 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     from hvtune.config import load_config
     from hvtune.manifest import load_manifest
     from hvtune.memory import add_lora, base_dtype, build_optimizer, clip_gradients, prepare_base
-    from hvtune.objective import counter_seed, training_loss
-    from hvtune.registry import load_transformer, resolve_model
+    from hvtune.objective import counter_seed, schedule_options, training_loss
+    from hvtune.registry import load_scheduler, load_transformer, resolve_model
 
     resolved = load_config(config, env={}, argv=[*NO_SIDE_WORK, f"--max_train_steps={steps}"])
     cfg = resolved.train
@@ -128,10 +128,7 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
                 batch,
                 seed=cfg.seed,
                 epoch=epoch,
-                shift=cfg.shift,
-                mode=cfg.timestep_mode,
-                sigmoid_scale=cfg.flow_sigmoid_scale,
-                caption_dropout_p=cfg.caption_dropout_probability,
+                **schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None),
                 empty_prompt=empty,
                 image_embed_shape=image_embed_shape,
                 device="cpu",

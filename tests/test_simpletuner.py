@@ -369,3 +369,24 @@ def test_top_level_instance_prompt_is_each_datasets_default(tmp_path):
     path = _project(tmp_path, {"instance_prompt": "sks", "prepend_instance_prompt": True})
     ds = load_config(path, env={}).datasets[0]
     assert (ds.instance_prompt, ds.prepend_instance_prompt) == ("sks", True)
+
+
+def test_auto_shift_and_beta_schedule():
+    import math
+
+    import numpy as np
+
+    from hvtune.objective import auto_shift, counter_seed, sample_sigmas
+
+    cfg = _cfg(flow_schedule_shift=0, flow_schedule_auto_shift=True)
+    assert cfg.shift == 0.0 and _cfg(flow_schedule_shift=0).shift == 1.0 and _cfg().shift == 3.0
+    # custom_schedule.apply_flow_schedule_shift: seq_len = F * (H // 2) * (W // 2), flux calculate_shift, diffusers'
+    # FlowMatchEulerDiscreteScheduler defaults (256, 4096, 0.5, 1.15) when the config has none
+    seq = 16 * (30 // 2) * (53 // 2)
+    expected = math.exp(0.5 + (seq - 256) * (1.15 - 0.5) / (4096 - 256))
+    assert auto_shift((1, 32, 16, 30, 53), {}) == pytest.approx(expected)
+    assert _cfg(flow_use_beta_schedule=True).timestep_mode == "beta"
+    assert _cfg(flow_use_beta_schedule=True, flow_use_uniform_schedule=True).timestep_mode == "uniform"
+    sigmas = sample_sigmas([0, 1, 2], seed=5, epoch=1, shift=1.0, mode="beta", beta=(3.0, 1.5))
+    rng = [np.random.default_rng(counter_seed(5, 1, d, purpose="timestep")) for d in (0, 1, 2)]
+    assert sigmas.tolist() == pytest.approx([r.beta(3.0, 1.5) for r in rng], rel=1e-6)

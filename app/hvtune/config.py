@@ -143,6 +143,10 @@ class TrainConfig(_Section):
     flow_schedule_shift: float = Field(3.0, ge=0)  # 0: no shift (SimpleTuner's custom_schedule.py)
     timestep_sampling: Literal["sigmoid", "uniform"] = "sigmoid"
     flow_use_uniform_schedule: bool = False
+    flow_use_beta_schedule: bool = False
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0)
+    flow_beta_schedule_beta: float = Field(2.0, gt=0)
+    flow_schedule_auto_shift: bool = False
     flow_sigmoid_scale: float = Field(1.0, gt=0)
     # memory
     gradient_checkpointing: bool = True
@@ -187,12 +191,18 @@ class TrainConfig(_Section):
 
     @property
     def shift(self) -> float:
-        """The timestep shift; 0 means no shift (1.0), as SimpleTuner's apply_flow_schedule_shift."""
-        return self.flow_schedule_shift if self.flow_schedule_shift > 0 else 1.0
+        """SimpleTuner's apply_flow_schedule_shift: flow_schedule_shift when > 0; else 0 (= computed per batch by
+        objective.auto_shift) with flow_schedule_auto_shift, else 1.0 (no shift)."""
+        if self.flow_schedule_shift > 0:
+            return self.flow_schedule_shift
+        return 0.0 if self.flow_schedule_auto_shift else 1.0
 
     @property
     def timestep_mode(self) -> str:
-        return "uniform" if self.flow_use_uniform_schedule else self.timestep_sampling
+        """SimpleTuner's order (helpers/models/common.py): uniform, then beta, else sigmoid(scale * N(0, 1))."""
+        if self.flow_use_uniform_schedule:
+            return "uniform"
+        return "beta" if self.flow_use_beta_schedule else self.timestep_sampling
 
     @property
     def validation_size(self) -> tuple[int, int]:

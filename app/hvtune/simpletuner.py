@@ -139,8 +139,14 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "flow_schedule_shift": _same("timestep shift; default 3.0 as SimpleTuner; 0 = no shift", REGISTRY + "/advanced.py"),
     "flow_use_uniform_schedule": _same("timesteps from U(0,1) instead of sigmoid(N(0,1))"),
     "flow_sigmoid_scale": _same("sigmoid(scale * N(0,1))"),
-    "flow_schedule_auto_shift": _refused("resolution-dependent shift is not implemented; set flow_schedule_shift"),
-    "flow_use_beta_schedule": _refused("beta-distributed timesteps are not implemented; use the sigmoid default"),
+    "flow_schedule_auto_shift": _same(
+        "with flow_schedule_shift 0: shift = exp(flux calculate_shift(frames*(H/2)*(W/2) latents)) per batch, with "
+        "the scheduler's config (SimpleTuner's patch_size fallback 2)",
+        "helpers/training/custom_schedule.py",
+    ),
+    "flow_use_beta_schedule": _same("timesteps from Beta(flow_beta_schedule_alpha, _beta)", "helpers/models/common.py"),
+    "flow_beta_schedule_alpha": _same("alpha of the beta schedule (default 2.0)"),
+    "flow_beta_schedule_beta": _same("beta of the beta schedule (default 2.0)"),
     "gradient_checkpointing": _same("activation checkpointing of the transformer blocks"),
     "vae_enable_tiling": _same("VAE tiling"),
     "vae_enable_slicing": _same("VAE slicing"),

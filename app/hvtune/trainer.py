@@ -23,7 +23,7 @@ from .export import adapter_config, lora_state_dict, save_comfyui_lora, save_dif
 from .files import write_json_atomic
 from .manifest import load_manifest
 from .memory import add_lora, base_dtype, build_lr_scheduler, build_optimizer, clip_gradients, prepare_base
-from .objective import counter_seed, training_loss
+from .objective import counter_seed, schedule_options, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
 from .validation import ImageCondition, TextCondition, sample_video, validation_dir
@@ -152,6 +152,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         total=total_steps, initial=state.global_step, disable=not main, desc="train", unit="step", dynamic_ncols=True
     )
     image_embed_shape = (0, model.config.image_embed_dim)  # t2v: no image tokens
+    schedule = schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None)
     empty = text_entry(manifest, manifest.empty_prompt_key)
     stopped_early, step_started, micro_losses = False, time.time(), []
     steps_this_run = 0
@@ -170,10 +171,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                             batch,
                             seed=cfg.seed,
                             epoch=state.epoch,
-                            shift=cfg.shift,
-                            mode=cfg.timestep_mode,
-                            sigmoid_scale=cfg.flow_sigmoid_scale,
-                            caption_dropout_p=cfg.caption_dropout_probability,
+                            **schedule,
                             empty_prompt=empty,
                             image_embed_shape=image_embed_shape,
                             device=device,
