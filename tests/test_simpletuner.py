@@ -390,3 +390,11 @@ def test_auto_shift_and_beta_schedule():
     sigmas = sample_sigmas([0, 1, 2], seed=5, epoch=1, shift=1.0, mode="beta", beta=(3.0, 1.5))
     rng = [np.random.default_rng(counter_seed(5, 1, d, purpose="timestep")) for d in (0, 1, 2)]
     assert sigmas.tolist() == pytest.approx([r.beta(3.0, 1.5) for r in rng], rel=1e-6)
+
+
+def test_top_level_caption_strategy_is_each_datasets_default(tmp_path):
+    r = load_config(_project(tmp_path, {"caption_strategy": "textfile"}), env={})
+    assert r.datasets[0].caption_strategy == "textfile"
+    assert not any("caption_strategy not set" in n for n in r.notices)
+    r = load_config(_project(tmp_path / "b", {}), env={})
+    assert r.datasets[0].caption_strategy == "filename" and any("caption_strategy not set" in n for n in r.notices)

@@ -48,6 +48,9 @@ class _Section(BaseModel):
         return dict(self.model_extra or {})
 
 
+CaptionStrategy = Literal["textfile", "filename", "instanceprompt", "metadata"]
+
+
 class VideoOptions(_Section):
     num_frames: int = 61
     min_frames: int | None = None
@@ -63,7 +66,7 @@ class DatasetConfig(_Section):
     type: str = "local"
     dataset_type: Literal["video", "image", "text_embeds", "image_embeds"] = "video"
     instance_data_dir: str | None = None
-    caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "filename"  # SimpleTuner's
+    caption_strategy: CaptionStrategy = "filename"  # SimpleTuner's default (its top-level caption_strategy)
     instance_prompt: str | list[str] | None = None
     prepend_instance_prompt: bool = False
     only_instance_prompt: bool = False
@@ -116,6 +119,7 @@ class TrainConfig(_Section):
     instance_prompt: str | list[str] | None = None
     prepend_instance_prompt: bool = False
     only_instance_prompt: bool = False
+    caption_strategy: CaptionStrategy = "filename"  # each dataset's default, as SimpleTuner
     # LoRA
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = None
@@ -675,6 +679,8 @@ def _dataset_defaults_from_config(datasets: list[DatasetConfig], t: TrainConfig)
     """SimpleTuner's data_backend/factory.py: a dataset without instance_prompt / prepend_instance_prompt takes the
     top-level one; only_instance_prompt applies when either sets it."""
     for ds in datasets:
+        if "caption_strategy" not in ds.model_fields_set and "caption_strategy" in t.model_fields_set:
+            ds.caption_strategy = t.caption_strategy
         if "instance_prompt" not in ds.model_fields_set and t.instance_prompt is not None:
             ds.instance_prompt = t.instance_prompt
         if "prepend_instance_prompt" not in ds.model_fields_set:
@@ -702,7 +708,7 @@ def _check_dataset_simpletuner(
                     "hvtune does not: drop maximum_image_size/target_downsample_size or crop",
                 )
             )
-        if "caption_strategy" not in ds.model_fields_set:
+        if "caption_strategy" not in ds.model_fields_set and "caption_strategy" not in t.model_fields_set:
             notices.append(
                 f"{where} {label}: caption_strategy not set: SimpleTuner's default, filename (captions from file "
                 "names); set textfile to read the .txt beside each file"

@@ -174,6 +174,7 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "tracker_run_name": _same("tracker run name"),
     "instance_prompt": _same("default of each dataset's instance_prompt", FACTORY),
     "prepend_instance_prompt": _same("default of each dataset's prepend_instance_prompt", FACTORY),
+    "caption_strategy": _same("default of each dataset's caption_strategy (filename)", FACTORY),
     "only_instance_prompt": _same("true: every dataset uses only its instance_prompt", FACTORY),
     "allow_unsupported_keys": _same("hvtune: accept refused keys with a notice instead of an error"),
     # no effect on the LoRA
