@@ -295,6 +295,7 @@ def _cache_project(root: Path, model: Path, clips: Path) -> Path:
             "instance_data_dir": str(clips),
             "caption_strategy": "textfile",
             "resolution": 48,
+            "resolution_type": "pixel",  # 64x48 clips train at 64x48 (with alignment 16)
             "video": {"num_frames": 9, "min_frames": 9},
         },
         {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
@@ -306,6 +307,7 @@ def _cache_project(root: Path, model: Path, clips: Path) -> Path:
         "cache_dir": str(root / "cache"),
         "output_dir": str(root / "output"),
         "data_backend_config": str(root / "mdb.json"),
+        "aspect_bucket_alignment": 16,
     }
     (root / "config.json").write_text(json.dumps(config))
     return root / "config.json"

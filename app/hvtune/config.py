@@ -123,7 +123,7 @@ class TrainConfig(_Section):
     # LoRA
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = None
-    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # SimpleTuner 0.1; see simpletuner.KEPT_DEFAULTS
     lora_init_type: Literal["default", "gaussian"] = "default"
     lora_target_modules: list[str] | None = None
     # optimisation

@@ -102,7 +102,7 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     # LoRA
     "lora_rank": _same("LoRA rank"),
     "lora_alpha": _same("LoRA alpha (default: the rank)"),
-    "lora_dropout": _same("LoRA dropout, default 0.1 as in SimpleTuner", REGISTRY + "/lora.py"),
+    "lora_dropout": _same("LoRA dropout; omitted: 0.0 on purpose (SimpleTuner 0.1), see the defaults table"),
     "lora_init_type": _same("default or gaussian"),
     # optimisation
     "train_batch_size": _same("per-device batch"),
@@ -447,6 +447,8 @@ KEPT_DEFAULTS: dict[str, str] = {
     "output_dir": "hvtune's output folder name",
     "cache_dir": "hvtune's cache folder (SimpleTuner: output_dir/cache)",
     "seed": "SimpleTuner leaves training unseeded; hvtune is reproducible by default (42)",
+    "lora_dropout": "SimpleTuner's 0.1 draws dropout masks per process, so runs on different GPU counts differ; "
+    "hvtune's 0.0 keeps them identical (set 0.1 to match SimpleTuner)",
     "resolution": "SimpleTuner's 1024 (pixel_area) is above the 480p/720p model's size; the flavour's 480/720",
     "train_batch_size": "SimpleTuner's 4 does not fit video on most GPUs; 1",
     "learning_rate": "SimpleTuner's 4e-7 is its full fine-tune rate; 1e-4 is a LoRA rate",
