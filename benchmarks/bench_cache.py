@@ -124,14 +124,12 @@ def _run_child(config: Path) -> dict:
 
 
 def bench_decode(work: Path, clips: int, frames: int) -> dict:
-    from hvtune.datasets import bucket_size
     from hvtune.media import probe_video, read_video
     from hvtune.synth import write_synthetic_dataset
 
     paths = write_synthetic_dataset(work / "480p", clips=clips, seed=0, size=(848, 480), num_frames=frames, fps=24)
     results = {}
-    for label, resolution in (("decode_848x480", 480), ("decode_resize_624x368", 360)):
-        size = bucket_size(848, 480, resolution)
+    for label, size in (("decode_848x480", (848, 480)), ("decode_resize_624x368", (624, 368))):
         n = 0
         t0 = time.perf_counter()
         for p in paths:

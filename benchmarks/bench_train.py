@@ -100,28 +100,21 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     from hvtune.batches import load_batch, plan_epoch, text_entry
     from hvtune.config import load_config
     from hvtune.manifest import load_manifest
-    from hvtune.memory import add_lora, prepare_base
-    from hvtune.objective import counter_seed, training_loss
-    from hvtune.registry import load_transformer, resolve_model
+    from hvtune.memory import add_lora, base_dtype, build_optimizer, clip_gradients, prepare_base
+    from hvtune.objective import counter_seed, schedule_options, training_loss
+    from hvtune.registry import load_scheduler, load_transformer, resolve_model
 
     resolved = load_config(config, env={}, argv=[*NO_SIDE_WORK, f"--max_train_steps={steps}"])
     cfg = resolved.train
     manifest = load_manifest(resolved)
     paths = resolve_model(cfg, ["transformer", "scheduler"])
-    dtype = {"bf16": torch.bfloat16, "int8-torchao": torch.bfloat16}.get(cfg.base_model_precision)
-    transformer = load_transformer(paths, dtype=dtype)
+    transformer = load_transformer(paths, dtype=base_dtype(cfg))
     transformer.requires_grad_(False)
     prepare_base(transformer, cfg, "cpu")
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))
     add_lora(transformer, cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    optimizer = build_optimizer(params, cfg)
     empty = text_entry(manifest, manifest.empty_prompt_key)
     image_embed_shape = (0, transformer.config.image_embed_dim)  # as the trainer: no image tokens for t2v
     times, losses, epoch = [], [], 0
@@ -135,16 +128,13 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
                 batch,
                 seed=cfg.seed,
                 epoch=epoch,
-                shift=cfg.flow_schedule_shift,
-                mode=cfg.timestep_sampling,
-                caption_dropout_p=cfg.caption_dropout_probability,
+                **schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None),
                 empty_prompt=empty,
                 image_embed_shape=image_embed_shape,
                 device="cpu",
             )
             loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            clip_gradients(None, params, cfg)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             now = time.time()
@@ -305,6 +295,7 @@ def _cache_project(root: Path, model: Path, clips: Path) -> Path:
             "instance_data_dir": str(clips),
             "caption_strategy": "textfile",
             "resolution": 48,
+            "resolution_type": "pixel",  # 64x48 clips train at 64x48 (with alignment 16)
             "video": {"num_frames": 9, "min_frames": 9},
         },
         {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
@@ -316,6 +307,7 @@ def _cache_project(root: Path, model: Path, clips: Path) -> Path:
         "cache_dir": str(root / "cache"),
         "output_dir": str(root / "output"),
         "data_backend_config": str(root / "mdb.json"),
+        "aspect_bucket_alignment": 16,
     }
     (root / "config.json").write_text(json.dumps(config))
     return root / "config.json"

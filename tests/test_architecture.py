@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 
 STAGES = [
     "files",  # used by every stage that writes
+    "simpletuner",  # what each SimpleTuner key means (data only)
     "lycoris",  # the lycoris_config file, read by config
     "config",
     "model_files",  # model registry

@@ -23,7 +23,9 @@ def _setup(config_path):
     manifest = load_manifest(resolved)
     stock = load_transformer(resolve_model(resolved.train, ["transformer"])).eval()
     ours = copy.deepcopy(stock)
-    prepare_base(ours, TrainConfig(base_model_precision="no_change", gradient_checkpointing=False), "cpu")
+    prepare_base(
+        ours, TrainConfig(base_model_precision="no_change", mixed_precision="no", gradient_checkpointing=False), "cpu"
+    )
     return manifest, stock, ours
 
 

@@ -129,6 +129,7 @@ def project(tmp: Path, model: Path, datasets: list[dict], *, flavour="t2v-480p",
         "validation_prompt": 'a sign that reads "HV"',
         "validation_negative_prompt": "blurry",
         "validation_resolution": "48x32",
+        "aspect_bucket_alignment": 16,  # tiny clips: SimpleTuner's 64 would leave one bucket
         **train,
     }
     (tmp / "config.json").write_text(json.dumps(config))
@@ -137,6 +138,7 @@ def project(tmp: Path, model: Path, datasets: list[dict], *, flavour="t2v-480p",
 
 def videos(root: Path, id: str = "clips", **kw) -> dict:
     return {"id": id, "dataset_type": "video", "instance_data_dir": str(root), "resolution": 32,
+            "resolution_type": "pixel", "caption_strategy": "textfile",
             "video": {"num_frames": 9, "min_frames": 5}, **kw}  # fmt: skip
 
 
@@ -449,7 +451,8 @@ def test_load_manifest_detects_missing_changed_and_deleted_and_verify_finds_corr
                 f"--cache_dir={tmp_path / 'p' / 'cache'}",
             )
         )
-    assert "datasets[clips].resolution: cache built with 32, config now 64" in str(e.value)
+    built, now = "'32 px edge, alignment 16'", "'64 px edge, alignment 16'"
+    assert f"datasets[clips].resolution: cache built with {built}, config now {now}" in str(e.value)
     assert "hvtune cache" in str(e.value)
     with pytest.raises(CacheError, match="task: cache built with 't2v', config now 'i2v'"):
         load_manifest(load(config, "--model_flavour=i2v-480p"))

@@ -64,17 +64,25 @@ def test_layers_env_then_flag_win(project):
 def test_no_config_file_env_only(tmp_path):
     (tmp_path / "clips").mkdir()
     r = load_config(None, env={"HVTUNE_INSTANCE_DATA_DIR": str(tmp_path / "clips"), "HVTUNE_MODEL_FLAVOUR": "i2v-720p"})
-    assert r.task == "i2v" and r.train.validation_resolution == "1280x720" and r.train.flow_schedule_shift == 7.0
+    assert (
+        r.task == "i2v" and r.train.validation_resolution == "1280x720" and r.train.flow_schedule_shift == 3.0
+    )  # SimpleTuner default
     assert [d.dataset_type for d in r.datasets] == ["video", "text_embeds"]
 
 
-def test_unknown_keys_kept_with_one_notice(project):
+def test_unknown_keys_grouped_by_whether_they_change_training(project):
     cfg = json.loads((project / "config/config.json").read_text())
-    cfg.update({"push_to_hub": True, "snr_gamma": 5.0})
+    cfg.update({"snr_gamma": 5.0, "hub_model_id": "me/lora", "push_to_hub": False, "lerning_rate": 1e-3})
     write(project / "config/config.json", cfg)
-    r = load_config("config/config.json", env={})
-    assert r.unknown == {"push_to_hub": True, "snr_gamma": 5.0}
-    assert sum("snr_gamma" in n and "push_to_hub" in n for n in r.notices) == 1
+    with pytest.raises(ConfigError) as e:  # snr_gamma changes the loss in SimpleTuner: an error, not a notice
+        load_config("config/config.json", env={})
+    assert len(e.value.problems) == 1 and e.value.problems[0].key == "snr_gamma"
+    r = load_config("config/config.json", env={}, argv=["--allow_unsupported_keys=true"])
+    assert r.unknown == {"snr_gamma": 5.0, "hub_model_id": "me/lora", "push_to_hub": False, "lerning_rate": 1e-3}
+    [ignored] = [n for n in r.notices if n.startswith("ignored, no effect")]
+    assert "hub_model_id (hvtune never uploads" in ignored and "push_to_hub (hvtune never uploads" in ignored
+    assert any(n.startswith("unknown") and "lerning_rate" in n for n in r.notices)
+    assert any(n.startswith("NOT applied") and "snr_gamma" in n for n in r.notices)
 
 
 def test_all_problems_reported_at_once(project):

@@ -150,6 +150,7 @@ def write_project(root: Path, data_prefix: str, image: str) -> dict[str, Path]:
             "instance_data_dir": f"{data_prefix}/datasets/clips",
             "caption_strategy": "textfile",
             "resolution": 32,
+            "resolution_type": "pixel",
             "video": {"num_frames": 9, "min_frames": 9, "bucket_strategy": "aspect_ratio"},
         },
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True},
@@ -160,6 +161,7 @@ def write_project(root: Path, data_prefix: str, image: str) -> dict[str, Path]:
         "pretrained_model_name_or_path": f"{data_prefix}/models/tiny-t2v",
         "model_flavour": "t2v-480p",
         "dataset_backend_config": "multidatabackend.json",
+        "aspect_bucket_alignment": 16,
         "validation_resolution": "48x32",
         "validation_num_video_frames": 9,
         "validation_num_inference_steps": 2,
@@ -172,7 +174,7 @@ def write_project(root: Path, data_prefix: str, image: str) -> dict[str, Path]:
         "base_model_precision": "no_change",
         "optimizer": "adamw",
         "lora_rank": 4,
-        "seed": 0,
+        "seed": 1,  # SimpleTuner's seed 0 draws a new seed from the clock
     }
     (dirs["datasets"] / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
     (dirs["datasets"] / "config.json").write_text(json.dumps(config, indent=2))

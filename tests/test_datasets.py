@@ -11,13 +11,14 @@ import pytest
 from clips import write_audio_only, write_clip, write_exif_jpeg
 from hvtune.config import DatasetConfig, VideoOptions, load_config
 from hvtune.datasets import (
+    BucketRule,
     DatasetError,
     ProbeIndex,
     bucket_frames,
-    bucket_size,
     interval_frames,
     round_to_4n1,
     scan,
+    simpletuner_bucket,
 )
 
 
@@ -28,6 +29,7 @@ def project(tmp_path: Path, datasets: list[dict], **train) -> object:
         "pretrained_model_name_or_path": str(tmp_path / "model"),
         "cache_dir": str(tmp_path / "cache"),
         "data_backend_config": str(tmp_path / "mdb.json"),
+        "aspect_bucket_alignment": 16,  # tiny clips: SimpleTuner's 64 would leave one bucket
         **train,
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -35,7 +37,8 @@ def project(tmp_path: Path, datasets: list[dict], **train) -> object:
 
 
 def video_ds(root: Path, **kw) -> dict:
-    return {"id": "clips", "dataset_type": "video", "instance_data_dir": str(root), "resolution": 48, **kw}
+    return {"id": "clips", "dataset_type": "video", "instance_data_dir": str(root), "resolution": 48,
+            "resolution_type": "pixel", "caption_strategy": "textfile", **kw}  # fmt: skip
 
 
 def caption(path: Path, text: str | bytes = "a grey square") -> Path:
@@ -48,44 +51,26 @@ def caption(path: Path, text: str | bytes = "a grey square") -> Path:
 
 
 @pytest.mark.parametrize(
-    ("source", "resolution", "bucket"),
+    ("source", "rule", "bucket"),
     [
-        ((1920, 1080), 480, (848, 480)),  # Tencent's 480p size
-        ((1080, 1920), 480, (480, 848)),
-        ((1920, 1080), 720, (1280, 720)),  # Tencent's 720p size
-        ((500, 500), 480, (640, 640)),
-        ((64, 48), 48, (64, 48)),
-        ((1920, 1080), (320, 320), (320, 320)),  # "WxH": fixed size
+        ((1920, 1080), BucketRule(0.2304, "area"), (704, 384)),  # pixel_area 480, SimpleTuner's default alignment 64
+        ((1080, 1920), BucketRule(0.2304, "area"), (384, 704)),
+        ((1920, 1080), BucketRule(0.5184, "area"), (960, 512)),  # pixel_area 720
+        ((1920, 1080), BucketRule(480, "pixel"), (832, 512)),
+        ((1920, 1080), BucketRule(480, "pixel", 16), (848, 480)),  # Tencent's 480p size
+        ((500, 500), BucketRule(0.2304, "area"), (512, 512)),  # square: 0.2304 MP is read as 0.25 -> 512
+        ((1920, 1080), BucketRule((320, 320), "fixed"), (320, 320)),  # "WxH": fixed size
     ],
 )
-def test_bucket_size_follows_the_pipelines_rule(source, resolution, bucket):
-    assert bucket_size(*source, resolution) == bucket
+def test_buckets_follow_simpletuners_rule(source, rule, bucket):
+    assert simpletuner_bucket(*source, rule) == bucket
 
 
-@pytest.mark.parametrize("resolution", [48, 96, 480, 720])
+@pytest.mark.parametrize("alignment", [16, 32, 64])
 @pytest.mark.parametrize("aspect", [0.3, 0.5, 0.5625, 0.75, 1.0, 1.33, 1.78, 2.5])
-def test_buckets_are_multiples_of_16_at_or_below_the_target_area(resolution, aspect):
-    w, h = bucket_size(round(2000 * aspect), 2000, resolution)
-    assert w % 16 == 0 and h % 16 == 0 and w >= 16 and h >= 16
-    assert w * h <= resolution * resolution * 16 / 9 + 1
-    assert w * h >= 0.45 * resolution * resolution * 16 / 9  # near the target, not a tiny bucket
-
-
-def test_bucket_rule_equals_the_diffusers_pipelines():
-    from diffusers.pipelines.hunyuan_video1_5.image_processor import (
-        HunyuanVideo15ImageProcessor,
-        generate_crop_size_list,
-    )
-
-    from hvtune.datasets import crop_size_list
-
-    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
-    for resolution in (32, 48, 80, 480, 720):
-        assert crop_size_list(resolution * 4 / 3) == generate_crop_size_list(resolution * 4 / 3, 16)
-        for width in range(120, 3000, 97):
-            for height in (200, 1080, 2160):
-                h, w = processor.calculate_default_height_width(height, width, resolution * 4 / 3)
-                assert bucket_size(width, height, resolution) == (w, h)
+def test_buckets_are_multiples_of_the_alignment(alignment, aspect):
+    w, h = simpletuner_bucket(round(2000 * aspect), 2000, BucketRule(0.2304, "area", alignment))
+    assert w % alignment == 0 and h % alignment == 0 and w >= alignment and h >= alignment
 
 
 def test_frame_rules_for_both_strategies():
@@ -241,14 +226,17 @@ def test_image_datasets_repeats_disabled_and_a_dataset_with_nothing_usable(tmp_p
             "dataset_type": "video",
             "instance_data_dir": str(vids),
             "resolution": 48,
+            "caption_strategy": "textfile",
             "video": {"num_frames": 9},
         },
-        {"id": "off", "dataset_type": "video", "instance_data_dir": str(off), "disabled": True},
+        {"id": "off", "dataset_type": "video", "instance_data_dir": str(off), "disable": True},  # SimpleTuner's name
     ]
     result = scan(project(tmp_path, datasets), progress=False)
+    # SimpleTuner's default resolution_type pixel_area: 48 -> 48*48 pixels; at 4:3 and alignment 16 that rounds to
+    # a square, which SimpleTuner trains at the 48 edge (TrainingSample.calculate_target_size)
     assert [(s.id, s.bucket, s.repeats) for s in result.samples] == [
-        ("imgs/still.jpg", (64, 48, 1), 2),
-        ("vids/only.mp4", (64, 48, 9), 0),
+        ("imgs/still.jpg", (48, 48, 1), 2),
+        ("vids/only.mp4", (48, 48, 9), 0),
     ]
     assert [i.reason for i in result.skipped] == ["video_in_image_dataset"]
     assert result.datasets == ["imgs", "vids"] and result.empty_datasets() == []

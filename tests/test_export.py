@@ -67,7 +67,7 @@ def _trained_lora(tiny_t2v, rank=4, alpha=8.0, targets=None):
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return paths, transformer
+    return paths, transformer.eval()  # inference: LoRA dropout (SimpleTuner's default 0.1) off
 
 
 def test_diffusers_lora_loads_with_load_lora_adapter_and_changes_output(tiny_t2v, tmp_path):

@@ -45,7 +45,12 @@ def _batch():
 
 
 def _model(**cfg):
-    cfg = TrainConfig(**{"base_model_precision": "no_change", "lora_init_type": "gaussian", **cfg})
+    base = {
+        "base_model_precision": "no_change",
+        "mixed_precision": "no",
+        "lora_dropout": 0.0,
+    }  # an fp32 base, no dropout
+    cfg = TrainConfig(**{**base, "lora_init_type": "gaussian", **cfg})
     transformer = _fresh()
     prepare_base(transformer, cfg, "cpu")
     torch.manual_seed(0)
@@ -134,8 +139,11 @@ def test_precision_and_checkpointing_flags_take_effect():
     assert all(p.dtype == torch.float32 for n, p in bf16.named_parameters() if "lora_" in n)
     assert all(not p.requires_grad for n, p in bf16.named_parameters() if "lora_" not in n)
     assert bf16.gradient_checkpointing
-    plain, _ = _model(gradient_checkpointing=False)
+    plain, _ = _model(gradient_checkpointing=False, mixed_precision="no")
     assert plain.proj_out.weight.dtype == torch.float32 and not plain.gradient_checkpointing
+    # SimpleTuner's default no_change follows mixed_precision (cmd_args.py model_is_bf16): bf16, not fp32
+    following, _ = _model(base_model_precision="no_change", mixed_precision="bf16")
+    assert following.proj_out.weight.dtype == torch.bfloat16
     loss, _ = training_loss(bf16, _batch(), seed=0, epoch=0, shift=5.0, image_embed_shape=IMAGE_SHAPE)
     loss.backward()  # bf16 base + fp32 LoRA runs forward and backward
     assert torch.isfinite(loss)
@@ -217,14 +225,18 @@ def test_optimizers_step(name):
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("constant", [0.0, 0.5, 1.0, 1.0]),  # a warmup asked for is applied (diffusers' plain constant ignores it)
+        ("constant", [1.0, 1.0, 1.0, 1.0]),  # SimpleTuner: diffusers' constant, which ignores lr_warmup_steps
         ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0]),
         ("linear", [0.0, 0.5, 1.0, 0.5]),
-        ("cosine", [0.0, 0.5, 1.0, 0.5]),
+        ("polynomial", [0.0, 0.5, 1.0, 0.5**0.8]),  # lr_end 4e-7, lr_power 0.8 (SimpleTuner's defaults)
+        # SimpleTuner's Cosine/Sine/CosineAnnealingHardRestarts: period lr_warmup_steps, no warmup, floor lr_end
+        ("cosine", [1.0, 0.5, 4e-7, 1.0]),
+        ("sine", [0.5, 1.0, 0.5, 0.5]),
+        ("cosine_with_restarts", [1.0, 1.0, 1.0, 1.0]),
     ],
 )
 def test_lr_schedulers_with_warmup(name, expected):
-    """lr at optimizer steps 0, 1, 2, 4 of 6 with 2 warmup steps."""
+    """lr at optimizer steps 0, 1, 2, 4 of 6 with 2 warmup steps, as SimpleTuner 4.10.1 computes them."""
     param = torch.nn.Parameter(torch.zeros(1))
     cfg = TrainConfig(lr_scheduler=name, lr_warmup_steps=2, learning_rate=1.0)
     opt = build_optimizer([param], cfg)

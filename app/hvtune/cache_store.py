@@ -280,7 +280,7 @@ def cache_dir(resolved: ResolvedConfig) -> Path:
 
 def text_root(resolved: ResolvedConfig) -> Path:
     for ds in resolved.datasets:
-        if ds.dataset_type == "text_embeds" and ds.default and not ds.disabled and ds.cache_dir:
+        if ds.dataset_type == "text_embeds" and ds.default and not ds.skipped and ds.cache_dir:
             return Path(ds.cache_dir).expanduser()
     return cache_dir(resolved) / "text"
 
@@ -321,8 +321,9 @@ def cache_settings(resolved: ResolvedConfig) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "id": ds.id,
             "dataset_type": ds.dataset_type,
-            "resolution": list(res) if isinstance(res, tuple) else res,
+            "resolution": res.describe(),
             "caption_strategy": ds.caption_strategy,
+            "captions": [ds.instance_prompt, ds.prepend_instance_prompt, ds.only_instance_prompt],
             "repeats": ds.repeats,
         }
         if ds.caption_strategy == "instanceprompt":

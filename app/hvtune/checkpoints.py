@@ -92,6 +92,8 @@ def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
+    if not path.is_absolute() and not path.exists():  # SimpleTuner's form: a checkpoint name inside output_dir
+        path = checkpoint_root(output_dir) / path.name
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE})")
     return path

@@ -63,13 +63,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UserError(f"{len(local)} problem(s) found:\n" + "\n".join(f"  - {p}" for p in local))
     values = mask_secrets(resolved.train.model_dump(mode="json"))
     width = max(map(len, values))
+    from .datasets import dataset_bucket_rule, simpletuner_bucket
+    from .simpletuner import KEPT_DEFAULTS
+
     print(f"config: {resolved.config_path or '(none: defaults, environment and flags)'}")
     for key, value in values.items():
-        print(f"  {key:<{width}}  {value!r:<40}  {resolved.sources.get(key, 'default')}")
+        source = resolved.sources.get(key, "default")
+        field = type(resolved.train).model_fields.get(key)
+        st_key = (field.alias if field else None) or key
+        kept = KEPT_DEFAULTS.get(st_key) if source == "default" else None
+        kept = f"  (differs from SimpleTuner: {kept})" if kept else ""
+        print(f"  {key:<{width}}  {value!r:<40}  {source}{kept}")
     print(f"datasets: {resolved.backend_path or '(from instance_data_dir)'}")
     for ds in resolved.datasets:
-        state = "disabled" if ds.disabled else ds.dataset_type
+        state = "disabled" if ds.skipped else ds.dataset_type
         print(f"  {ds.id}: {state} {ds.instance_data_dir or ds.cache_dir or ''}")
+        if not ds.skipped and ds.dataset_type in ("video", "image"):
+            rule = dataset_bucket_rule(ds, resolved)
+            sizes = ", ".join(
+                f"{w}x{h} ({label}) -> {'x'.join(map(str, simpletuner_bucket(w, h, rule)))}"
+                for w, h, label in ((1920, 1080, "16:9"), (1080, 1920, "9:16"))
+            )
+            print(f"    buckets: {sizes}  [{rule.describe()}]")
+            if ds.dataset_type == "video" and ds.video.frame_rate:
+                print(f"    video.frame_rate {ds.video.frame_rate:g}: resampled (SimpleTuner 4.10.1 does not resample)")
     print("config OK")
     if detect_device() != "cpu":  # a GPU is visible: will the configured setting fit it (simulated, ~1 min)
         from .plan import gpu_verdict

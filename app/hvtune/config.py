@@ -29,7 +29,7 @@ FLAVOURS: tuple[str, ...] = Flavour.__args__  # type: ignore[attr-defined]
 class FlavourDefaults:
     task: Task
     resolution: tuple[int, int]  # (width, height), multiples of 16
-    flow_shift: float  # Tencent's inference shift, also SimpleTuner's training default
+    flow_shift: float  # Tencent's inference shift (the pipeline's); training uses flow_schedule_shift (default 3.0)
 
 
 FLAVOUR_DEFAULTS: dict[str, FlavourDefaults] = {
@@ -48,6 +48,9 @@ class _Section(BaseModel):
         return dict(self.model_extra or {})
 
 
+CaptionStrategy = Literal["textfile", "filename", "instanceprompt", "metadata"]
+
+
 class VideoOptions(_Section):
     num_frames: int = 61
     min_frames: int | None = None
@@ -55,6 +58,7 @@ class VideoOptions(_Section):
     frame_rate: float | None = None
     bucket_strategy: str = "aspect_ratio"
     frame_interval: int = 4
+    is_i2v: bool | None = None
 
 
 class DatasetConfig(_Section):
@@ -62,16 +66,31 @@ class DatasetConfig(_Section):
     type: str = "local"
     dataset_type: Literal["video", "image", "text_embeds", "image_embeds"] = "video"
     instance_data_dir: str | None = None
-    caption_strategy: Literal["textfile", "filename", "instanceprompt", "metadata"] = "textfile"
-    instance_prompt: str | None = None
+    caption_strategy: CaptionStrategy = "filename"  # SimpleTuner's default (its top-level caption_strategy)
+    instance_prompt: str | list[str] | None = None
+    prepend_instance_prompt: bool = False
+    only_instance_prompt: bool = False
     metadata_file: str | None = None
-    resolution: int | str | None = None
+    resolution: int | float | str | None = None  # None: the top-level resolution
+    resolution_type: Literal["pixel", "area", "pixel_area"] | None = None  # None: the top-level resolution_type
+    minimum_image_size: float | None = None
+    maximum_image_size: float | None = None
+    target_downsample_size: float | None = None
+    crop: bool = False
+    crop_style: Literal["random", "corner", "center", "centre", "face"] = "random"
+    crop_aspect: Literal["square", "preserve", "random", "closest"] = "square"
     video: VideoOptions = Field(default_factory=VideoOptions)
     repeats: int = Field(0, ge=0)
     default: bool = False
     cache_dir: str | None = None
     cache_dir_vae: str | None = None
     disabled: bool = False
+    disable: bool = False
+
+    @property
+    def skipped(self) -> bool:
+        """SimpleTuner skips a dataset with either `disabled` or `disable` set (data_backend/factory.py)."""
+        return self.disabled or self.disable
 
 
 class TrainConfig(_Section):
@@ -83,37 +102,56 @@ class TrainConfig(_Section):
     model_flavour: str = "t2v-480p"
     text_encoder_path: str | None = None
     vision_encoder_path: str | None = None
-    base_model_precision: Literal["bf16", "no_change", "int8-torchao"] = "bf16"
+    base_model_precision: str = "no_change"  # no_change, bf16, int8-torchao (others refused in _check_train_rules)
     # data and outputs
     data_backend_config: str | None = Field(None, alias="dataset_backend_config")
     instance_data_dir: str | None = None
     output_dir: str = "output/hunyuan-video"
     cache_dir: str = "cache"
-    seed: int = 42
+    seed: int = 42  # SimpleTuner: unseeded; hvtune is reproducible by default (0: clock, -1: random, as SimpleTuner)
+    resolution: int | float | None = None  # None: the flavour's short side (480 or 720) as pixel_area
+    resolution_type: Literal["pixel", "area", "pixel_area"] = "pixel_area"
+    aspect_bucket_alignment: int = Field(64, ge=16)
+    aspect_bucket_rounding: int = Field(2, ge=0)
+    minimum_image_size: float | None = None
+    maximum_image_size: float | None = None
+    target_downsample_size: float | None = None
+    instance_prompt: str | list[str] | None = None
+    prepend_instance_prompt: bool = False
+    only_instance_prompt: bool = False
+    caption_strategy: CaptionStrategy = "filename"  # each dataset's default, as SimpleTuner
     # LoRA
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = None
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # SimpleTuner 0.1; see simpletuner.KEPT_DEFAULTS
     lora_init_type: Literal["default", "gaussian"] = "default"
     lora_target_modules: list[str] | None = None
     # optimisation
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = Field(0, ge=0)
-    max_train_steps: int | None = Field(None, ge=1)
-    num_train_epochs: int = Field(1, ge=1)
-    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit"] = "adamw_bf16"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    lr_power: float = 0.8
+    lr_end: float = Field(4e-7, ge=0)
+    max_train_steps: int | None = Field(None, ge=0)  # 0 or None: from num_train_epochs
+    num_train_epochs: int = Field(1, ge=0)  # 0: from max_train_steps
+    optimizer: str = "adamw_bf16"
+    optimizer_config: str | None = None
+    optimizer_beta1: float | None = None
+    optimizer_beta2: float | None = None
+    max_grad_norm: float = Field(2.0, ge=0)
+    grad_clip_method: Literal["value", "norm"] = "value"
     mixed_precision: Literal["bf16", "no"] = "bf16"
     caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
-    flow_schedule_shift: float | None = Field(None, gt=0)
+    flow_schedule_shift: float = Field(3.0, ge=0)  # 0: no shift (SimpleTuner's custom_schedule.py)
     timestep_sampling: Literal["sigmoid", "uniform"] = "sigmoid"
+    flow_use_uniform_schedule: bool = False
+    flow_use_beta_schedule: bool = False
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0)
+    flow_beta_schedule_beta: float = Field(2.0, gt=0)
+    flow_schedule_auto_shift: bool = False
+    flow_sigmoid_scale: float = Field(1.0, gt=0)
     # memory
     gradient_checkpointing: bool = True
     enable_group_offload: bool = False
@@ -125,22 +163,25 @@ class TrainConfig(_Section):
     vae_enable_tiling: bool = False
     vae_enable_slicing: bool = False
     # checkpoints, validation, logging
-    checkpointing_steps: int = Field(500, ge=1)
-    checkpoints_total_limit: int | None = Field(None, ge=1)
-    resume_from_checkpoint: str | None = None
+    checkpointing_steps: int = Field(500, ge=1, alias="checkpoint_step_interval")
+    checkpoints_total_limit: int | None = Field(5, ge=1)
+    resume_from_checkpoint: str | None = "latest"
     overwrite_output_dir: bool = False  # replace another run's outputs in output_dir instead of refusing to mix them
-    validation_steps: int = Field(0, ge=0)
+    validation_steps: int = Field(0, ge=0, alias="validation_step_interval")
     validation_disable: bool = False
     validation_prompt: str = "A cat walks across a sunlit kitchen floor."
     validation_negative_prompt: str = ""
-    validation_resolution: str | None = None
+    validation_resolution: str | int | list[str | int] | None = None
     validation_num_video_frames: int = 61
     validation_guidance: float = 6.0
     validation_num_inference_steps: int = Field(30, ge=1)
     validation_seed: int | None = None
     validation_image: str | None = None
     validation_fps: int = 24
+    validation_prompt_library: bool = False
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    tracker_project_name: str = "hvtune"
+    tracker_run_name: str | None = None
     deterministic: bool = True
     # SimpleTuner features added for issue 15, with SimpleTuner 4.10.1's defaults (ema.py, memory.lycoris_config)
     use_ema: bool = False
@@ -154,6 +195,12 @@ class TrainConfig(_Section):
     validation_using_datasets: bool | None = None  # i2v: also validate on training samples' first frames
     eval_dataset_id: str | list[str] | None = None  # which datasets those come from (default: all)
     num_eval_images: int = Field(4, ge=1)  # samples per dataset
+    allow_unsupported_keys: bool = False
+
+    @property
+    def train_steps_limit(self) -> int | None:
+        """SimpleTuner: max_train_steps 0 means "use num_train_epochs"."""
+        return self.max_train_steps or None
 
     @property
     def flavour(self) -> FlavourDefaults:
@@ -161,7 +208,18 @@ class TrainConfig(_Section):
 
     @property
     def shift(self) -> float:
-        return self.flow_schedule_shift if self.flow_schedule_shift is not None else self.flavour.flow_shift
+        """SimpleTuner's apply_flow_schedule_shift: flow_schedule_shift when > 0; else 0 (= computed per batch by
+        objective.auto_shift) with flow_schedule_auto_shift, else 1.0 (no shift)."""
+        if self.flow_schedule_shift > 0:
+            return self.flow_schedule_shift
+        return 0.0 if self.flow_schedule_auto_shift else 1.0
+
+    @property
+    def timestep_mode(self) -> str:
+        """SimpleTuner's order (helpers/models/common.py): uniform, then beta, else sigmoid(scale * N(0, 1))."""
+        if self.flow_use_uniform_schedule:
+            return "uniform"
+        return "beta" if self.flow_use_beta_schedule else self.timestep_sampling
 
     @property
     def validation_size(self) -> tuple[int, int]:
@@ -383,26 +441,21 @@ def load_config(
     for name in TrainConfig.model_fields:
         sources.setdefault(name, "default")
     unknown = {k: v for k, v in raw.items() if k not in TrainConfig.model_fields}
-    if unknown:
-        notices.append(
-            f"ignoring {len(unknown)} key(s) hvtune does not use (kept in run.json): {', '.join(sorted(unknown))}"
-        )
+    _report_unknown_keys(unknown, train.allow_unsupported_keys, lambda k: where.get(k, "config"), problems, notices)
+    _resolve_seed(train, sources, notices)
 
     _check_train_rules(train, lambda k: where.get(k, "defaults"), problems, notices)
     flavour = train.flavour
     if train.validation_resolution is None:
         train.validation_resolution = "{}x{}".format(*flavour.resolution)
         sources["validation_resolution"] = f"default for {train.model_flavour}"
-    if train.flow_schedule_shift is None:
-        train.flow_schedule_shift = flavour.flow_shift
-        sources["flow_schedule_shift"] = f"default for {train.model_flavour}"
 
     backend_path = None
     datasets: list[DatasetConfig] = []
     if train.data_backend_config:
         backend_path = _resolve_path(train.data_backend_config, path)
         try:
-            datasets = _load_backends(backend_path, problems, notices)
+            datasets = _load_backends(backend_path, problems, notices, train.allow_unsupported_keys)
         except ConfigError as e:
             problems.extend(e.problems)
     elif train.instance_data_dir:
@@ -417,7 +470,9 @@ def load_config(
             )
         )
     if datasets:
+        _dataset_defaults_from_config(datasets, train)
         _check_dataset_rules(datasets, str(backend_path or "instance_data_dir"), problems, check_paths, path)
+        _check_dataset_simpletuner(datasets, train, str(backend_path or "instance_data_dir"), problems, notices)
     _check_added_features(train, datasets, lambda k: where.get(k, "defaults"), problems, path)
 
     if problems:
@@ -441,6 +496,49 @@ def _validate_section(model: type, raw: dict[str, Any], where, problems: list[Pr
     return model.model_validate({})
 
 
+def _report_unknown_keys(unknown: dict[str, Any], allow: bool, where, problems: list[Problem], notices: list[str]):
+    """Keys hvtune has no field for, grouped as simpletuner.classify_unknown says: refused ones are errors (they
+    change training in SimpleTuner) unless allow_unsupported_keys; the others are one notice per group."""
+    from .simpletuner import classify_unknown
+
+    groups: dict[str, list[str]] = {"ignored": [], "unknown": [], "allowed": []}
+    for key in sorted(unknown):
+        group, reason = classify_unknown(key, unknown[key])
+        if group == "refused" and not allow:
+            problems.append(
+                Problem(
+                    where(key),
+                    key,
+                    unknown[key],
+                    f"changes training in SimpleTuner and hvtune does not do it: {reason}. "
+                    "Remove it, or set allow_unsupported_keys: true to train without it",
+                )
+            )
+        else:
+            groups["allowed" if group == "refused" else group].append(f"{key} ({reason})")
+    labels = {
+        "ignored": "ignored, no effect on the LoRA",
+        "unknown": "unknown, ignored",
+        "allowed": "NOT applied although they change training in SimpleTuner (allow_unsupported_keys)",
+    }
+    for group, entries in groups.items():
+        if entries:
+            notices.append(f"{labels[group]} ({len(entries)}): " + "; ".join(entries))
+
+
+def _resolve_seed(t: TrainConfig, sources: dict[str, str], notices: list[str]) -> None:
+    """SimpleTuner (helpers/configuration/cmd_args.py): seed 0 = the current time, -1 = a random seed."""
+    if t.seed not in (0, -1):
+        return
+    import random
+    import time
+
+    asked = t.seed
+    t.seed = int(time.time()) if asked == 0 else random.randint(0, 2**30)
+    sources["seed"] += f" ({asked} -> drawn)"
+    notices.append(f"seed {asked}: drew seed {t.seed} (recorded in run.json; pass --seed={t.seed} to repeat)")
+
+
 def _round16(value: int, key: str, notices: list[str]) -> int:
     rounded = value // 16 * 16
     if rounded != value:
@@ -462,6 +560,21 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
     _check_frames(
         t.validation_num_video_frames, where("validation_num_video_frames"), "validation_num_video_frames", problems
     )
+    if isinstance(t.validation_resolution, list) or (
+        isinstance(t.validation_resolution, str) and "," in t.validation_resolution
+    ):
+        entries = (
+            t.validation_resolution
+            if isinstance(t.validation_resolution, list)
+            else [e.strip() for e in t.validation_resolution.split(",")]
+        )
+        if len(entries) > 1:
+            notices.append(f"validation_resolution: validating at {entries[0]} only (of {entries})")
+        t.validation_resolution = entries[0] if entries else None
+    if isinstance(t.validation_resolution, int) or (
+        isinstance(t.validation_resolution, str) and t.validation_resolution.strip().isdigit()
+    ):
+        t.validation_resolution = f"{int(t.validation_resolution)}x{int(t.validation_resolution)}"
     if t.validation_resolution is not None:
         try:
             w, h = parse_wxh(t.validation_resolution)
@@ -476,6 +589,47 @@ def _check_train_rules(t: TrainConfig, where, problems: list[Problem], notices: 
             problems.append(
                 Problem(where("validation_resolution"), "validation_resolution", t.validation_resolution, str(e))
             )
+    if t.base_model_precision not in ("no_change", "bf16", "int8-torchao"):
+        problems.append(
+            Problem(
+                where("base_model_precision"),
+                "base_model_precision",
+                t.base_model_precision,
+                "hvtune quantises with torchao int8 only: use int8-torchao (nearest), bf16 or no_change",
+            )
+        )
+    if t.validation_prompt_library:
+        problems.append(
+            Problem(
+                where("validation_prompt_library"),
+                "validation_prompt_library",
+                True,
+                "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false",
+            )
+        )
+    if not t.train_steps_limit and t.num_train_epochs == 0:
+        problems.append(
+            Problem(where("num_train_epochs"), "num_train_epochs", 0, "0 means 'use max_train_steps': set one of them")
+        )
+    if t.aspect_bucket_alignment % 16:
+        problems.append(
+            Problem(
+                where("aspect_bucket_alignment"),
+                "aspect_bucket_alignment",
+                t.aspect_bucket_alignment,
+                "HunyuanVideo 1.5 needs multiples of 16: use 16, 32 or 64",
+            )
+        )
+    if t.lr_scheduler == "constant" and t.lr_warmup_steps > 0:
+        notices.append("lr_scheduler constant ignores lr_warmup_steps, as in SimpleTuner: use constant_with_warmup")
+    from .simpletuner import optimizer_problem, scheduler_problem
+
+    for key, rule in (
+        ("optimizer", optimizer_problem(t.optimizer)),
+        ("lr_scheduler", scheduler_problem(t.lr_scheduler, t.lr_warmup_steps)),
+    ):
+        if rule:
+            problems.append(Problem(where(key), key, getattr(t, key), rule))
     if t.group_offload_use_stream and t.enable_model_cpu_offload:
         problems.append(
             Problem(
@@ -566,7 +720,7 @@ def _default_backends(t: TrainConfig) -> list[DatasetConfig]:
     ]
 
 
-def _load_backends(path: Path, problems: list[Problem], notices: list[str]) -> list[DatasetConfig]:
+def _load_backends(path: Path, problems: list[Problem], notices: list[str], allow: bool) -> list[DatasetConfig]:
     data = read_json(path)
     if not isinstance(data, list):
         raise ConfigError([Problem(str(path), "(file)", type(data).__name__, "must be a JSON list of datasets")])
@@ -592,10 +746,77 @@ def _load_backends(path: Path, problems: list[Problem], notices: list[str]) -> l
                 problems.append(Problem(str(path), f"{label}.resolution", ds.resolution, str(e)))
         elif isinstance(ds.resolution, int):
             ds.resolution = _round16(ds.resolution, f"{label}.resolution", notices)
-        if ds.unknown_keys:
-            notices.append(f"{path} {label}: ignoring key(s) {', '.join(sorted(ds.unknown_keys))}")
+        _report_dataset_keys(path, label, ds, allow, problems, notices)
         datasets.append(ds)
     return datasets
+
+
+def _report_dataset_keys(path, label, ds: DatasetConfig, allow: bool, problems, notices) -> None:
+    """Dataset and video keys hvtune has no field for: SimpleTuner's harmless ones are a notice; anything else would
+    change what is trained (or is a typo of a key that does), so it is an error unless allow_unsupported_keys."""
+    from .simpletuner import DATASET_KEYS
+
+    found = [(k, v, DATASET_KEYS.get(k)) for k, v in ds.unknown_keys.items()]
+    found += [(f"video.{k}", v, None) for k, v in ds.video.unknown_keys.items()]
+    ignored = []
+    for key, value, policy in sorted(found, key=lambda t: t[0]):
+        if policy is not None and policy.status == "ignored":
+            ignored.append(f"{key} ({policy.note})")
+            continue
+        reason = policy.note if policy is not None else "not a key hvtune or SimpleTuner 4.10.1 reads here (a typo?)"
+        if allow:
+            notices.append(f"{path} {label}: {key} NOT applied ({reason}; allow_unsupported_keys)")
+        else:
+            problems.append(
+                Problem(
+                    str(path),
+                    f"{label}.{key}",
+                    value,
+                    f"{reason}. Remove it, or set allow_unsupported_keys: true to train without it",
+                )
+            )
+    if ignored:
+        notices.append(f"{path} {label}: ignored, no effect on the LoRA: " + "; ".join(ignored))
+
+
+def _dataset_defaults_from_config(datasets: list[DatasetConfig], t: TrainConfig) -> None:
+    """SimpleTuner's data_backend/factory.py: a dataset without instance_prompt / prepend_instance_prompt takes the
+    top-level one; only_instance_prompt applies when either sets it."""
+    for ds in datasets:
+        if "caption_strategy" not in ds.model_fields_set and "caption_strategy" in t.model_fields_set:
+            ds.caption_strategy = t.caption_strategy
+        if "instance_prompt" not in ds.model_fields_set and t.instance_prompt is not None:
+            ds.instance_prompt = t.instance_prompt
+        if "prepend_instance_prompt" not in ds.model_fields_set:
+            ds.prepend_instance_prompt = t.prepend_instance_prompt
+        ds.only_instance_prompt = ds.only_instance_prompt or t.only_instance_prompt
+
+
+def _check_dataset_simpletuner(
+    datasets: list[DatasetConfig], t: TrainConfig, where: str, problems: list[Problem], notices: list[str]
+) -> None:
+    """Dataset settings whose SimpleTuner meaning needs the top-level config too."""
+    for i, ds in enumerate(datasets):
+        if ds.skipped or ds.dataset_type not in ("video", "image"):
+            continue
+        label = f"[{i}] id={ds.id}"
+        maximum = ds.maximum_image_size if ds.maximum_image_size is not None else t.maximum_image_size
+        downsample = ds.target_downsample_size if ds.target_downsample_size is not None else t.target_downsample_size
+        if ds.crop and maximum and downsample:  # SimpleTuner: TrainingSample._should_resize_before_crop
+            problems.append(
+                Problem(
+                    where,
+                    f"{label}.target_downsample_size",
+                    downsample,
+                    "with crop and maximum_image_size, SimpleTuner downsamples to it before cropping (a wider view); "
+                    "hvtune does not: drop maximum_image_size/target_downsample_size or crop",
+                )
+            )
+        if "caption_strategy" not in ds.model_fields_set and "caption_strategy" not in t.model_fields_set:
+            notices.append(
+                f"{where} {label}: caption_strategy not set: SimpleTuner's default, filename (captions from file "
+                "names); set textfile to read the .txt beside each file"
+            )
 
 
 def _check_dataset_rules(
@@ -608,7 +829,7 @@ def _check_dataset_rules(
         if ds.id in seen:
             problems.append(Problem(where, f"{label}.id", ds.id, "dataset ids must be unique"))
         seen.add(ds.id)
-        if ds.disabled:
+        if ds.skipped:
             continue
         if ds.type != "local":
             problems.append(Problem(where, f"{label}.type", ds.type, "only 'local' datasets are supported"))
@@ -641,6 +862,19 @@ def _check_dataset_rules(
         if v.max_frames is not None and v.max_frames < v.num_frames:
             problems.append(
                 Problem(where, f"{label}.video.max_frames", v.max_frames, f"must be >= num_frames ({v.num_frames})")
+            )
+        if ds.crop and ds.crop_style not in ("center", "centre"):
+            problems.append(
+                Problem(
+                    where,
+                    f"{label}.crop_style",
+                    ds.crop_style,
+                    "hvtune crops the centre (random, corner and face crops are not implemented): use center",
+                )
+            )
+        if ds.crop and ds.crop_aspect in ("random", "closest"):
+            problems.append(
+                Problem(where, f"{label}.crop_aspect", ds.crop_aspect, "not implemented: use square or preserve")
             )
         if ds.caption_strategy == "instanceprompt" and not ds.instance_prompt:
             problems.append(

@@ -21,15 +21,18 @@ Decisions (documented for users in the module and the cache report):
   A caption that is not valid UTF-8 is REJECTED (`caption_not_utf8`, with the byte offset): decoding with replacement
   characters would silently train on text the user never wrote. A UTF-8 byte-order mark is accepted and dropped.
   Missing or whitespace-only captions are skipped (`missing_caption`, `empty_caption`).
-- Buckets, spatial: `resolution` as an int R is the short side of the 16:9 frame at that area, i.e. a target area of
-  R*R*16/9 pixels, i.e. Tencent's `target_size` = R*4/3 (480 -> 640, the 480p model's own value; 720 -> 960). The
-  size follows the HunyuanVideo 1.5 pipeline's rule (`generate_crop_size_list(base_size=R*4/3, patch 16, max ratio
-  4)` then `get_closest_ratio`; restated in `crop_size_list`/`bucket_size`, tested equal to diffusers' functions):
-  width and height are multiples of 16, the area stays at or below the target, and the aspect is the listed one
-  nearest the source's (1920x1080 -> 848x480 at 480, 1280x720 at 720). A "WxH"
-  resolution is a fixed size for every sample. The source is scaled to cover the bucket and centre-cropped; it is
-  never upscaled: a source smaller than its bucket in either dimension is skipped (`too_small`). No `resolution`:
-  the flavour's short side (480 or 720).
+- Buckets, spatial: SimpleTuner 4.10.1's rule (`simpletuner_bucket`, tested against the wheel's own
+  helpers/multiaspect/image.py). A dataset's `resolution`/`resolution_type` fall back to the top-level ones;
+  `resolution_type` defaults to `pixel_area` and `resolution` to the flavour's short side (480 or 720; SimpleTuner's
+  1024 is kept different on purpose). `pixel_area` R is an area of R*R pixels (480 -> 0.2304 megapixels): the bucket
+  keeps the source's aspect (rounded to `aspect_bucket_rounding` decimals) at that area, each side rounded to the
+  nearest multiple of `aspect_bucket_alignment` (default 64: 1920x1080 -> 704x384 at 480). `pixel` R is the short
+  edge (1920x1080 -> 832x512 at 480 with alignment 64, 848x480 with alignment 16). A bucket that comes out square is
+  the square of the resolution's edge (areas near 0.25/0.5/1/2/4 megapixels use 512/768/1024/1536/2048).
+  `crop: true` with `crop_aspect: square` trains every source at that square. A "WxH" resolution is hvtune's fixed
+  size for every sample. `minimum_image_size` skips smaller sources (`too_small`). The source is scaled to cover the
+  bucket and centre-cropped; it is never upscaled: a source smaller than its bucket is skipped (`too_small`), where
+  SimpleTuner would upscale it.
 - Buckets, frames (after resampling to `video.frame_rate` when set): `min_frames` defaults to `num_frames`
   (SimpleTuner). A clip with fewer than `min_frames` frames is skipped (`too_few_frames`); one with more than
   `max_frames` (when set) is skipped (`too_many_frames`). `aspect_ratio`: F = `num_frames`, or for a clip between
@@ -47,6 +50,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -135,50 +139,116 @@ class ScanResult:
 
 
 def media_datasets(resolved: ResolvedConfig) -> list[DatasetConfig]:
-    return [d for d in resolved.datasets if not d.disabled and d.dataset_type in ("video", "image")]
+    return [d for d in resolved.datasets if not d.skipped and d.dataset_type in ("video", "image")]
 
 
-def dataset_resolution(ds: DatasetConfig, resolved: ResolvedConfig) -> int | tuple[int, int]:
-    """The dataset's `resolution` as an int (short side) or (W, H); default: the flavour's short side."""
+@dataclass(frozen=True)
+class BucketRule:
+    """SimpleTuner's spatial bucket settings of one dataset, after its pixel_area -> area conversion."""
+
+    resolution: float | tuple[int, int]  # pixel edge ("pixel"), megapixels ("area"), or a fixed (W, H)
+    resolution_type: str  # "pixel" | "area" | "fixed"
+    alignment: int = 64
+    rounding: int = 2
+    crop: bool = False
+    crop_aspect: str = "square"
+    minimum_image_size: float | None = None  # pixel edge ("pixel") or megapixels ("area")
+
+    def describe(self) -> str:
+        if self.resolution_type == "fixed":
+            return "{}x{} fixed".format(*self.resolution)
+        unit = "px edge" if self.resolution_type == "pixel" else "megapixels"
+        crop = f", crop {self.crop_aspect}" if self.crop else ""
+        return f"{self.resolution:g} {unit}, alignment {self.alignment}{crop}"
+
+
+def _area_from_pixels(value: float | None) -> float | None:
+    """pixel_area converts minimum/maximum_image_size and target_downsample_size above 10 to megapixels."""
+    if value is None or value <= 10:
+        return value
+    return value * value / 1e6
+
+
+def dataset_bucket_rule(ds: DatasetConfig, resolved: ResolvedConfig) -> BucketRule:
+    """The dataset's `resolution`/`resolution_type`, falling back to the top-level ones as SimpleTuner's
+    data_backend/factory.py does; "WxH" is hvtune's fixed size. pixel_area R becomes area R*R/1e6 megapixels
+    (factory.py `_handle_resolution_conversion`)."""
+    t = resolved.train
     if isinstance(ds.resolution, str):
-        return parse_wxh(ds.resolution)
-    if isinstance(ds.resolution, int):
-        return ds.resolution
-    return min(resolved.train.flavour.resolution)
+        return BucketRule(parse_wxh(ds.resolution), "fixed")
+    resolution = ds.resolution if ds.resolution is not None else t.resolution
+    if resolution is None:
+        resolution = min(t.flavour.resolution)
+    kind = ds.resolution_type or t.resolution_type
+    minimum = ds.minimum_image_size if ds.minimum_image_size is not None else t.minimum_image_size
+    if kind == "pixel_area":
+        resolution, kind, minimum = resolution * resolution / 1e6, "area", _area_from_pixels(minimum)
+    return BucketRule(
+        resolution, kind, t.aspect_bucket_alignment, t.aspect_bucket_rounding, ds.crop, ds.crop_aspect, minimum or None
+    )
 
 
-def crop_size_list(base_size: float, patch_size: int = PATCH, max_ratio: float = 4.0) -> list[tuple[int, int]]:
-    """Tencent's `generate_crop_size_list` (diffusers `hunyuan_video1_5/image_processor.py`), restated here so that a
-    scan does not import diffusers (seconds on a fully cached rerun); tests check it against diffusers' own."""
-    num_patches = round((base_size / patch_size) ** 2)
-    sizes = []
-    wp, hp = num_patches, 1
-    while wp > 0:
-        if max(wp, hp) / min(wp, hp) <= max_ratio:
-            sizes.append((wp * patch_size, hp * patch_size))
-        if (hp + 1) * wp <= num_patches:
-            hp += 1
+def _to_multiple(value: float, multiple: int) -> int:
+    """SimpleTuner's MultiaspectImage._round_to_nearest_multiple (Python's round: halves go to even)."""
+    return max(round(value / multiple) * multiple, multiple)
+
+
+def _pixel_resolution(rule: BucketRule) -> int:
+    """TrainingSample._set_resolution: the square edge; areas near 0.25/0.5/1/2/4 MP map to 512/768/1024/1536/2048."""
+    if rule.resolution_type == "pixel":
+        return int(rule.resolution)
+    area = rule.resolution * 1e6
+    for megapixels, edge in ((0.25, 512), (0.5, 768), (1.0, 1024), (2.0, 1536), (4.0, 2048)):
+        if abs(rule.resolution - megapixels) < 0.05:
+            area = edge * edge
+            break
+    return int(_to_multiple(math.sqrt(area), rule.alignment))
+
+
+def simpletuner_bucket(width: int, height: int, rule: BucketRule) -> tuple[int, int]:
+    """(W, H) SimpleTuner 4.10.1 trains a width x height source at: TrainingSample.calculate_target_size with
+    MultiaspectImage.calculate_new_size_by_pixel_edge ("pixel") or calculate_new_size_by_pixel_area ("area")."""
+    if rule.resolution_type == "fixed":
+        return rule.resolution  # type: ignore[return-value]
+    if rule.crop and rule.crop_aspect == "square":
+        edge = _pixel_resolution(rule)
+        return edge, edge
+    aspect = round(width / height, rule.rounding)
+    if rule.resolution_type == "pixel":
+        res = int(rule.resolution)
+        if width < height:
+            w_t, h_t = res, int(res / aspect)
         else:
-            wp -= 1
-    return sizes
+            h_t, w_t = res, int(res * aspect)
+        size = (_to_multiple(w_t, rule.alignment), _to_multiple(h_t, rule.alignment))
+    else:
+        edge = _to_multiple(int(math.sqrt(rule.resolution * 1e6)), rule.alignment)
+        if aspect == 1.0 and width == height:
+            return edge, edge
+        size = (
+            _to_multiple(edge * math.sqrt(aspect), rule.alignment),
+            _to_multiple(edge / math.sqrt(aspect), rule.alignment),
+        )
+    if round(size[0] / size[1], rule.rounding) == 1.0:
+        edge = _pixel_resolution(rule)
+        return edge, edge
+    return size
 
 
-def bucket_size(width: int, height: int, resolution: int | tuple[int, int]) -> tuple[int, int]:
-    """(W, H) of the bucket for a source of display size width x height (see the module docstring): the pipeline's
-    `calculate_default_height_width(height, width, target_size=R*4/3)`, i.e. `get_closest_ratio`: the listed size
-    whose height/width ratio is nearest the source's among those >= it (landscape) or <= it (portrait)."""
-    if isinstance(resolution, tuple):
-        return resolution
-    crops = crop_size_list(resolution * 4 / 3)  # (h, w) pairs, as the pipeline reads them
-    aspect = float(height) / float(width)
-    best = None
-    for h, w in crops:
-        diff = round(float(h) / float(w), 5) - aspect
-        if (diff <= 0 if aspect >= 1 else diff >= 0) and (best is None or abs(diff) < best[0]):
-            best = (abs(diff), w, h)
-    if best is None:
-        raise DatasetError("aspect_out_of_range", f"aspect {width}x{height} is beyond 4:1, the widest bucket")
-    return best[1], best[2]
+def meets_minimum(width: int, height: int, rule: BucketRule) -> bool:
+    """SimpleTuner's meets_resolution_requirements (helpers/metadata/backends/base.py) for minimum_image_size."""
+    if rule.minimum_image_size is None or rule.resolution_type == "fixed":
+        return True
+    if rule.resolution_type == "pixel":
+        return rule.minimum_image_size <= min(width, height)
+    area = rule.minimum_image_size * 1e6
+    if rule.crop and rule.crop_aspect == "square" and math.floor(math.sqrt(area)) > min(width, height):
+        return False
+    return area <= width * height
+
+
+def dataset_resolution(ds: DatasetConfig, resolved: ResolvedConfig) -> BucketRule:
+    return dataset_bucket_rule(ds, resolved)
 
 
 def round_to_4n1(n: int) -> int:
@@ -281,10 +351,26 @@ class Captions:
             table[Path(str(name)).as_posix()] = str(row["caption"])
         return table
 
+    def _instance_prompts(self) -> list[str]:
+        prompt = self.ds.instance_prompt
+        if isinstance(prompt, list):
+            return [p for p in (" ".join(str(x).split()) for x in prompt) if p] or _split_captions(
+                "", "instance_prompt"
+            )
+        return _split_captions(prompt or "", "instance_prompt")
+
     def __call__(self, path: Path, rel: str) -> list[str]:
+        """Captions with SimpleTuner's only_instance_prompt / prepend_instance_prompt (helpers/prompts.py)."""
+        if self.ds.only_instance_prompt or self.ds.caption_strategy == "instanceprompt":
+            return self._instance_prompts()
+        captions = self._captions(path, rel)
+        if self.ds.prepend_instance_prompt and self.ds.instance_prompt:
+            prefix = self._instance_prompts()[0]
+            captions = [f"{prefix} {c}" for c in captions]
+        return captions
+
+    def _captions(self, path: Path, rel: str) -> list[str]:
         strategy = self.ds.caption_strategy
-        if strategy == "instanceprompt":
-            return _split_captions(self.ds.instance_prompt or "", "instance_prompt")
         if strategy == "filename":
             return _split_captions(re.sub(r"[_]+", " ", path.stem), f"file name {path.name}")
         if strategy == "metadata":
@@ -506,7 +592,11 @@ def scan(resolved: ResolvedConfig, *, probe_index: ProbeIndex | None = None, pro
                 else:
                     info = None
                     width, height = entry["image"]["width"], entry["image"]["height"]
-                size = bucket_size(width, height, resolution)
+                if not meets_minimum(width, height, resolution):
+                    raise DatasetError(
+                        "too_small", f"source is {width}x{height}, below minimum_image_size ({resolution.describe()})"
+                    )
+                size = simpletuner_bucket(width, height, resolution)
                 if width < size[0] or height < size[1]:
                     raise DatasetError(
                         "too_small",

@@ -37,6 +37,7 @@ def write_demo_project(
             "instance_data_dir": str(clips_dir),
             "caption_strategy": "textfile",
             "resolution": 96,
+            "resolution_type": "pixel",  # short edge 96: the 160x96 clips train at 160x96
             "video": {"num_frames": 9, "min_frames": 9, "bucket_strategy": "aspect_ratio"},
             "repeats": 0,
         },
@@ -56,6 +57,7 @@ def write_demo_project(
         "output_dir": str(root / "output"),
         "cache_dir": str(root / "cache"),
         "dataset_backend_config": str(root / "config" / "multidatabackend.json"),
+        "aspect_bucket_alignment": 16,  # SimpleTuner's 64 is coarse for 96-pixel clips
         "validation_resolution": "160x96",
         "validation_num_video_frames": 9,
         "validation_num_inference_steps": 4,
@@ -70,9 +72,9 @@ def write_demo_project(
         "checkpoints_total_limit": 2,
         "mixed_precision": "no",
         "base_model_precision": "no_change",
-        "optimizer": "adamw",
+        "optimizer": "torch-adamw",  # SimpleTuner's name; same settings as hvtune's earlier "adamw"
         "lora_rank": 8,
-        "seed": seed,
+        "seed": seed or 42,  # SimpleTuner reads seed 0 as "a new seed from the clock": the demo must repeat
     }
     for name, data in (("multidatabackend.json", backends), ("config.json", config)):
         write_text_atomic(root / "config" / name, json.dumps(data, indent=2) + "\n")

@@ -61,7 +61,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         if name not in _NOISY:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            if isinstance(finder, _AfterImport) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(name, path, target)
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
@@ -84,11 +84,16 @@ def route_library_output(log_file: Path | None, *, verbose: bool = False) -> Non
     """Send other libraries' warnings and log records to `log_file` (None: nowhere) and, with `verbose`, also to
     stderr; hvtune's own warnings and output stay on screen."""
     root = logging.getLogger()
-    root.addHandler(_LogFile(log_file) if log_file else logging.NullHandler())
+    for handler in [h for h in root.handlers if getattr(h, "_hvtune_route", False)]:  # a second call replaces the first
+        root.removeHandler(handler)
+    handlers = [_LogFile(log_file) if log_file else logging.NullHandler()]
     if verbose:
-        root.addHandler(logging.StreamHandler(sys.stderr))
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler._hvtune_route = True
+        root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    shown = warnings.showwarning
+    shown = getattr(warnings.showwarning, "_hvtune_original", warnings.showwarning)
     library_warnings = logging.getLogger("py.warnings")
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
@@ -104,8 +109,10 @@ def route_library_output(log_file: Path | None, *, verbose: bool = False) -> Non
         module = importlib.import_module(f"{name}.utils.logging")
         module.disable_progress_bar()  # "Loading weights" bars: hvtune shows its own progress
 
+    showwarning._hvtune_original = shown
     warnings.showwarning = showwarning
     _adopt_library_loggers()
     for name in _NOISY & set(sys.modules):
         after(name)
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImport)]
     sys.meta_path.insert(0, _AfterImport(after))

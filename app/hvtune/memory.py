@@ -5,7 +5,8 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
 
 - `base_model_precision`: `bf16` casts the frozen base to bf16; `int8-torchao` casts it to bf16 and quantizes its
   linear weights in place (torchao `Int8WeightOnlyConfig`, LoRA layers skipped), so the LoRA layers added afterwards
-  wrap int8 base layers and stay float32; `no_change` keeps the loaded dtype. LoRA parameters are always float32.
+  wrap int8 base layers and stay float32; `no_change` follows `mixed_precision`
+  (bf16 with bf16, as loaded with "no"), as in SimpleTuner. LoRA parameters are always float32.
 - `lora_type: lycoris`: peft LoKr / LoHa layers instead of LoRA, shaped and scaled by LyCORIS' rules
   (`add_lycoris`; the rules in `hvtune.lycoris`). Everything below applies to them as to LoRA.
 - `gradient_checkpointing`: diffusers' block-level activation recomputation (`enable_gradient_checkpointing`).
@@ -31,6 +32,7 @@ Call order (the trainer's): `prepare_base(transformer, cfg, device)`, then `add_
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -233,8 +235,8 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
 
     transformer.requires_grad_(False)
     use_key_padding_attention(transformer)
-    if cfg.base_model_precision == "bf16":
-        transformer.to(torch.bfloat16)
+    if cfg.base_model_precision in ("bf16", "no_change") and base_dtype(cfg) == torch.bfloat16:
+        transformer.to(torch.bfloat16)  # no_change follows mixed_precision (see base_dtype)
     elif cfg.base_model_precision == "int8-torchao":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -264,31 +266,80 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizers by SimpleTuner's names, all over the (float32) LoRA parameters:
+    """Optimizers by SimpleTuner's names (table: `simpletuner.OPTIMIZERS`), over the float32 LoRA parameters, with
+    SimpleTuner's settings: the optimizer's own defaults, then `optimizer_config`, then `optimizer_beta1/2`.
 
-    - `adamw`: `torch.optim.AdamW`, float32 states.
-    - `adamw_bf16`: in SimpleTuner this is an AdamW that keeps bf16 *parameters* and updates them with stochastic
-      rounding, for models trained in bf16. In hvtune the trainable parameters are the LoRA weights, which are always
-      float32 (the bf16 part is the frozen base), so there is nothing to round: it is the same `torch.optim.AdamW`
-      over float32 LoRA weights with float32 states, i.e. identical to `adamw`. The name is accepted so SimpleTuner
-      configs (whose default it is) run unchanged.
-    - `adamw8bit`: `bitsandbytes.optim.AdamW8bit` (8-bit block-wise quantized states; runs on CPU and GPU)."""
-    kwargs = dict(
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    `adamw_bf16` (SimpleTuner's default) and `optimi-adamw` keep bf16 *parameters* in SimpleTuner and update them
+    with stochastic rounding / Kahan summation. hvtune's trainable parameters are the LoRA weights, always float32
+    (the bf16 part is the frozen base), so there is nothing to round: `torch.optim.AdamW` with the same settings
+    computes that update. `bnb-*` are bitsandbytes' optimizers, `ao-adamw8bit` torchao's `AdamW8bit`."""
+    from .simpletuner import OPTIMIZERS, optimizer_problem, optimizer_settings
+
+    if problem := optimizer_problem(cfg.optimizer):
+        raise UserError(f"optimizer {cfg.optimizer!r}: {problem}")
+    # SimpleTuner's hyperparameters: the optimizer's own defaults, optimizer_config, optimizer_beta1/2
+    kwargs = dict(lr=cfg.learning_rate, **optimizer_settings(
+        cfg.optimizer, cfg.optimizer_config, cfg.optimizer_beta1, cfg.optimizer_beta2
+    ))  # fmt: skip
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters: add_lora must run before build_optimizer")
-    if cfg.optimizer in ("adamw", "adamw_bf16"):
+    implementation = OPTIMIZERS[cfg.optimizer][0]
+    if implementation == "torch.AdamW":
         return torch.optim.AdamW(params, **kwargs)
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+    if implementation == "torch.Adam":
+        return torch.optim.Adam(params, **kwargs)
+    if implementation == "torchao.AdamW8bit":
+        from torchao.optim import AdamW8bit
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    raise UserError(f"optimizer {cfg.optimizer!r} is not supported (adamw, adamw_bf16, adamw8bit)")
+        return AdamW8bit(params, **kwargs)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, implementation.split(".")[1])(params, **kwargs)
+
+
+def base_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """dtype to load the frozen base in: bf16 for bf16 and int8-torchao, and for no_change when mixed_precision is
+    bf16 (SimpleTuner's cmd_args.py `model_is_bf16`); None (as stored, fp32) for no_change without mixed precision."""
+    if cfg.base_model_precision != "no_change" or cfg.mixed_precision == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+    """SimpleTuner's clipping (helpers/training/trainer.py): nothing when max_grad_norm is 0; `grad_clip_method`
+    "value" (its default) clamps every gradient element to [-max_grad_norm, max_grad_norm]
+    (accelerator.clip_grad_value_), "norm" rescales the whole gradient to that norm (accelerator.clip_grad_norm_).
+    `accelerator` None: torch's own functions (a single process without a gradient scaler)."""
+    if cfg.max_grad_norm <= 0:
+        return
+    utils = accelerator if accelerator is not None else torch.nn.utils
+    if cfg.grad_clip_method == "norm":
+        utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        utils.clip_grad_value_(params, cfg.max_grad_norm)
+
+
+def simpletuner_wave(name: str, cfg: TrainConfig):
+    """lr factor per step of SimpleTuner's own schedules (helpers/training/custom_schedule.py, classes Cosine,
+    CosineAnnealingHardRestarts, Sine as get_lr_scheduler builds them: T_0 = lr_warmup_steps, eta_min = lr_end, the
+    default steps_per_epoch=-1, lr floored to 1e-9). With steps_per_epoch=-1, Cosine's T_cur is -step (a cosine
+    wave of period 2 T_0 that never restarts; T_0 = 1000 when lr_warmup_steps is 0) and CosineAnnealingHardRestarts'
+    T_cur is step % -1 = 0 (the lr stays at learning_rate). Its num_processes factors cancel: SimpleTuner steps the
+    scheduler num_processes times per step over a period num_processes times longer."""
+    base, eta = cfg.learning_rate, cfg.lr_end
+    period = cfg.lr_warmup_steps if cfg.lr_warmup_steps > 0 else 1000
+
+    def factor(step: int) -> float:
+        if name == "cosine":
+            lr = eta + (base - eta) * (1 + math.cos(math.pi * -step / period)) / 2
+        elif name == "sine":
+            lr = eta + (base - eta) * (0.5 * (1 + math.sin(math.pi * step / period)))
+        else:  # cosine_with_restarts
+            lr = eta + (base - eta) * (1 + math.cos(0.0)) / 2
+        return math.floor(lr * 1e9) / 1e9 / base
+
+    return factor
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -298,9 +349,19 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total
     `lr_warmup_steps` > 0 runs as `constant_with_warmup` (the same lr after the warmup)."""
     from diffusers.optimization import get_scheduler
 
+    from .simpletuner import scheduler_problem
+
     name = cfg.lr_scheduler
-    if name == "constant" and cfg.lr_warmup_steps > 0:
-        name = "constant_with_warmup"
+    if problem := scheduler_problem(name, cfg.lr_warmup_steps):
+        raise UserError(f"lr_scheduler {name!r}: {problem}")
+    if name in ("cosine", "cosine_with_restarts", "sine"):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, simpletuner_wave(name, cfg))
+    if name == "polynomial":  # SimpleTuner passes lr_end and lr_power (helpers/training/custom_schedule.py)
+        from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
+
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer, cfg.lr_warmup_steps, total_steps, lr_end=cfg.lr_end, power=cfg.lr_power
+        )
     return get_scheduler(
         name,
         optimizer=optimizer,

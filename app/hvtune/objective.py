@@ -28,11 +28,25 @@ Model inputs (HunyuanVideo15Transformer3DModel.forward in diffusers 0.42.1):
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
 
-TIMESTEP_MODES = ("sigmoid", "uniform")
+TIMESTEP_MODES = ("sigmoid", "uniform", "beta")
+
+
+def schedule_options(cfg, scheduler_config: dict | None = None) -> dict[str, Any]:
+    """`training_loss` keyword arguments for a TrainConfig's timestep schedule (SimpleTuner's flow_* keys) and the
+    caption dropout. `scheduler_config` (the model's noise scheduler config) is needed for auto shift only."""
+    return dict(
+        shift=cfg.shift,
+        mode=cfg.timestep_mode,
+        sigmoid_scale=cfg.flow_sigmoid_scale,
+        beta=(cfg.flow_beta_schedule_alpha, cfg.flow_beta_schedule_beta),
+        scheduler_config=scheduler_config,
+        caption_dropout_p=cfg.caption_dropout_probability,
+    )
 
 
 def counter_seed(seed: int, *counters: int | str, purpose: str) -> int:
@@ -46,13 +60,41 @@ def counter_generator(seed: int, *counters: int | str, purpose: str) -> torch.Ge
     return torch.Generator("cpu").manual_seed(counter_seed(seed, *counters, purpose=purpose))
 
 
+def auto_shift(latent_shape: tuple[int, ...], scheduler_config: dict) -> float:
+    """SimpleTuner's flow_schedule_auto_shift (helpers/training/custom_schedule.py apply_flow_schedule_shift, used
+    when flow_schedule_shift is 0): exp(diffusers' flux `calculate_shift`) of the sequence length
+    frames * (H // patch) * (W // patch) of the latents, with the noise scheduler's config (base/max_image_seq_len,
+    base/max_shift) and its `patch_size`, 2 when the config has none (HunyuanVideo's has none)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    frames, height, width = latent_shape[-3:]
+    patch = scheduler_config.get("patch_size") or 2
+    mu = calculate_shift(
+        frames * (height // patch) * (width // patch),
+        scheduler_config.get("base_image_seq_len", 256),
+        scheduler_config.get("max_image_seq_len", 4096),
+        scheduler_config.get("base_shift", 0.5),
+        scheduler_config.get("max_shift", 1.15),
+    )
+    return math.exp(mu)
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     if shift <= 0:
         raise ValueError(f"flow_schedule_shift must be > 0, got {shift}")
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def sample_sigmas(draws: list[int], *, seed: int, epoch: int, shift: float, mode: str = "sigmoid") -> torch.Tensor:
+def sample_sigmas(
+    draws: list[int],
+    *,
+    seed: int,
+    epoch: int,
+    shift: float,
+    mode: str = "sigmoid",
+    sigmoid_scale: float = 1.0,
+    beta: tuple[float, float] = (2.0, 2.0),
+) -> torch.Tensor:
     """(len(draws),) float32 sigmas in [0, 1] on the CPU, each from its draw's own generator, then shifted."""
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"unknown timestep_sampling {mode!r}; one of {', '.join(TIMESTEP_MODES)}")
@@ -60,7 +102,13 @@ def sample_sigmas(draws: list[int], *, seed: int, epoch: int, shift: float, mode
     for draw in draws:
         g = counter_generator(seed, epoch, draw, purpose="timestep")
         if mode == "sigmoid":
-            values.append(torch.sigmoid(torch.randn((), generator=g, dtype=torch.float32)))
+            # SimpleTuner's flow_sigmoid_scale: sigmoid(scale * N(0, 1)) (helpers/models/common.py)
+            values.append(torch.sigmoid(sigmoid_scale * torch.randn((), generator=g, dtype=torch.float32)))
+        elif mode == "beta":  # SimpleTuner's flow_use_beta_schedule: Beta(alpha, beta), here from the draw's counter
+            import numpy as np
+
+            rng = np.random.default_rng(counter_seed(seed, epoch, draw, purpose="timestep"))
+            values.append(torch.tensor(rng.beta(*beta), dtype=torch.float32))
         else:
             values.append(torch.rand((), generator=g, dtype=torch.float32))
     if not values:
@@ -164,6 +212,9 @@ def training_loss(
     epoch: int,
     shift: float,
     mode: str = "sigmoid",
+    sigmoid_scale: float = 1.0,
+    beta: tuple[float, float] = (2.0, 2.0),
+    scheduler_config: dict | None = None,
     caption_dropout_p: float = 0.0,
     empty_prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     image_embed_shape: tuple[int, int] = (0, 1152),
@@ -186,7 +237,12 @@ def training_loss(
     _check_batch(transformer, batch, image_embed_shape)
     x0 = batch.latents.to(device, torch.float32)
     draws = list(batch.draws)
-    sigmas = sample_sigmas(draws, seed=seed, epoch=epoch, shift=shift, mode=mode).to(device)
+    if shift <= 0:  # 0: flow_schedule_auto_shift from the latent size with the scheduler's config
+        shift = auto_shift(tuple(x0.shape), scheduler_config or {})
+    sigmas = sample_sigmas(
+        draws, seed=seed, epoch=epoch, shift=shift, mode=mode, sigmoid_scale=sigmoid_scale, beta=beta
+    )
+    sigmas = sigmas.to(device)
     noise = sample_noise(tuple(x0.shape[1:]), draws, seed=seed, epoch=epoch, device=device)
     s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
     noisy = (1 - s) * x0 + s * noise

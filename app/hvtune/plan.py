@@ -554,7 +554,8 @@ def prepare_step(transformer, cfg: TrainConfig, device: str):
 
     meta = device == "meta"
     offload = {"enable_group_offload": False, "group_offload_use_stream": False} if meta else {}
-    step_cfg = cfg.model_copy(update={**offload, "flow_schedule_shift": cfg.shift})
+    # the shift changes no tensor size; auto shift (0) would need the scheduler config, which plan does not read
+    step_cfg = cfg.model_copy(update={**offload, "flow_schedule_shift": cfg.shift or 1.0})
     prepare_base(transformer, step_cfg, device)
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))
     add_lora(transformer, step_cfg)
@@ -569,6 +570,7 @@ def run_step(
 ) -> StepMemory:
     """`prepare_step`, then `steps` x trainer.training_step on `transformer` (already built on `device`) under a
     TensorTracker for `device`; the peak is the last step's."""
+    from .objective import schedule_options
     from .trainer import training_step
 
     started = time.perf_counter()
@@ -612,6 +614,7 @@ def run_step(
                 empty=None,
                 image_embed_shape=image_embed_shape,
                 device=device,
+                schedule=schedule_options(step_cfg),
             )
         del loss
         tracker.adopt(_state_tensors(optimizer))

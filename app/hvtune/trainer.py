@@ -39,8 +39,8 @@ from .export import (
 )
 from .files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem, write_json_atomic
 from .manifest import load_manifest
-from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
-from .objective import counter_seed, training_loss
+from .memory import add_lora, base_dtype, build_lr_scheduler, build_optimizer, clip_gradients, prepare_base
+from .objective import counter_seed, schedule_options, training_loss
 from .progress import TrainProgress
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
@@ -136,7 +136,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     if batches_per_epoch == 0:
         raise TrainError(f"no full batch of {global_batch} samples in any bucket: lower train_batch_size or add clips")
     steps_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    total_steps = cfg.train_steps_limit or cfg.num_train_epochs * steps_per_epoch
     identity = run_identity(cfg.model_dump(), manifest.samples_hash)
     start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
     if start.finished_at is not None:  # a restarted container, or the same command twice: keep the outputs
@@ -150,12 +150,14 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
         accelerator.print(f"notice: {notice}")
     if trackers:
         scalars = {k: v for k, v in mask_secrets(cfg.model_dump()).items() if isinstance(v, int | float | str | bool)}
-        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hvtune"), config=scalars)
+        run_name = {"wandb": {"name": cfg.tracker_run_name}} if cfg.tracker_run_name else {}
+        accelerator.init_trackers(
+            os.environ.get("WANDB_PROJECT", cfg.tracker_project_name), config=scalars, init_kwargs=run_name
+        )
     components = ["transformer", "scheduler"] + (["vae"] if _validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
 
-    dtype = {"bf16": torch.bfloat16, "int8-torchao": torch.bfloat16}.get(cfg.base_model_precision)
-    transformer = load_transformer(paths, dtype=dtype)
+    transformer = load_transformer(paths, dtype=base_dtype(cfg))
     transformer.requires_grad_(False)
     prepare_base(transformer, cfg, device)  # precision, checkpointing, offload: before LoRA so LoRA stays fp32
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))  # LoRA A init uses the global RNG
@@ -199,6 +201,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     stop = _StopFlag(accelerator.print)
     bar = TrainProgress(total_steps, state.global_step, enabled=main)
     image_embed_shape = (0, model.config.image_embed_dim)  # t2v: no image tokens
+    schedule = schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None)
     empty = text_entry(manifest, manifest.empty_prompt_key)
     stopped_early, step_started, micro_losses = False, time.time(), []
     steps_this_run = 0
@@ -221,6 +224,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     empty=empty,
                     image_embed_shape=image_embed_shape,
                     device=device,
+                    schedule=schedule,
                 )
                 micro_losses.append(loss.detach())
                 state.batch_in_epoch = index + 1
@@ -316,7 +320,20 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
 
 
 def training_step(
-    accelerator, transformer, optimizer, params, batch, cfg, *, epoch, index, rank, empty, image_embed_shape, device
+    accelerator,
+    transformer,
+    optimizer,
+    params,
+    batch,
+    cfg,
+    *,
+    epoch,
+    index,
+    rank,
+    empty,
+    image_embed_shape,
+    device,
+    schedule: dict,
 ):
     """One micro-batch: forward (the objective) under autocast, backward, clipping and the optimizer step when the
     gradients sync. The loop calls it, and so does `hvtune plan` on the full-size model without memory."""
@@ -331,16 +348,14 @@ def training_step(
                 batch,
                 seed=cfg.seed,
                 epoch=epoch,
-                shift=cfg.flow_schedule_shift,
-                mode=cfg.timestep_sampling,
-                caption_dropout_p=cfg.caption_dropout_probability,
+                **schedule,
                 empty_prompt=empty,
                 image_embed_shape=image_embed_shape,
                 device=device,
             )
         accelerator.backward(loss)
-        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if accelerator.sync_gradients:
+            clip_gradients(accelerator, params, cfg)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss
