@@ -31,7 +31,9 @@ STAGES = [
     "export",
     "record",  # run record
     "compare",
+    "status",  # status.json, written by the loop
     "trainer",  # the loop: wires the stages
+    "serve",  # the run page: reads what the run writes
     "demo",  # entry points
     "cli",
     "__main__",

@@ -26,6 +26,7 @@ from .memory import add_lora, build_lr_scheduler, build_optimizer, prepare_base
 from .objective import counter_seed, training_loss
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
+from .status import RunStatus
 from .validation import ImageCondition, TextCondition, sample_video, validation_dir
 
 
@@ -103,6 +104,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
+    status = RunStatus(out, enabled=main)  # status.json for the run page
+    status.phase("starting")
     if trackers:
         scalars = {k: v for k, v in cfg.model_dump().items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hvtune"), config=scalars)
@@ -152,6 +155,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     image_embed_shape = (0, model.config.image_embed_dim)  # t2v: no image tokens
     empty = text_entry(manifest, manifest.empty_prompt_key)
     stopped_early, step_started, micro_losses = False, time.time(), []
+    status.start(resolved, total_steps, state.global_step)
     steps_this_run = 0
     try:
         while state.global_step < total_steps:
@@ -207,6 +211,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     )
                 if trackers:
                     accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=state.global_step)
+                status.step(state.global_step, loss=step_loss, lr=lr, seconds=now - step_started)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_step=f"{now - step_started:.2f}")
                 bar.update(1)
                 step_started = now
@@ -214,8 +219,10 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                 last = state.global_step >= total_steps
                 limited = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
                 if main and (state.global_step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
+                    status.phase("checkpointing")
                     _checkpoint(out, state, model, optimizer, lr_scheduler, cfg.checkpoints_total_limit)
                 if _validation_due(cfg, state.global_step, total_steps, final=last) and main:
+                    status.phase("validating")
                     _validate(cfg, manifest, model, paths, state.global_step, device)
                 if stop_now or limited:
                     stopped_early = not last
@@ -248,6 +255,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
             out / "run.json",
             _run_record(resolved, manifest, paths, determinism, world, state, started, stopped_early, lora_path),
         )
+    reason = f"stop requested: checkpoint at step {state.global_step}" if stop.requested else None
+    status.finish(stopped_early=stopped_early, reason=reason, step=state.global_step)
     accelerator.end_training()
     return TrainResult(out, state.global_step, stopped_early, lora_path, main)
 
