@@ -42,9 +42,11 @@ def status_path(output_dir: str | os.PathLike[str]) -> Path:
 def one_line(error: BaseException) -> str:
     """An exception as the one line the page shows: the user-facing message for UserError, else `Type: message`."""
     lines = [line for line in str(error).splitlines() if line.strip()]
-    text = lines[0].strip() if lines else ""
-    if len(lines) > 1:
-        text += f" (+{len(lines) - 1} more lines in the log)"
+    text, used = (lines[0].strip(), 1) if lines else ("", 0)
+    if text.endswith(":") and len(lines) > 1:  # a heading such as "2 configuration problem(s):": add the first
+        text, used = f"{text} {lines[1].strip().lstrip('-* ')}", 2
+    if len(lines) > used:
+        text += f" (+{len(lines) - used} more lines in the log)"
     if isinstance(error, UserError):
         return text or type(error).__name__
     if isinstance(error, KeyboardInterrupt):
@@ -147,7 +149,8 @@ def recorded(output_dir: str | os.PathLike[str], state: str | None = None, done:
     (e.g. "cached") on success. Only the main process writes (rank 0, or no launcher at all); nothing here may hide
     the original error."""
     main = os.environ.get("RANK", "0") == "0"
-    status = RunStatus(output_dir, enabled=main)
+    # written only into an output folder that exists: caching must not create one as a side effect
+    status = RunStatus(output_dir, enabled=main and Path(output_dir).is_dir())
     if state is not None:
         status.phase(state)
     try:
@@ -159,6 +162,7 @@ def recorded(output_dir: str | os.PathLike[str], state: str | None = None, done:
         if previous and previous.get("pid") == os.getpid():
             # keep what the run had reported (step, loss, ...) and add the failure
             status.data.update({k: v for k, v in previous.items() if k not in ("state", "reason")})
+        status.enabled = main and Path(output_dir).is_dir()
         status.fail(error)
         raise
     if done is not None:
