@@ -134,11 +134,16 @@ def test_a_failure_is_recorded_with_its_one_line_reason_and_still_raised(tmp_pat
     written = read_status(tmp_path)
     assert written["state"] == "failed" and written["step"] == 7
     reason = written["reason"]
-    assert reason == "2 configuration problem(s): config.json: learning_rate = -1: must be > 0 (+1 more lines in the log)"
+    assert (
+        reason == "2 configuration problem(s): config.json: learning_rate = -1: must be > 0 (+1 more lines in the log)"
+    )
 
     with pytest.raises(RuntimeError), recorded(tmp_path):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-    assert read_status(tmp_path)["reason"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (+1 more lines in the log)"
+    assert (
+        read_status(tmp_path)["reason"]
+        == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (+1 more lines in the log)"
+    )
 
 
 def test_caching_is_recorded_only_into_an_existing_output_folder(tmp_path):
@@ -286,15 +291,21 @@ def test_videos_are_listed_newest_first_and_served_with_ranges(run_dir):
         assert [v["step"] for v in state["videos"]] == [4, 2]
         labels = {d["label"]: d["path"] for d in state["downloads"]}
         assert labels["LoRA (diffusers)"] == "pytorch_lora_weights.safetensors"
-        assert labels["latest checkpoint's LoRA (checkpoint-000002)"] == "checkpoints/checkpoint-000002/lora.safetensors"
+        assert (
+            labels["latest checkpoint's LoRA (checkpoint-000002)"] == "checkpoints/checkpoint-000002/lora.safetensors"
+        )
         status, headers, body = request(
             port, "/files/validation/step_000002/validation_0.mp4", headers={"Range": "bytes=100-199"}
         )
         assert status == 206 and body == data[100:200] and headers["content-range"] == f"bytes 100-199/{len(data)}"
         assert headers["content-type"] == "video/mp4"
-        status, _, body = request(port, "/files/validation/step_000002/validation_0.mp4", headers={"Range": "bytes=-10"})
+        status, _, body = request(
+            port, "/files/validation/step_000002/validation_0.mp4", headers={"Range": "bytes=-10"}
+        )
         assert status == 206 and body == data[-10:]
-        assert request(port, "/files/validation/step_000002/validation_0.mp4", headers={"Range": "bytes=99999-"})[0] == 416
+        assert (
+            request(port, "/files/validation/step_000002/validation_0.mp4", headers={"Range": "bytes=99999-"})[0] == 416
+        )
 
 
 def test_loss_is_read_incrementally_and_restarts_after_a_resume_rewrote_it(run_dir):
@@ -392,8 +403,18 @@ def test_stop_button_checkpoints_a_real_training_run(demo_project, tmp_path):
     out = tmp_path / "run"
     app = str(Path(__file__).resolve().parents[1] / "app")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hvtune", "train", "--config", str(demo_project), f"--output_dir={out}"]
-        + ["--max_train_steps=100000", "--validation_disable=true", "--checkpointing_steps=100000"],
+        [
+            sys.executable,
+            "-m",
+            "hvtune",
+            "train",
+            "--config",
+            str(demo_project),
+            f"--output_dir={out}",
+            "--max_train_steps=100000",
+            "--validation_disable=true",
+            "--checkpointing_steps=100000",
+        ],
         env={**os.environ, "PYTHONPATH": app},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
