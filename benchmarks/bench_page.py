@@ -48,6 +48,8 @@ class Poller:
             env=_env(),
         )
         line = self.proc.stdout.readline()
+        while line and not line.startswith("run page:"):  # after the "does not exist yet" notice
+            line = self.proc.stdout.readline()
         match = re.search(r"http://\S+", line)
         if not match:
             self.proc.kill()

@@ -69,7 +69,10 @@ def test_page_follows_a_training_run_to_the_end(chromium, demo_project, tmp_path
     )
     serve = start("serve", str(out), "--port", "0")
     try:
-        line = serve.stdout.readline()
+        line = ""
+        while not line.startswith("run page:"):  # after the notice that the folder does not exist yet
+            line = serve.stdout.readline()
+            assert line, "hvtune serve exited"
         url = re.search(r"http://\S+", line).group(0)
         with Browser() as browser:
             browser.navigate(url)

@@ -439,3 +439,51 @@ def test_stop_button_checkpoints_a_real_training_run(demo_project, tmp_path):
         assert any("latest checkpoint" in d["label"] for d in final["downloads"])
     finally:
         proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------------- containers
+
+
+def test_compose_page_file_turns_the_page_on_and_publishes_it_on_loopback():
+    from test_container_static import compose_config
+
+    assert "ports" not in compose_config("cpu")["services"]["train"]  # off by default
+    files = "compose.yaml:compose.page.yaml"
+    train = compose_config("cpu", COMPOSE_FILE=files)["services"]["train"]
+    assert train["environment"]["HVTUNE_PAGE_PORT"] == "8765"
+    assert [(p["host_ip"], p["published"], p["target"]) for p in train["ports"]] == [("127.0.0.1", "8765", 8765)]
+    train = compose_config("cpu", COMPOSE_FILE=files, HVTUNE_PAGE_PORT="9000", HVTUNE_PAGE_BIND="0.0.0.0")
+    ports = train["services"]["train"]["ports"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in ports] == [("0.0.0.0", "9000", 9000)]
+
+
+def entrypoint_page(tmp_path: Path, port: str, calls: int = 1) -> subprocess.Popen:
+    script = f'source entrypoints/lib.sh; HV_OUTPUT_DIR="{tmp_path}"; {"hv_start_page; " * calls} wait'
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "app"), "HVTUNE_PAGE_PORT": port}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the `hvtune` script next to this Python
+    env.pop("HV_PAGE_STARTED", None)
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen(
+        ["bash", "-c", script], cwd=root, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def test_entrypoint_starts_one_page_with_a_token_when_the_port_is_set(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = entrypoint_page(tmp_path, str(port), calls=2)  # `all` then `train`: one page
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("[page] run page: http://") and "?token=" in line, line
+        token = line.strip().rsplit("?token=", 1)[1]
+        assert request(port, "/api/state")[0] == 401
+        assert request(port, "/api/state", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        rest = proc.communicate(timeout=10)[1]
+    assert "cannot listen" not in rest, rest
+
+    bad = entrypoint_page(tmp_path, "80a")
+    assert bad.wait(timeout=30) == 2 and "HVTUNE_PAGE_PORT=80a is not a port number" in bad.stderr.read()
