@@ -321,6 +321,32 @@ def test_loss_is_read_incrementally_and_restarts_after_a_resume_rewrote_it(run_d
         assert again["reset"] and [r[0] for r in again["rows"]] == [1]
 
 
+def test_two_folders_show_both_curves_and_the_compare_verdict_once_both_finished(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from hvtune.compare import LORA_FILE
+
+    runs = []
+    for name, losses in (("a", [0.5, 0.4]), ("b", [0.5, 0.41])):
+        out = tmp_path / name
+        write_loss(out, list(enumerate(losses, start=1)))
+        save_file({"lora_A": torch.ones(4, 2)}, out / LORA_FILE)
+        runs.append(out)
+    (runs[0] / "run.json").write_text(json.dumps({"config_hash": "same", "global_step": 2}))
+    with page(*runs) as port:
+        assert json.loads(request(port, "/api/info")[2])["runs"] == [str(r) for r in runs]
+        assert [r[1] for r in json.loads(request(port, "/api/loss?run=1")[2])["rows"]] == [0.5, 0.41]
+        waiting = json.loads(request(port, "/api/compare")[2])
+        assert waiting["verdict"] is None and "both runs have finished" in waiting["text"]
+        (runs[1] / "run.json").write_text(json.dumps({"config_hash": "same", "global_step": 2}))
+        done = json.loads(request(port, "/api/compare")[2])
+        assert done["verdict"] == "different" and "verdict: DIFFERENT" in done["text"]  # 2.5% > 2% loss tolerance
+        assert request(port, "/api/state?run=2")[0] == 404
+    with page(runs[0]) as port:
+        assert request(port, "/api/compare")[0] == 404
+
+
 # ---------------------------------------------------------------------------------------------------- secrets
 
 
