@@ -242,25 +242,26 @@ class PageHandler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._send(status, (message + "\n").encode(), "text/plain; charset=utf-8")
 
-    def _authorised(self, query: dict[str, list[str]]) -> bool | None:
-        """True when allowed; None when the token came in the query (the caller sets the cookie); False otherwise."""
+    def _cookie_name(self) -> str:
+        return f"{COOKIE}_{self.server.server_address[1]}"  # cookies ignore ports: one per page
+
+    def _authorised(self, query_token: str = "") -> bool:
+        """Loopback without a token: a loopback Host. Otherwise the token, from the query (the printed address),
+        an `Authorization: Bearer` header or the page's cookie."""
         token = self.server.token
         if token is None:
             host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
             return host in LOOPBACK
-        offered = [query.get("token", [""])[0]]
+        offered = [query_token]
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             offered.append(auth[7:].strip())
         cookie = SimpleCookie()
         with contextlib.suppress(CookieError):
             cookie.load(self.headers.get("Cookie", ""))
-        if COOKIE in cookie:
-            offered.append(cookie[COOKIE].value)
-        good = [hmac.compare_digest(o.encode(), token.encode()) for o in offered if o]
-        if good and good[0] and offered[0]:
-            return None
-        return any(good)
+        if self._cookie_name() in cookie:
+            offered.append(cookie[self._cookie_name()].value)
+        return any(hmac.compare_digest(o.encode(), token.encode()) for o in offered if o)
 
     def _folder(self, query) -> RunFolder | None:
         try:
@@ -275,11 +276,13 @@ class PageHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        allowed = self._authorised(query)
-        if allowed is None:  # token in the URL: keep it in a cookie and drop it from the address bar
+        query_token = query.get("token", [""])[0]
+        allowed = self._authorised(query_token)
+        if allowed and query_token and url.path == "/":  # keep the token in a cookie, drop it from the address bar
             self.send_response(HTTPStatus.SEE_OTHER)
-            self.send_header("Location", url.path or "/")
-            self.send_header("Set-Cookie", f"{COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/")
+            self.send_header("Location", "/")
+            cookie = f"{self._cookie_name()}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
+            self.send_header("Set-Cookie", cookie)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -335,7 +338,7 @@ class PageHandler(BaseHTTPRequestHandler):
         if url.path != "/api/stop":
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         # the query's token is not accepted here: a stop must come from the page (cookie) or a Bearer header
-        if not self._authorised({}) or self.headers.get(STOP_HEADER) != "1":
+        if not self._authorised() or self.headers.get(STOP_HEADER) != "1":
             return self._error(HTTPStatus.FORBIDDEN, "stop: not authorised")
         if not self.server.allow_stop:
             return self._error(HTTPStatus.FORBIDDEN, "stop is turned off for this page (--read-only)")
