@@ -76,7 +76,7 @@ def test_page_follows_a_training_run_to_the_end(chromium, demo_project, tmp_path
         url = re.search(r"http://\S+", line).group(0)
         with Browser() as browser:
             browser.navigate(url)
-            step_of = "Number(document.querySelector('.step').textContent) || 0"
+            step_of = "(Number(document.querySelector('.step').textContent) || 0)"
             first = browser.wait_for(f"document.querySelector('.rstate').textContent === 'training' && {step_of}", 240)
             browser.screenshot(tmp_path / "during-1.png")
             time.sleep(3)
@@ -111,7 +111,9 @@ def test_page_follows_a_training_run_to_the_end(chromium, demo_project, tmp_path
             browser.evaluate("document.querySelector('details.record').open = true")
             browser.wait_for("document.querySelector('details.record table tr') !== null", 30)
             browser.evaluate("document.querySelector('details.record').open = false")  # the picture: no long table
-            browser.wait_for("document.querySelector('video').readyState >= 2", 60)
+            # every step's video loads (and the picture shows frames, not spinners)
+            assert browser.evaluate("document.querySelectorAll('video').length") == 5  # steps 6, 12, 18, 24, 30
+            browser.wait_for("[...document.querySelectorAll('video')].every(v => v.readyState >= 3)", 60)
             shot = browser.screenshot(tmp_path / "finished.png", full_page=True)
             if os.environ.get("HVTUNE_DOCS_SCREENSHOT"):
                 shutil.copyfile(shot, os.environ["HVTUNE_DOCS_SCREENSHOT"])

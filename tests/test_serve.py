@@ -514,3 +514,13 @@ def test_entrypoint_starts_one_page_with_a_token_when_the_port_is_set(tmp_path):
 
     bad = entrypoint_page(tmp_path, "80a")
     assert bad.wait(timeout=30) == 2 and "HVTUNE_PAGE_PORT=80a is not a port number" in bad.stderr.read()
+
+
+def test_the_page_starts_without_importing_torch():
+    """`hvtune serve` starts in about a second on a busy training box: nothing it imports pulls in torch."""
+    code = "import sys, hvtune.cli, hvtune.serve; print('torch' in sys.modules)"
+    app = str(Path(__file__).resolve().parents[1] / "app")
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": app}
+    )
+    assert r.stdout.strip() == "False", r.stderr
