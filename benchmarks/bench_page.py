@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ class Poller:
             raise RuntimeError(f"hvtune serve did not start: {line}{self.proc.stdout.read()}")
         self.url = match.group(0).rstrip("/")
         self.polls = 0
+        self.cpu_start, self.wall_start = self.cpu_seconds(), time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -74,12 +76,34 @@ class Poller:
             self.polls += 1
             self._stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
 
-    def close(self) -> int:
+    def cpu_seconds(self) -> float:
+        """CPU time the page server has used (user + system, from /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> tuple[int, float]:
+        """Polls answered, and the server's CPU share of one core while it was polled (start-up excluded)."""
         self._stop.set()
         self._thread.join()
+        share = (self.cpu_seconds() - self.cpu_start) / max(1e-9, time.monotonic() - self.wall_start)
         self.proc.terminate()
         self.proc.wait(timeout=10)
-        return self.polls
+        return self.polls, share
+
+
+def status_write_ms(work: Path, writes: int = 200) -> float:
+    """Median milliseconds of one status.json write as the trainer does it (with the run record in it)."""
+    from hvtune.status import RunStatus
+
+    status = RunStatus(work / "status-bench")
+    status.data["record"] = {"config": {f"key_{i}": "value" * 4 for i in range(150)}}
+    times = []
+    for step in range(writes):
+        status.data["step"] = step
+        t0 = time.perf_counter()
+        status.phase("training")
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="hvtune-bench-page-"))
     config = write_demo_project(work / "demo", clips=2 if args.quick else 8, seed=0, steps=40)
     _run(_hvtune("cache", "--config", str(config)))
-    plain, paged, runs, polls = [], [], [], 0
+    plain, paged, runs, polls, shares = [], [], [], 0, []
     for r in range(rounds):
         for mode in ("plain", "paged") if r % 2 == 0 else ("paged", "plain"):
             out = work / f"run-{r}-{mode}"
@@ -108,13 +132,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 times, _ = _trainer_run(config, out, warmup + steps)
             finally:
-                answered = poller.close() if poller else 0
+                answered, share = poller.close() if poller else (0, None)
             polls += answered
+            if share is not None:
+                shares.append(share)
             (paged if mode == "paged" else plain).extend(times[warmup:])
             median = statistics.median(times[warmup:])
             runs.append({"round": r, "mode": mode, "median_step_s": round(median, 4), "polls": answered})
+            if share is not None:
+                runs[-1]["page_cpu_share"] = round(share, 4)
             print(f"  round {r} {mode:5s}: median step {median:.3f} s, {answered} polls", flush=True)
     ratio = statistics.median(paged) / statistics.median(plain)
+    write_ms = status_write_ms(work)
+    shutil.rmtree(work, ignore_errors=True)
     verdict = "met" if ratio <= BUDGET else "MISSED"
     doc = {
         "benchmark": "page",
@@ -130,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         "budget": f"<= {BUDGET}",
         "verdict": verdict,
         "polls_answered": polls,
+        # load-independent bounds: the page server's CPU while polled every second (share of one core), and one
+        # status.json write of the trainer (at most one a second)
+        "page_cpu_share_of_one_core_median": round(statistics.median(shares), 4),
+        "status_write_ms_median": round(write_ms, 3),
         "runs": runs,
         "total_s": round(time.perf_counter() - started, 1),
     }
@@ -139,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nstep with the page polled / without: {ratio:.4f} (budget <= {BUDGET}: {verdict}); median step "
         f"{doc['paged_median_step_s']:.3f} s vs {doc['plain_median_step_s']:.3f} s; {polls} polls answered"
+    )
+    print(
+        f"page server CPU while polled: {100 * doc['page_cpu_share_of_one_core_median']:.2f}% of one core; "
+        f"one status.json write: {write_ms:.2f} ms (at most one a second)"
     )
     print(f"wrote {out}")
     return 0

@@ -138,7 +138,7 @@ def _gpu_memory() -> dict[str, float] | None:
         "allocated_gb": round(torch.cuda.memory_allocated() / gib, 2),
         "reserved_gb": round(torch.cuda.memory_reserved() / gib, 2),
         "peak_gb": round(torch.cuda.max_memory_allocated() / gib, 2),
-        "total_gb": round(torch.cuda.get_device_properties(0).total_memory / gib, 2),
+        "total_gb": round(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / gib, 2),
     }
 
 
