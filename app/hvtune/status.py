@@ -123,7 +123,7 @@ class RunStatus:
         self.data["gpu_memory"] = _gpu_memory()
         # a full disk must not stop training over a progress file; the loss log and checkpoints tell
         with contextlib.suppress(OSError):
-            write_json_atomic(self.path, self.data, indent=None)
+            write_json_atomic(self.path, self.data, durable=False, indent=None)  # no fsync: see files.atomic_path
 
 
 def _gpu_memory() -> dict[str, float] | None:
