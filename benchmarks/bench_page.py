@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if ratio <= BUDGET else "MISSED"
     doc = {
         "benchmark": "page",
-        "command": "python benchmarks/bench_page.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/bench_page.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
         | {"platform": platform.platform(), "python": platform.python_version()},
         "rounds": rounds,
