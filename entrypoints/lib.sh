@@ -171,6 +171,20 @@ hv_check_gpu() {
   fi
 }
 
+# The run page (`hvtune serve`) in the background when HVTUNE_PAGE_PORT is set (off by default), once per container:
+# `all` starts it before caching and `train` then leaves it. It listens on every address of the container (the port
+# is published by compose.page.yaml, RunPod's HTTP ports or Vast's -p), so it always requires a token:
+# HVTUNE_PAGE_TOKEN, or a generated one printed in the log. It ends with the container.
+hv_start_page() {
+  [ -n "${HVTUNE_PAGE_PORT:-}" ] || return 0
+  [ -z "${HV_PAGE_STARTED:-}" ] || return 0
+  [[ "$HVTUNE_PAGE_PORT" =~ ^[1-9][0-9]*$ ]] && [ "$HVTUNE_PAGE_PORT" -le 65535 ] || \
+    hv_die "HVTUNE_PAGE_PORT=$HVTUNE_PAGE_PORT is not a port number (1-65535); leave it empty to turn the run page off"
+  hvtune serve "$HV_OUTPUT_DIR" --host 0.0.0.0 --port "$HVTUNE_PAGE_PORT" \
+    2>&1 | sed -u 's/^/[page] /' >&2 &
+  export HV_PAGE_STARTED=1
+}
+
 hv_gpu_count() {
   case "${HVTUNE_VENDOR:-cpu}" in
     cuda) nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true ;;

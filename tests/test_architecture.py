@@ -36,8 +36,10 @@ STAGES = [
     "record",  # run record
     "compare",
     "progress",  # progress lines / bar
+    "status",  # status.json, written by the loop
     "trainer",  # the loop: wires the stages
     "plan",  # the full-size step on meta tensors (uses the trainer's step)
+    "serve",  # the run page: reads what the run writes
     "demo",  # entry points
     "library_logs",
     "cli",

@@ -123,18 +123,23 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import build_cache, print_verify
+    from .status import recorded
 
     resolved = _config(args)
     if args.action == "verify":
         return print_verify(resolved)
-    build_cache(resolved)
+    with recorded(resolved.train.output_dir, "caching", done="cached"):
+        build_cache(resolved)
     return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .status import recorded
     from .trainer import train
 
-    result = train(_config(args))
+    resolved = _config(args)
+    with recorded(resolved.train.output_dir):
+        result = train(resolved)
     if not result.is_main_process:
         return EXIT_OK
     if result.already_finished:
@@ -184,6 +189,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if result.plot:
         print(f"loss overlay: {result.plot}")
     return result.exit_code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.output_dir, host=args.host, port=args.port, token=args.token, allow_stop=not args.read_only)
+    return EXIT_OK
 
 
 def cmd_synth_dataset(args: argparse.Namespace) -> int:
@@ -250,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", type=Path, default=Path("compare_loss.png"), help="loss overlay PNG (default: ./compare_loss.png)"
     )
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("serve", help="The run page: live state, loss curve, videos, downloads (two folders: compare).")
+    p.add_argument("output_dir", type=Path, nargs="+", metavar="OUTPUT_DIR", help="a run's output_dir (or two)")
+    p.add_argument("--host", help="address to listen on (default HVTUNE_PAGE_HOST or 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, help="default HVTUNE_PAGE_PORT or 8765; 0 picks a free one")
+    p.add_argument("--token", help="required token (default HVTUNE_PAGE_TOKEN; generated when not on 127.0.0.1)")
+    p.add_argument("--read-only", action="store_true", help="no stop button")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("synth-dataset", help="Write synthetic clips of moving shapes with captions.")
     p.add_argument("out", type=Path)

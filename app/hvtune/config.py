@@ -286,7 +286,7 @@ class ResolvedConfig:
         }
 
 
-_SECRET_WORDS = {"token", "key", "apikey", "secret", "password", "passwd", "credential", "credentials"}
+_SECRET_WORDS = {"token", "key", "apikey", "secret", "password", "passwd", "credential", "credentials", "webhook"}
 
 
 def is_secret_key(key: str) -> bool:
@@ -295,13 +295,20 @@ def is_secret_key(key: str) -> bool:
     return any(word in _SECRET_WORDS for word in re.split(r"[_\-.]", key.lower()))
 
 
+# token-shaped strings under any key (a Hugging Face or OpenAI-style token pasted into a prompt or a path)
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
+
+
 def mask_secrets(values: Any) -> Any:
-    """`values` with the value of every secret-looking key (at any depth) replaced by "***": for every output
-    (`hvtune check`, run.json, logs). Empty values stay visible: they show a secret is missing, not what it is."""
+    """`values` with the value of every secret-looking key (at any depth), and every token-shaped string, replaced by
+    "***": for every output (`hvtune check`, run.json, logs, the run page). Empty values stay visible: they show a
+    secret is missing, not what it is."""
     if isinstance(values, dict):
-        return {k: "***" if is_secret_key(str(k)) and v else mask_secrets(v) for k, v in values.items()}
+        return {k: "***" if is_secret_key(str(k).lstrip("-")) and v else mask_secrets(v) for k, v in values.items()}
     if isinstance(values, list):
         return [mask_secrets(v) for v in values]
+    if isinstance(values, str):
+        return _SECRET_VALUE.sub("***", values)
     return values
 
 

@@ -41,40 +41,42 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path beside `path` for a writer that wants a file name; when the block succeeds the file is
     fsynced and renamed over `path`, when it raises (KeyboardInterrupt too) the temp is removed and `path` is left
-    as it was."""
+    as it was. `durable=False` skips the fsync: readers still never see half a file, but a power cut may lose it
+    (for files rewritten every second, such as status.json, where the fsync would be most of the cost)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # EXCL: never another writer's temp
     try:
         yield tmp
-        _fsync(tmp)  # the data is on disk before the name points at it: no empty file after a power cut
+        if durable:
+            _fsync(tmp)  # the data is on disk before the name points at it: no empty file after a power cut
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> int:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> int:
     """Write `data` to `path` atomically; returns the number of bytes written."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
     return len(data)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> int:
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, durable: bool = True) -> int:
     """Write `text` as UTF-8 to `path` atomically; returns the number of bytes written."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    return write_bytes_atomic(path, text.encode("utf-8"), durable=durable)
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any, **json_kwargs: Any) -> int:
+def write_json_atomic(path: str | os.PathLike[str], data: Any, *, durable: bool = True, **json_kwargs: Any) -> int:
     """`data` as JSON plus a newline, atomically. Defaults (indent 2, sorted keys, str() for anything else) are the
     run record's; `json_kwargs` override them."""
     options: dict[str, Any] = {"indent": 2, "sort_keys": True, "default": str, **json_kwargs}
-    return write_text_atomic(path, json.dumps(data, **options) + "\n")
+    return write_text_atomic(path, json.dumps(data, **options) + "\n", durable=durable)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -44,6 +44,7 @@ from .objective import counter_seed, schedule_options, training_loss
 from .progress import TrainProgress
 from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
 from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
+from .status import RunStatus
 from .validation import ImageCondition, TextCondition, dataset_validation_inputs, sample_video, validation_dir
 
 
@@ -148,6 +149,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     accelerator.wait_for_everyone()
     for notice in start.notices:
         accelerator.print(f"notice: {notice}")
+    status = RunStatus(out, enabled=main)  # status.json for the run page
+    status.phase("starting")
     if trackers:
         scalars = {k: v for k, v in mask_secrets(cfg.model_dump()).items() if isinstance(v, int | float | str | bool)}
         run_name = {"wandb": {"name": cfg.tracker_run_name}} if cfg.tracker_run_name else {}
@@ -204,6 +207,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
     schedule = schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None)
     empty = text_entry(manifest, manifest.empty_prompt_key)
     stopped_early, step_started, micro_losses = False, time.time(), []
+    status.start(resolved, total_steps, state.global_step)
     steps_this_run = 0
     try:
         while state.global_step < total_steps:
@@ -255,12 +259,14 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                     )
                 if trackers:
                     accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=state.global_step)
+                status.step(state.global_step, loss=step_loss, lr=lr, seconds=now - step_started)
                 bar.update(step_loss, lr, now - step_started)
                 step_started = now
                 stop_now = _agree(accelerator, bool(stop.requested))
                 last = state.global_step >= total_steps
                 limited = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
                 if main and (state.global_step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
+                    status.phase("checkpointing")
                     room.check(room.checkpoint, f"the checkpoint of step {state.global_step}")
                     room.write(
                         f"the checkpoint of step {state.global_step}",
@@ -274,6 +280,7 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
                         ema,
                     )
                 if _validation_due(cfg, state.global_step, total_steps, final=last) and main:
+                    status.phase("validating")
                     for suffix, weights in lora_ema.validation_variants(cfg, ema):
                         with weights:
                             _validate(cfg, manifest, model, paths, state.global_step, device, suffix)
@@ -315,6 +322,8 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
             out / "run.json",
             _run_record(resolved, manifest, paths, determinism, world, state, started, stopped_early, lora_path),
         )
+    reason = f"stop requested: checkpoint at step {state.global_step}" if stop.requested else None
+    status.finish(stopped_early=stopped_early, reason=reason, step=state.global_step)
     accelerator.end_training()
     return TrainResult(out, state.global_step, stopped_early, lora_path, main)
 
