@@ -28,12 +28,19 @@ def _project(tmp_path: Path, root: Path, **train) -> object:
             "dataset_type": "video",
             "instance_data_dir": str(root),
             "resolution": 48,
+            "resolution_type": "pixel",
+            "caption_strategy": "textfile",
             "video": {"num_frames": 9},
         },
         {"id": "text", "dataset_type": "text_embeds", "default": True},
     ]
     (tmp_path / "mdb.json").write_text(json.dumps(backend))
-    config = {"cache_dir": str(tmp_path / "cache"), "data_backend_config": str(tmp_path / "mdb.json"), **train}
+    config = {
+        "cache_dir": str(tmp_path / "cache"),
+        "data_backend_config": str(tmp_path / "mdb.json"),
+        "aspect_bucket_alignment": 16,  # tiny clips: SimpleTuner's 64 would leave one bucket
+        **train,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     return load_config(tmp_path / "config.json", env={})
 

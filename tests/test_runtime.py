@@ -82,7 +82,7 @@ def test_config_get_prints_resolved_keys_with_their_source(tmp_path):
         f"data_backend_config\tfile:{config}\tmultidatabackend.json",
         f"max_train_steps\tfile:{config}\t4",
         "output_dir\tenv:HVTUNE_OUTPUT_DIR\t/data/outputs",
-        "resume_from_checkpoint\tdefault\t",
+        "resume_from_checkpoint\tdefault\tlatest",
     ]
     bad = run_hvtune("config", "get", "--config", str(config), "max_train_step")
     assert bad.returncode == 2 and "max_train_step = None: not a training key" in bad.stderr

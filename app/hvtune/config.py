@@ -720,9 +720,14 @@ def check_device_support(t: TrainConfig, device: str, where: str = "config") -> 
 
 
 def _default_backends(t: TrainConfig) -> list[DatasetConfig]:
-    """No multidatabackend.json: one video dataset from instance_data_dir plus the text-embed cache."""
+    """No multidatabackend.json: one video dataset from instance_data_dir plus the text-embed cache. This dataset is
+    hvtune's (SimpleTuner has no such path): its captions are the .txt files beside the clips unless the config's
+    caption_strategy says otherwise."""
+    strategy = t.caption_strategy if "caption_strategy" in t.model_fields_set else "textfile"
     return [
-        DatasetConfig(id="videos", dataset_type="video", instance_data_dir=t.instance_data_dir),
+        DatasetConfig(
+            id="videos", dataset_type="video", instance_data_dir=t.instance_data_dir, caption_strategy=strategy
+        ),
         DatasetConfig(id="text-embeds", dataset_type="text_embeds", default=True),
     ]
 
