@@ -23,6 +23,7 @@ hv_nvidia_driver_version() {
   if [ -z "$version" ] && command -v nvidia-smi >/dev/null 2>&1; then
     version=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | tr -d '[:space:]')
   fi
+  [[ "$version" =~ ^[0-9]+\.[0-9]+(\.[0-9]+)?$ ]] || version="" # anything else is no version we can compare
   printf '%s' "$version"
 }
 
@@ -46,7 +47,7 @@ hv_check_nvidia_driver() {
     read -r name cuda floor <<<"$row"
     if [ "$name" = "$tag" ]; then need=$floor; need_cuda=$cuda; fi
   done
-  [ -n "$need" ] || hv_die "image tag $tag has no driver floor in driver-check.sh; rebuild with IMAGE_TAG one of: ${HV_CUDA_FLOORS[*]%% *}"
+  [ -n "$need" ] || return 0 # an image without a CUDA runtime of its own (cpu): no floor to hold the driver to
   hv_version_at_least "$found" "$need" && return 0
   # the newest other tag this driver can run
   for row in "${HV_CUDA_FLOORS[@]}"; do

@@ -252,13 +252,15 @@ def test_compose_up_train_twice_then_all_in_one_container(image, tmp_path):
     assert (ws / "cache" / "hvtune").is_dir(), "caches live under the data root"
     assert not (ws / "models" / "huggingface").exists() or (ws / "models" / "huggingface").stat().st_uid == PUID
 
-    # a restarted pod: nothing re-encoded, training continues from the newest checkpoint (`all` sets resume=latest)
+    # a restarted pod after the run finished: nothing re-encoded, nothing retrained, the outputs are kept
+    lora_bytes = (ws / "outputs" / "pytorch_lora_weights.safetensors").read_bytes()
     t0 = time.monotonic()
     again = docker_run(image, "all", mounts=[(ws, "/workspace", "rw")], env=env_all, timeout=1800)
     TIMINGS["docker run all again"] = time.monotonic() - t0
     counts = cache_counts(again.stdout)
     assert counts and all(enc == 0 for _, _, enc in counts), f"restart re-encoded: {counts}"
-    assert "resumed from" in again.stdout + again.stderr, again.stdout[-3000:]
+    assert "already finished at step" in again.stdout, again.stdout[-3000:]
+    assert (ws / "outputs" / "pytorch_lora_weights.safetensors").read_bytes() == lora_bytes
 
 
 def test_docker_stop_checkpoints_and_exits_cleanly(image, tmp_path):

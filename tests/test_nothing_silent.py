@@ -260,7 +260,7 @@ def test_resume_with_another_lora_shape_is_one_line_and_a_changed_seed_is_announ
 
     capsys.readouterr()
     resumed = train(_resolved(demo_project, **{**args, "seed": 7}), max_steps_this_run=1)
-    assert resumed.global_step == 5 and "changed at resume: seed 0 -> 7" in capsys.readouterr().out
+    assert resumed.global_step == 5 and "changed at resume: seed 42 -> 7" in capsys.readouterr().out
 
     # a checkpoint written before run identities were recorded: the shape mismatch is still one line
     state_file = sorted((out / "checkpoints").iterdir())[-1] / "trainer_state.json"

@@ -109,6 +109,8 @@ def test_sigterm_or_ctrl_c_writes_a_checkpoint_and_exits_cleanly_a_second_ctrl_c
             "--max_train_steps=100000",
             "--validation_disable=true",
             "--checkpointing_steps=100000",
+            # two Ctrl-C: steps of 40 micro-batches, so that the second lands inside the step the first one ends
+            f"--gradient_accumulation_steps={40 if len(signals) == 2 else 1}",
         ],
         env={**os.environ, "PYTHONPATH": app},
         stdout=subprocess.PIPE,
@@ -119,9 +121,9 @@ def test_sigterm_or_ctrl_c_writes_a_checkpoint_and_exits_cleanly_a_second_ctrl_c
     deadline = time.time() + 180
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.2)
-    for name in signals:
+    for name in signals:  # apart: the kernel merges two pending SIGINTs into one
         proc.send_signal(getattr(signal, name))
-        time.sleep(0.05)
+        time.sleep(0.3)
     output, _ = proc.communicate(timeout=120)
     ckpts = list((out / "checkpoints").glob("checkpoint-*"))
     if len(signals) == 2:  # issue 13.10: the second Ctrl-C does not wait for the step

@@ -523,6 +523,14 @@ def _accelerator(cfg: TrainConfig, cpu: bool = True):
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, gradient_accumulation_steps=1)
 
 
+def _release_accelerator() -> None:
+    """Forget the simulated step's accelerate state, so that a later Accelerator in this process (a training run after
+    `hvtune check` printed its verdict, or the next simulation) may choose its own mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _state_tensors(optimizer) -> list:
     import torch
 
@@ -597,27 +605,30 @@ def run_step(
     tracker = TensorTracker(device, shadows=meta)
     tracker.adopt([*base, *params, *_state_tensors(optimizer)])
     transformer.train()
-    for i in range(steps):
-        if i == steps - 1:
-            tracker.reset_peak()
-        with tracker, autocast or _null():
-            loss = training_step(
-                accelerator,
-                transformer,
-                optimizer,
-                params,
-                batch,
-                step_cfg,
-                epoch=0,
-                index=i,
-                rank=0,
-                empty=None,
-                image_embed_shape=image_embed_shape,
-                device=device,
-                schedule=schedule_options(step_cfg),
-            )
-        del loss
-        tracker.adopt(_state_tensors(optimizer))
+    try:
+        for i in range(steps):
+            if i == steps - 1:
+                tracker.reset_peak()
+            with tracker, autocast or _null():
+                loss = training_step(
+                    accelerator,
+                    transformer,
+                    optimizer,
+                    params,
+                    batch,
+                    step_cfg,
+                    epoch=0,
+                    index=i,
+                    rank=0,
+                    empty=None,
+                    image_embed_shape=image_embed_shape,
+                    device=device,
+                    schedule=schedule_options(step_cfg),
+                )
+            del loss
+            tracker.adopt(_state_tensors(optimizer))
+    finally:
+        _release_accelerator()
     memory.peak = tracker.peak
     memory.optimizer_state = storage_bytes(_state_tensors(optimizer), device)
     memory.seconds = time.perf_counter() - started
