@@ -42,7 +42,8 @@ hv_resolve() {
 # root and the outputs belong to a normal uid. PUID/PGID default to the owner of the data root, or 1000:1000 when
 # root owns it (a RunPod volume). HVTUNE_RUN_AS_ROOT=1 keeps root. Started as another uid: nothing to do.
 hv_drop_root() {
-  [ "$(id -u)" = 0 ] && [ "${HVTUNE_RUN_AS_ROOT:-0}" != 1 ] || return 0
+  # only inside hvtune's image (HVTUNE_IMAGE_TAG is set there): root on a bare host running these scripts stays root
+  [ "$(id -u)" = 0 ] && [ -n "${HVTUNE_IMAGE_TAG:-}" ] && [ "${HVTUNE_RUN_AS_ROOT:-0}" != 1 ] || return 0
   local root owner uid gid dir groups
   root=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
   root=${root%/}
