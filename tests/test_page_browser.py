@@ -58,16 +58,10 @@ def canvas_ink(browser: Browser) -> int:
 
 def test_page_follows_a_training_run_to_the_end(chromium, demo_project, tmp_path):
     out = tmp_path / "run"
-    train = start(
-        "train",
-        "--config",
-        str(demo_project),
-        f"--output_dir={out}",
-        "--max_train_steps=30",
-        "--validation_steps=6",
-        "--checkpointing_steps=10",
-    )
+    train_args = ["--config", str(demo_project), f"--output_dir={out}", "--max_train_steps=30"]
+    train_args += ["--validation_steps=6", "--checkpointing_steps=10"]
     serve = start("serve", str(out), "--port", "0")
+    train = None
     try:
         line = ""
         while not line.startswith("run page:"):  # after the notice that the folder does not exist yet
@@ -75,16 +69,30 @@ def test_page_follows_a_training_run_to_the_end(chromium, demo_project, tmp_path
             assert line, "hvtune serve exited"
         url = re.search(r"http://\S+", line).group(0)
         with Browser() as browser:
+            # the page is up before the run starts: a browser's first start (font caches on a fresh machine) can
+            # take longer than the whole tiny run, which the page would then only see finished
             browser.navigate(url)
+            browser.wait_for("document.querySelector('.rstate').textContent === 'waiting'", 60)
+            train = start("train", *train_args)
+            live = "['training', 'validating', 'checkpointing'].includes(document.querySelector('.rstate').textContent)"
             step_of = "(Number(document.querySelector('.step').textContent) || 0)"
-            first = browser.wait_for(f"document.querySelector('.rstate').textContent === 'training' && {step_of}", 240)
+            try:
+                first = browser.wait_for(
+                    f"{live} && {step_of} && {{step: {step_of}, total: document.querySelector('.total').textContent,"
+                    " eta: document.querySelector('.eta').textContent}",
+                    240,
+                )
+            except TimeoutError:
+                train.kill()
+                raise AssertionError(
+                    f"the page never showed the run training; train said:\n{train.communicate()[0][-3000:]}"
+                ) from None
             browser.screenshot(tmp_path / "during-1.png")
+            assert first["total"] == "30" and first["eta"] not in ("", "-"), first
             time.sleep(3)
-            second = browser.wait_for(f"{step_of} > {first} && {step_of}", 60)
+            second = browser.wait_for(f"{step_of} > {first['step']} && {step_of}", 60)
             browser.screenshot(tmp_path / "during-2.png")
-            assert second > first
-            assert browser.evaluate("document.querySelector('.total').textContent") == "30"
-            assert browser.evaluate("document.querySelector('.eta').textContent") not in ("", "-")
+            assert second > first["step"]
             assert canvas_ink(browser) > 200, "the loss curve is not drawn"
 
             # a validation video appears without a reload and plays
@@ -119,6 +127,7 @@ def test_page_follows_a_training_run_to_the_end(chromium, demo_project, tmp_path
                 shutil.copyfile(shot, os.environ["HVTUNE_DOCS_SCREENSHOT"])
     finally:
         for proc in (train, serve):
-            proc.kill()
-            proc.wait()
+            if proc is not None:
+                proc.kill()
+                proc.wait()
     assert (tmp_path / "during-1.png").stat().st_size > 10_000 and (tmp_path / "during-2.png").stat().st_size > 10_000

@@ -1,0 +1,83 @@
+"""Where a run's files live inside its output folder: the one home of every name hvtune writes there.
+
+The trainer, checkpoints, validation, export, the record, `compare`, `serve` and the CLI's summary all ask a
+`RunFiles` instead of spelling a file name, so a renamed file is one edit and the page can never look in the wrong
+place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LORA_NAME = "pytorch_lora_weights.safetensors"  # diffusers' `load_lora_weights` default weight name
+COMFYUI_NAME = "comfyui_lora.safetensors"
+RECORD_NAME = "run.json"
+STATUS_NAME = "status.json"
+LOSS_PLOT_NAME = "loss.png"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run, under its `output_dir`."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def lora(self) -> Path:
+        return self.root / LORA_NAME
+
+    @property
+    def comfyui(self) -> Path:
+        return self.root / COMFYUI_NAME
+
+    @property
+    def record(self) -> Path:
+        return self.root / RECORD_NAME
+
+    @property
+    def status(self) -> Path:
+        return self.root / STATUS_NAME
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / LOSS_PLOT_NAME
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def loss_log(self) -> Path:
+        return self.logs / "loss.jsonl"
+
+    @property
+    def library_log(self) -> Path:
+        return self.logs / "libraries.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def validation_root(self) -> Path:
+        return self.root / "validation"
+
+    def validation(self, step: int) -> Path:
+        """The folder of the validation videos rendered after optimiser step `step`."""
+        return self.validation_root / f"step_{step:06d}"
+
+    def owned(self) -> tuple[Path, ...]:
+        """Everything hvtune itself writes here: what `overwrite_output_dir` removes, and nothing else."""
+        return (
+            self.checkpoints,
+            self.logs,
+            self.validation_root,
+            self.record,
+            self.loss_plot,
+            self.lora,
+            self.comfyui,
+        )
