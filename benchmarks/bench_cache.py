@@ -10,7 +10,7 @@
    The builder streams: one clip decoded ahead, never all of them, so the two should be within 10%.
 3. Fully cached rerun: the same process runs `build_cache` again on the 200-clip dataset with everything cached
    (ratio of the two in-process times; the first includes the lazy imports of diffusers/transformers it triggers),
-   and a fresh `python -m hvtune.cache` on the cached dataset against the fresh process that built it (wall times,
+   and a fresh `python -m hvtune.cache.build` on the cached dataset against the fresh process that built it (wall times,
    Python start and imports included on both sides: what a user waits for).
 
 The tiny model's encoders are far cheaper than the real ones (a 7B text encoder, a 1.3B VAE), so the rerun ratio here is
@@ -86,8 +86,8 @@ def _project(root: Path, model: Path, clips: Path, cache: Path) -> Path:
 
 def child(config: str) -> None:
     """Runs in a fresh process: build, then rebuild fully cached; prints one JSON line."""
-    from hvtune.cache import build_cache
-    from hvtune.config import load_config
+    from hvtune.cache.build import build_cache
+    from hvtune.config.settings import load_config
 
     resolved = load_config(config, env={})
     t0 = time.perf_counter()
@@ -124,8 +124,8 @@ def _run_child(config: Path) -> dict:
 
 
 def bench_decode(work: Path, clips: int, frames: int) -> dict:
-    from hvtune.media import probe_video, read_video
-    from hvtune.synth import write_synthetic_dataset
+    from hvtune.data.media import probe_video, read_video
+    from hvtune.testing.synth import write_synthetic_dataset
 
     paths = write_synthetic_dataset(work / "480p", clips=clips, seed=0, size=(848, 480), num_frames=frames, fps=24)
     results = {}
@@ -148,7 +148,7 @@ def bench_decode(work: Path, clips: int, frames: int) -> dict:
 
 
 def bench_build(work: Path, model: Path, small: int, large: int) -> dict:
-    from hvtune.synth import write_synthetic_dataset
+    from hvtune.testing.synth import write_synthetic_dataset
 
     all_clips = work / "clips_all"
     paths = write_synthetic_dataset(all_clips, clips=large, seed=1, size=(128, 80), num_frames=9, fps=24)
@@ -168,7 +168,7 @@ def bench_build(work: Path, model: Path, small: int, large: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(APP)}
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "hvtune.cache", "--config", str(big["config"])],
+        [sys.executable, "-m", "hvtune.cache.build", "--config", str(big["config"])],
         env=env,
         capture_output=True,
         check=True,
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child)
         return 0
 
-    from hvtune.tiny_model import write_tiny_model
+    from hvtune.testing.tiny_model import write_tiny_model
 
     decode_clips, decode_frames = (1, 9) if args.quick else (6, 61)
     small, large = (2, 6) if args.quick else (10, 200)

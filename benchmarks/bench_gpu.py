@@ -5,13 +5,14 @@
     python benchmarks/bench_gpu.py --cpu-smoke             # same code end to end on the CPU, tiny sizes, < 60 s
 
 The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG` is
-`hvtune.architectures.TRANSFORMER_CONFIG` (diffusers' own TRANSFORMER_CONFIGS; see that module), with target_size
+`hvtune.model.architectures.TRANSFORMER_CONFIG` (diffusers' own TRANSFORMER_CONFIGS; see that module), with target_size
 640 (480p) / 960 (720p). 8,326,608,160 parameters.
 
 Each configuration runs in its own subprocess (an OOM or a hang in one does not take the rest down, and peak memory
-starts clean) through the trainer's own code: `hvtune.memory.prepare_base` (precision, int8-torchao, gradient
-checkpointing, group offload), `hvtune.memory.add_lora` (rank 16), `hvtune.memory.build_optimizer`,
-`hvtune.objective.training_loss` on an `hvtune.batches.Batch` of random tensors with the real shapes, then backward,
+starts clean) through the trainer's own code: `hvtune.train.memory.prepare_base` (precision, int8-torchao, gradient
+checkpointing, group offload), `hvtune.train.memory.add_lora` (rank 16), `hvtune.train.memory.build_optimizer`,
+`hvtune.train.objective.training_loss` on an `hvtune.train.batches.Batch` of random tensors with the real shapes,
+then backward,
 grad clipping and the optimizer step, like `hvtune.trainer`.
 
 Reported per configuration: s/step (median of the timed steps after warm-up, torch.cuda.synchronize around each),
@@ -56,8 +57,8 @@ APP = HERE.parent / "app"
 
 sys.path.insert(0, str(APP))
 # The real architecture, the FLOP model and the cards' peaks live in the package (`hvtune plan` uses them too).
-from hvtune.architectures import TARGET_SIZE, forward_flops, latent_shape, peak_bf16_tflops  # noqa: E402
-from hvtune.architectures import TRANSFORMER_CONFIG as REAL_CONFIG  # noqa: E402
+from hvtune.model.architectures import TARGET_SIZE, forward_flops, latent_shape, peak_bf16_tflops  # noqa: E402
+from hvtune.model.architectures import TRANSFORMER_CONFIG as REAL_CONFIG  # noqa: E402
 
 RESOLUTIONS = {"480p": (61, 480, 848), "720p": (121, 720, 1280)}  # frames, height, width
 
@@ -98,7 +99,8 @@ MEMORY = {
     ),
     "plain+int8": dict(gradient_checkpointing=False, base_model_precision="int8-torchao"),
 }
-# Every configuration runs hvtune.memory.prepare_base, so the blocks use hvtune.attention.KeyPaddingAttnProcessor: a
+# Every configuration runs hvtune.train.memory.prepare_base, so the blocks use
+# hvtune.model.attention.KeyPaddingAttnProcessor: a
 # (B, 1, 1, S) key mask when a token is padded, no mask otherwise.
 # padded: the pipeline's layout (1000 + 256 + 729): padding, key mask
 # trimmed: text trimmed only (Qwen trimmed to the caption, 1 masked ByT5 token, 729 zero t2v image tokens; hvtune before
@@ -231,12 +233,12 @@ def build_transformer(model_cfg: dict, device, dtype):
 
 
 def make_batch(model_cfg: dict, latents: tuple, text: dict, max_qwen: int, seed: int = 0):
-    """An hvtune.batches.Batch of random tensors with the real shapes (t2v), on the CPU like load_batch returns.
+    """An hvtune.train.batches.Batch of random tensors with the real shapes (t2v), on the CPU like load_batch returns.
     The valid tokens are the same whatever the layout (drawn at the longest length, then cut), so every layout
     describes the same sample and must give the same loss."""
     import torch
 
-    from hvtune.batches import Batch
+    from hvtune.train.batches import Batch
 
     g = torch.Generator().manual_seed(seed)
     c, f, h, w = latents
@@ -267,9 +269,9 @@ def run_config(spec: dict) -> dict:
 
     sys.path.insert(0, str(APP))
     sys.path.insert(0, str(HERE))
-    from hvtune.config import TrainConfig
-    from hvtune.memory import add_lora, build_optimizer, prepare_base
-    from hvtune.objective import training_loss
+    from hvtune.config.settings import TrainConfig
+    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
+    from hvtune.train.objective import training_loss
 
     smoke = spec["smoke"]
     device = torch.device("cpu" if smoke else "cuda")
@@ -388,8 +390,8 @@ def _plan_prediction(cfg, res: str, text: dict, device) -> dict:
     predicts for torch.cuda.max_memory_allocated (no allowances) and s/step on this card, to calibrate plan."""
     import torch
 
-    from hvtune.architectures import find_gpu
-    from hvtune.plan import GiB, StepShape, simulate
+    from hvtune.model.architectures import find_gpu
+    from hvtune.plan.simulate import GiB, StepShape, simulate
 
     frames, height, width = RESOLUTIONS[res]
     shape = StepShape(1, frames, width, height, "t2v", qwen_tokens=text["qwen"], byt5_tokens=text["byt5"])

@@ -93,7 +93,7 @@ class Poller:
 
 def status_write_ms(work: Path, writes: int = 200) -> float:
     """Median milliseconds of one status.json write as the trainer does it (with the run record in it)."""
-    from hvtune.status import RunStatus
+    from hvtune.output.status import RunStatus
 
     status = RunStatus(work / "status-bench")
     status.data["record"] = {"config": {f"key_{i}": "value" * 4 for i in range(150)}}
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
 
-    from hvtune.demo import write_demo_project
+    from hvtune.testing.demo import write_demo_project
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="hvtune-bench-page-"))

@@ -6,7 +6,7 @@ Part 1 (tokens): the pipeline pads the Qwen2.5-VL prompt to 1000 tokens (after c
 template) and the ByT5 glyph prompt to 256, and the transformer always appends 729 SigLIP image tokens (zeros and
 masked out for t2v). Three layouts of the same sample are compared (see `savings_rows`): the pipeline's, text trimmed
 only (Qwen trimmed, >= 1 ByT5 token, 729 image tokens: what hvtune fed before 2026-12), and the minimal one (no padding
-left: what hvtune.batches and the objective feed now).
+left: what hvtune.train.batches and the objective feed now).
 For each resolution (480p/61 frames, 720p/121 frames) and task: tokens per step, tokens saved, the attention cost
 ratio (S_trimmed / S_pipeline)^2 and the whole-step FLOP ratio (the analytic model in bench_gpu.py).
 
@@ -21,7 +21,8 @@ and with trimmed inputs (no padding left), records every `scaled_dot_product_att
 mask, all-True or not) and the aten SDPA op the profiler sees, and checks the outputs agree. diffusers 0.42.1's
 `HunyuanVideo15AttnProcessor2_0` always builds a dense S x S boolean mask, even when it is all True, so SDPA never gets
 attn_mask=None (the FLASH backend then cannot run on CUDA). hvtune's trainer installs
-`hvtune.attention.KeyPaddingAttnProcessor`, which passes attn_mask=None when no key is padded and a (B, 1, 1, S) key
+`hvtune.model.attention.KeyPaddingAttnProcessor`, which passes attn_mask=None when no key is padded and a (B, 1, 1, S)
+key
 mask when one is; the demo checks it gives the stock processor's outputs, with and without padding.
 
 Writes benchmarks/results/seqlen.json and prints tables.
@@ -146,7 +147,7 @@ class CaptionCounter:
         if qwen_dir is not None:
             from transformers import AutoTokenizer
 
-            from hvtune.tiny_model import QWEN_CHAT_TEMPLATE  # Qwen2.5-VL's template for plain-string content
+            from hvtune.testing.tiny_model import QWEN_CHAT_TEMPLATE  # Qwen2.5-VL's template for plain-string content
 
             tok = AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True)
             tok.chat_template = QWEN_CHAT_TEMPLATE
@@ -321,11 +322,11 @@ class SDPARecorder:
 
 
 def attention_path_demo(qwen_valid: int) -> dict:
-    """CPU, tiny transformer (hvtune.tiny_model), the real padded text layout (1000 + 256 + 729)."""
+    """CPU, tiny transformer (hvtune.testing.tiny_model), the real padded text layout (1000 + 256 + 729)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from hvtune.tiny_model import build_components
+    from hvtune.testing.tiny_model import build_components
 
     transformer = build_components("t2v", seed=0)["transformer"].eval()
     cfg = transformer.config
@@ -377,7 +378,7 @@ def attention_path_demo(qwen_valid: int) -> dict:
     outs["minimal"], r = run(f"minimal: {qwen_valid} qwen + 0 byt5 + 0 image, stock processor", minimal)
     cases.append(r)
     stock = dict(transformer.attn_processors)
-    from hvtune.attention import use_key_padding_attention
+    from hvtune.model.attention import use_key_padding_attention
 
     use_key_padding_attention(transformer)
     outs["mask_free"], r = run("minimal, KeyPaddingAttnProcessor (hvtune)", minimal)
@@ -396,7 +397,7 @@ def attention_path_demo(qwen_valid: int) -> dict:
         return float((a - b).abs().max())
 
     return {
-        "model": "hvtune.tiny_model t2v transformer (CPU, fp32), latents (1,65,2,4,4)",
+        "model": "hvtune.testing.tiny_model t2v transformer (CPU, fp32), latents (1,65,2,4,4)",
         "cases": cases,
         "max_abs_diff": {
             "trimmed_vs_pipeline": diff(outs["trimmed"], outs["padded"]),

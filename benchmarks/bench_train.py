@@ -3,14 +3,17 @@
     python benchmarks/bench_train.py [--quick] [--out PATH] [--rounds R] [--steps N] [--warmup W]
                                      [--cache-clips 200] [--cache-first-limit 240]
 
-Everything runs on the tiny random model of `hvtune.demo.write_demo_project` in a temporary folder; its cache is built
+Everything runs on the tiny random model of `hvtune.testing.demo.write_demo_project` in a temporary folder; its cache
+is built
 once with `hvtune cache`. Training uses the demo config with validation off and checkpointing off
 (`checkpointing_steps` far beyond the run), so only the training step is measured.
 
 1. Steady-state step ratio. `hvtune.trainer.train` (the loop of `hvtune train`: accelerate, loss log, TensorBoard,
-   progress bar) against a bare loop doing the same step on the same batches: transformer from `hvtune.registry`,
-   base prep + LoRA + optimizer from `hvtune.memory`, batches from `hvtune.batches.plan_epoch`/`load_batch`, loss from
-   `hvtune.objective.training_loss`, backward, grad clipping (when `max_grad_norm` > 0, as configured), AdamW step;
+   progress bar) against a bare loop doing the same step on the same batches: transformer from `hvtune.model.registry`,
+   base prep + LoRA + optimizer from `hvtune.train.memory`, batches from
+   `hvtune.train.batches.plan_epoch`/`load_batch`, loss from
+   `hvtune.train.objective.training_loss`, backward, grad clipping (when `max_grad_norm` > 0, as
+   configured), AdamW step;
    no accelerate, no logging, no checkpointing. Both run in this one process, alternating in rounds (A B, then B A,
    ...) so machine load hits both; the first W steps of every run are skipped; trainer step times are the `seconds` of
    `logs/loss.jsonl`, bare step times are measured the same way (end of one step to the end of the next, batch loading
@@ -84,7 +87,7 @@ def _losslog(out: Path) -> list[dict]:
 
 
 def _trainer_run(config: Path, out: Path, steps: int) -> tuple[list[float], list[float]]:
-    from hvtune.config import load_config
+    from hvtune.config.settings import load_config
     from hvtune.trainer import train
 
     shutil.rmtree(out, ignore_errors=True)
@@ -97,12 +100,12 @@ def _trainer_run(config: Path, out: Path, steps: int) -> tuple[list[float], list
 def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     import torch
 
-    from hvtune.batches import load_batch, plan_epoch, text_entry
-    from hvtune.config import load_config
-    from hvtune.manifest import load_manifest
-    from hvtune.memory import add_lora, base_dtype, build_optimizer, clip_gradients, prepare_base
-    from hvtune.objective import counter_seed, schedule_options, training_loss
-    from hvtune.registry import load_scheduler, load_transformer, resolve_model
+    from hvtune.cache.manifest import load_manifest
+    from hvtune.config.settings import load_config
+    from hvtune.model.registry import load_scheduler, load_transformer, resolve_model
+    from hvtune.train.batches import load_batch, plan_epoch, text_entry
+    from hvtune.train.memory import add_lora, base_dtype, build_optimizer, clip_gradients, prepare_base
+    from hvtune.train.objective import counter_seed, schedule_options, training_loss
 
     resolved = load_config(config, env={}, argv=[*NO_SIDE_WORK, f"--max_train_steps={steps}"])
     cfg = resolved.train
@@ -319,7 +322,7 @@ def _latents_cached(root: Path) -> int:
 
 
 def measure_cache(root: Path, model: Path, clips: int, first_limit: float, reruns: int) -> dict:
-    from hvtune.synth import write_synthetic_dataset
+    from hvtune.testing.synth import write_synthetic_dataset
 
     clips_dir = root / "clips"
     t0 = time.perf_counter()
@@ -391,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if q else 3)
     cache_clips = args.cache_clips or (4 if q else 200)
 
-    from hvtune.demo import write_demo_project
+    from hvtune.testing.demo import write_demo_project
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="hvtune-bench-train-"))

@@ -17,14 +17,14 @@ SEED_GUIDE = Path(__file__).resolve().parents[1] / "examples" / "seed-project"
 
 @pytest.fixture(scope="session")
 def tiny_t2v(tmp_path_factory) -> Path:
-    from hvtune.tiny_model import write_tiny_model
+    from hvtune.testing.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-t2v", task="t2v", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_i2v(tmp_path_factory) -> Path:
-    from hvtune.tiny_model import write_tiny_model
+    from hvtune.testing.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-i2v", task="i2v", seed=0)
 
@@ -32,9 +32,9 @@ def tiny_i2v(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_project(tmp_path_factory):
     """The demo project (tiny t2v model, 8 synthetic clips) with its cache built once; tests train from it."""
-    from hvtune.cache import build_cache
-    from hvtune.config import load_config
-    from hvtune.demo import write_demo_project
+    from hvtune.cache.build import build_cache
+    from hvtune.config.settings import load_config
+    from hvtune.testing.demo import write_demo_project
 
     config = write_demo_project(tmp_path_factory.mktemp("demo"), task="t2v", steps=12)
     build_cache(load_config(config, env={}), progress=False)
@@ -54,9 +54,9 @@ def run_hvtune(*args: str, env: dict | None = None, cwd=None, timeout: int = 600
 
 @pytest.fixture(scope="session")
 def demo_project_i2v(tmp_path_factory):
-    from hvtune.cache import build_cache
-    from hvtune.config import load_config
-    from hvtune.demo import write_demo_project
+    from hvtune.cache.build import build_cache
+    from hvtune.config.settings import load_config
+    from hvtune.testing.demo import write_demo_project
 
     config = write_demo_project(tmp_path_factory.mktemp("demo-i2v"), task="i2v", clips=4, steps=4)
     build_cache(load_config(config, env={}), progress=False)

@@ -1,5 +1,6 @@
-"""The data flows one way (docs/ARCHITECTURE.md): a module imports only modules before it in STAGES, at the top or
-inside a function. The loop and the entry points come last because they wire the stages together."""
+"""The data flows one way (docs/ARCHITECTURE.md): the stage packages under app/hvtune/ come in pipeline order, and a
+module imports only modules before it in STAGES, at the top or inside a function. The loop (`trainer`) and the entry
+points come last because they wire the stages together."""
 
 from __future__ import annotations
 
@@ -9,67 +10,91 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 
 STAGES = [
-    "files",  # used by every stage that writes
-    "simpletuner",  # what each SimpleTuner key means (data only)
-    "lycoris",  # the lycoris_config file, read by config
-    "config",
-    "model_files",  # model registry
-    "architectures",
-    "tiny_model",
-    "encoder_layouts",
-    "registry",
-    "media",  # datasets
-    "synth",
-    "datasets",
-    "cache_store",  # cache
-    "manifest",
-    "encoders",
-    "cache",
-    "batches",  # batches
-    "objective",  # training step
-    "attention",
-    "memory",
-    "ema",
-    "checkpoints",  # checkpoints / validation / export
-    "validation",
-    "export",
-    "record",  # run record
-    "compare",
-    "progress",  # progress lines / bar
-    "status",  # status.json, written by the loop
+    "files",  # atomic writes: used by every stage that writes
+    "run_files",  # the names of a run's files
+    "config.simpletuner",  # config: what each SimpleTuner key means (data only)
+    "config.lycoris",  # the lycoris_config file, read by config
+    "config.settings",
+    "model.component_files",  # model registry
+    "model.architectures",
+    "model.encoder_layouts",
+    "model.registry",
+    "model.attention",
+    "data.media",  # datasets
+    "data.datasets",
+    "cache.store",  # cache
+    "cache.manifest",
+    "cache.encoders",
+    "cache.build",
+    "train.batches",  # batches and the training step
+    "train.objective",
+    "train.memory",
+    "train.ema",
+    "output.checkpoints",  # checkpoints / validation / export / run record
+    "output.validation",
+    "output.export",
+    "output.record",
+    "output.compare",
+    "output.progress",
+    "output.status",
     "trainer",  # the loop: wires the stages
-    "plan",  # the full-size step on meta tensors (uses the trainer's step)
-    "serve",  # the run page: reads what the run writes
-    "demo",  # entry points
-    "library_logs",
+    "plan.simulate",  # the full-size step on meta tensors (uses the trainer's step)
+    "serve.server",  # the run page: reads what the run writes
+    "testing.synth",  # the tiny stand-ins for tests and the demo
+    "testing.tiny_model",
+    "testing.tiny_encoders",
+    "testing.demo",
+    "library_logs",  # entry points
     "cli",
     "__main__",
 ]
 
 
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
 def package_imports(path: Path) -> set[str]:
-    """The hvtune modules `path` imports, anywhere in the file."""
+    """The hvtune modules `path` imports (dotted, below `hvtune`), anywhere in the file."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("hvtune."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{module_name(path)}: relative import; write `from hvtune.<stage>.<module> import`")
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hvtune."):
+            module = node.module.removeprefix("hvtune.")
+            if (PACKAGE / module.replace(".", "/")).is_dir():  # `from hvtune.train import ema`
+                found |= {f"{module}.{a.name}" for a in node.names}
+            else:
+                found.add(module)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("hvtune.")}
+            found |= {a.name.removeprefix("hvtune.") for a in node.names if a.name.startswith("hvtune.")}
     return found
 
 
 def test_every_module_has_a_place_in_the_flow():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")} - {"__init__"}
+    modules = {m for m in modules if not m.endswith("__init__")}
     assert modules == set(STAGES), f"add new modules to STAGES (and docs/ARCHITECTURE.md): {modules ^ set(STAGES)}"
+
+
+def test_each_stage_package_is_one_stretch_of_the_flow():
+    """A folder is a stage: its modules sit together in STAGES, so the folder listing reads in pipeline order."""
+    packages = [m.split(".")[0] for m in STAGES if "." in m]
+    runs = [p for i, p in enumerate(packages) if i == 0 or packages[i - 1] != p]
+    assert len(runs) == len(set(runs)), f"a stage package is split in STAGES: {runs}"
+
+
+def test_package_inits_are_empty():
+    """No re-exports and no work at import time: `hvtune check` imports only what it needs."""
+    filled = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("__init__.py") if p.read_text().strip()]
+    assert filled == [] or filled == ["__init__.py"], filled
 
 
 def test_no_module_imports_a_later_stage():
     backwards = {
         f"{module} imports {other}"
         for module in STAGES
-        for other in package_imports(PACKAGE / f"{module}.py")
+        for other in package_imports(PACKAGE / f"{module.replace('.', '/')}.py")
         if STAGES.index(other) >= STAGES.index(module)
     }
     assert not backwards, sorted(backwards)

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hvtune.batches import load_batch, plan_epoch
-from hvtune.config import TrainConfig, load_config
-from hvtune.manifest import load_manifest
-from hvtune.memory import prepare_base
-from hvtune.objective import training_loss
-from hvtune.registry import load_transformer, resolve_model
+from hvtune.cache.manifest import load_manifest
+from hvtune.config.settings import TrainConfig, load_config
+from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.train.batches import load_batch, plan_epoch
+from hvtune.train.memory import prepare_base
+from hvtune.train.objective import training_loss
 
 
 def _setup(config_path):
@@ -122,7 +122,7 @@ def test_a_batch_with_padding_gets_a_key_mask_and_each_samples_loss(t2v, monkeyp
 
 def test_whether_anything_is_padded_is_asked_once_per_forward_not_once_per_block(t2v, monkeypatch):
     """Each question is a host sync; the model hands every block the same mask tensor, so one per forward suffices."""
-    from hvtune import attention
+    from hvtune.model import attention
 
     manifest, _, ours = t2v
     asked, original = [], attention._LastAnswer.all_valid_for.__func__

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from clips import write_audio_only, write_clip, write_exif_jpeg
-from hvtune.batches import load_batch, plan_epoch, text_entry
-from hvtune.cache import build_cache, verify_cache
-from hvtune.cache_store import (
+from hvtune.cache.build import build_cache, verify_cache
+from hvtune.cache.encoders import GPU_DRIVER_NODES, enable_patch_conv, encode_caption
+from hvtune.cache.manifest import Manifest, ManifestSample, load_manifest
+from hvtune.cache.store import (
     CacheError,
     component_identity,
     entry_path,
@@ -32,10 +33,9 @@ from hvtune.cache_store import (
     text_key,
     text_params,
 )
-from hvtune.config import load_config
-from hvtune.datasets import Sample
-from hvtune.encoders import GPU_DRIVER_NODES, enable_patch_conv, encode_caption
-from hvtune.manifest import Manifest, ManifestSample, load_manifest
+from hvtune.config.settings import load_config
+from hvtune.data.datasets import Sample
+from hvtune.train.batches import load_batch, plan_epoch, text_entry
 
 APP = Path(__file__).resolve().parents[1] / "app"
 CAPTIONS = [
@@ -220,9 +220,9 @@ def test_build_skips_every_bad_input_with_its_reason_and_caches_the_rest(tmp_pat
 
 
 def test_a_sample_that_fails_while_decoding_is_skipped_and_the_run_goes_on(tmp_path, t2v_model, monkeypatch):
-    import hvtune.cache as cache
-    from hvtune.encoders import decode_sample
-    from hvtune.media import MediaError
+    import hvtune.cache.build as cache
+    from hvtune.cache.encoders import decode_sample
+    from hvtune.data.media import MediaError
 
     data = good_clips(tmp_path / "clips", 3)
     shutil.copy(data / "clip_01.mp4", data / "clip_01_twin.mp4")  # same bytes: shares the entry, shares the fate
@@ -250,7 +250,7 @@ def test_a_sample_that_fails_while_decoding_is_skipped_and_the_run_goes_on(tmp_p
 def test_text_entries_are_the_pipelines_encode_prompt_without_padding(t2v_model):
     from diffusers import HunyuanVideo15Pipeline
 
-    from hvtune.registry import ModelPaths, load_text_encoders
+    from hvtune.model.registry import ModelPaths, load_text_encoders
 
     pipe = HunyuanVideo15Pipeline.from_pretrained(t2v_model)
     assert system_message() == pipe.system_message
@@ -269,8 +269,8 @@ def test_text_entries_are_the_pipelines_encode_prompt_without_padding(t2v_model)
 
 
 def test_i2v_latents_conditions_siglip_and_batches(tmp_path, i2v_model):
-    from hvtune.encoders import decode_sample, load_vae_for_cache
-    from hvtune.registry import resolve_model
+    from hvtune.cache.encoders import decode_sample, load_vae_for_cache
+    from hvtune.model.registry import resolve_model
 
     data = good_clips(tmp_path / "clips", 3)
     resolved = load(project(tmp_path, i2v_model, [videos(data)], flavour="i2v-480p"))
@@ -283,7 +283,7 @@ def test_i2v_latents_conditions_siglip_and_batches(tmp_path, i2v_model):
     assert entry["latents"].shape == (32, 3, 2, 3) and entry["cond_latents"].shape == (32, 1, 2, 3)
     # latents = VAE mode * scaling_factor of the decoded window, pixels in [-1, 1]
     vae = load_vae_for_cache(resolved, resolve_model(resolved.train, ["vae"]), "cpu", torch.float32)
-    from hvtune.datasets import scan
+    from hvtune.data.datasets import scan
 
     sample = scan(resolved, progress=False).samples[1]
     frames = decode_sample(sample, resolved.train.seed)
@@ -385,7 +385,7 @@ def test_keys_change_with_every_parameter_and_only_then(tmp_path, t2v_model):
 
 
 def test_kill_9_mid_build_then_rerun_equals_an_uninterrupted_build(tmp_path, t2v_model):
-    from hvtune.synth import write_synthetic_dataset
+    from hvtune.testing.synth import write_synthetic_dataset
 
     data = tmp_path / "clips"
     write_synthetic_dataset(data, clips=14, seed=0, size=(48, 32), num_frames=5, fps=8)  # 14 distinct clips
@@ -398,7 +398,7 @@ def test_kill_9_mid_build_then_rerun_equals_an_uninterrupted_build(tmp_path, t2v
     latents = tmp_path / "killed" / "cache" / "vae" / "clips"
     env = {**os.environ, "PYTHONPATH": str(APP), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hvtune.cache", "--config", str(killed)],
+        [sys.executable, "-m", "hvtune.cache.build", "--config", str(killed)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 120
@@ -483,7 +483,7 @@ def test_load_manifest_detects_missing_changed_and_deleted_and_verify_finds_corr
 
 
 def test_module_entry_point_exits_2_with_the_message(tmp_path, t2v_model, capsys):
-    from hvtune.cache import main
+    from hvtune.cache.build import main
 
     bad = tmp_path / "bad"
     clip(bad, "nocap.mp4", None)

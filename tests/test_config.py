@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SEED_GUIDE
-from hvtune.config import ConfigError, check_device_support, load_config
+from hvtune.config.settings import ConfigError, check_device_support, load_config
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from hvtune.config import ConfigError, load_config
+from hvtune.config.settings import ConfigError, load_config
 from hvtune.trainer import train
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from clips import write_audio_only, write_clip, write_exif_jpeg
-from hvtune.config import DatasetConfig, VideoOptions, load_config
-from hvtune.datasets import (
+from hvtune.config.settings import DatasetConfig, VideoOptions, load_config
+from hvtune.data.datasets import (
     BucketRule,
     DatasetError,
     ProbeIndex,
@@ -267,7 +267,7 @@ def test_order_is_sorted_and_windows_follow_seed_and_content_not_names(tmp_path)
 
 
 def test_probe_index_skips_rehashing_until_the_file_changes(tmp_path, monkeypatch):
-    import hvtune.datasets as datasets
+    import hvtune.data.datasets as datasets
 
     root = tmp_path / "clips"
     root.mkdir()

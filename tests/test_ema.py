@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hvtune.config import load_config
-from hvtune.ema import LoraEMA
+from hvtune.config.settings import load_config
+from hvtune.train.ema import LoraEMA
 from hvtune.trainer import train
 
 

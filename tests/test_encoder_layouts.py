@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvtune.encoder_layouts import (
+from hvtune.model.encoder_layouts import (
     GLYPH_KEY_PREFIX,
-    TINY_GLYPH_COLORS,
-    TINY_GLYPH_FONTS,
     EncoderLayoutError,
     glyph_state_dict,
     load_qwen_tokenizer,
@@ -24,8 +22,8 @@ from hvtune.encoder_layouts import (
     text_layout,
     text_layout_hint,
     vision_root,
-    write_tiny_tencent_text_root,
 )
+from hvtune.testing.tiny_encoders import TINY_GLYPH_COLORS, TINY_GLYPH_FONTS, write_tiny_tencent_text_root
 
 CAPTION = 'A red ball rolls past a sign that says "OPEN 24h".'
 
@@ -96,7 +94,7 @@ def test_completeness_names_missing_files(tencent_root, tmp_path):
 def test_loaded_weights_are_the_saved_ones(tencent_root, tencent_encoders):
     from transformers import Qwen2_5_VLForConditionalGeneration, T5EncoderModel
 
-    from hvtune.tiny_model import build_components
+    from hvtune.testing.tiny_model import build_components
 
     enc = tencent_encoders
     assert {k: type(v).__name__ for k, v in enc.items()} == {
@@ -143,10 +141,10 @@ def test_glyph_tokens_map_to_checkpoint_rows(tencent_root, tencent_encoders):
 
 
 def test_tencent_layout_encodes_prompts_like_the_diffusers_layout(tiny_t2v, tencent_encoders):
-    from hvtune.cache_store import TEXT_CROP_START, TEXT_MAX_LENGTH, system_message
-    from hvtune.config import TrainConfig
-    from hvtune.encoders import encode_caption
-    from hvtune.registry import load_text_encoders, resolve_model
+    from hvtune.cache.encoders import encode_caption
+    from hvtune.cache.store import TEXT_CROP_START, TEXT_MAX_LENGTH, system_message
+    from hvtune.config.settings import TrainConfig
+    from hvtune.model.registry import load_text_encoders, resolve_model
 
     diffusers = load_text_encoders(resolve_model(TrainConfig(pretrained_model_name_or_path=str(tiny_t2v)), env={}))
     tencent = tencent_encoders

@@ -3,11 +3,11 @@ import shutil
 import pytest
 import torch
 
-from hvtune.cache_store import TEXT_COMPONENTS, identities
-from hvtune.config import TrainConfig
-from hvtune.encoder_layouts import write_tiny_tencent_text_root
-from hvtune.encoders import encode_caption
-from hvtune.registry import ModelSourceError, load_text_encoders, load_vision_encoder, resolve_model
+from hvtune.cache.encoders import encode_caption
+from hvtune.cache.store import TEXT_COMPONENTS, identities
+from hvtune.config.settings import TrainConfig
+from hvtune.model.registry import ModelSourceError, load_text_encoders, load_vision_encoder, resolve_model
+from hvtune.testing.tiny_encoders import write_tiny_tencent_text_root
 
 
 def test_tencent_ckpts_resolve_and_load(tiny_i2v, tmp_path):

@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hvtune.config import TrainConfig
-from hvtune.export import (
+from hvtune.config.settings import TrainConfig
+from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.output.export import (
     _comfy_name,
     adapter_config,
     lora_state_dict,
@@ -19,8 +20,7 @@ from hvtune.export import (
     save_diffusers_lora,
     to_comfyui,
 )
-from hvtune.memory import add_lora
-from hvtune.registry import load_transformer, resolve_model
+from hvtune.train.memory import add_lora
 
 ALL_MAPPABLE = [
     "to_q",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hvtune.cache_store import remove_temp_files
+from hvtune.cache.store import remove_temp_files
 from hvtune.files import atomic_directory, atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 APP = str(Path(__file__).resolve().parents[1] / "app")

@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hvtune.config import ConfigError, TrainConfig, load_config
-from hvtune.export import (
+from hvtune.config.lycoris import LycorisSpec, read_lycoris_config
+from hvtune.config.settings import ConfigError, TrainConfig, load_config
+from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.output.export import (
     _comfy_name,
     adapter_config,
     adapter_scales,
@@ -21,9 +23,7 @@ from hvtune.export import (
     save_comfyui_lora,
     save_diffusers_lora,
 )
-from hvtune.lycoris import LycorisSpec, read_lycoris_config
-from hvtune.memory import add_lycoris
-from hvtune.registry import load_transformer, resolve_model
+from hvtune.train.memory import add_lycoris
 from test_export import _inputs
 
 # SimpleTuner 4.10.1's own simpletuner/examples/lycoris_config.json (the file its docs point at)
@@ -172,7 +172,7 @@ def test_comfyui_file_applied_as_comfyui_does_equals_peft_merged_weights(tiny_t2
 def test_diffusers_format_file_loads_into_a_fresh_transformer(tiny_t2v, tmp_path, data):
     paths, trained = _trained(tiny_t2v, tmp_path, data)
     spec = read_lycoris_config(tmp_path / "lycoris_config.json")
-    meta = {"hvtune.lora_type": "lycoris", "hvtune.lycoris": spec.to_json()}
+    meta = {"hvtune.lora_type": "lycoris", "hvtune.config.lycoris": spec.to_json()}
     path = save_diffusers_lora(lora_state_dict(trained), tmp_path / "out", meta, adapter_config(trained))
     fresh = load_transformer(paths)
     with torch.no_grad():

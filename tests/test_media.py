@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from clips import frame_index, marker_corner, write_audio_only, write_clip, write_exif_jpeg
-from hvtune import media
-from hvtune.media import MediaError
+from hvtune.data import media
+from hvtune.data.media import MediaError
 
 
 def read(path: Path, num_frames: int = 5, size: tuple[int, int] = (64, 48), frame_rate: float | None = None, **kw):
@@ -244,7 +244,7 @@ def test_write_video_round_trip_is_atomic(tmp_path: Path) -> None:
 
 
 def test_synthetic_dataset_is_deterministic_with_quoted_captions(tmp_path: Path) -> None:
-    from hvtune.synth import write_synthetic_dataset
+    from hvtune.testing.synth import write_synthetic_dataset
 
     kw = {"clips": 3, "size": (64, 48), "num_frames": 9, "fps": 8, "image_every": 2}
     a = write_synthetic_dataset(tmp_path / "a", seed=0, **kw)

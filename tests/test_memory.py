@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hvtune.config import TrainConfig, UserError
-from hvtune.memory import add_lora, build_lr_scheduler, build_optimizer, dead_modules, prepare_base
-from hvtune.objective import training_loss
-from hvtune.tiny_model import build_components
+from hvtune.config.settings import TrainConfig, UserError
+from hvtune.testing.tiny_model import build_components
+from hvtune.train.memory import add_lora, build_lr_scheduler, build_optimizer, dead_modules, prepare_base
+from hvtune.train.objective import training_loss
 
 IMAGE_SHAPE = (729, 16)
 

@@ -12,12 +12,12 @@ import pytest
 
 from clips import write_clip
 from conftest import run_hvtune
-from hvtune.cache import build_cache, print_verify
-from hvtune.cache_store import CacheError, entry_damage
-from hvtune.checkpoints import CheckpointError
-from hvtune.config import load_config
-from hvtune.datasets import scan
-from hvtune.manifest import load_manifest
+from hvtune.cache.build import build_cache, print_verify
+from hvtune.cache.manifest import load_manifest
+from hvtune.cache.store import CacheError, entry_damage
+from hvtune.config.settings import load_config
+from hvtune.data.datasets import scan
+from hvtune.output.checkpoints import CheckpointError
 from hvtune.trainer import TrainError, train
 
 
@@ -89,7 +89,7 @@ def test_a_clip_of_random_bytes_is_reported_as_corrupt_not_with_the_decoders_err
 @pytest.fixture(scope="module")
 def own_cache(tmp_path_factory):
     """A demo project (tiny t2v model, 4 clips) with its cache built: these tests damage and repair it."""
-    from hvtune.demo import write_demo_project
+    from hvtune.testing.demo import write_demo_project
 
     config = write_demo_project(tmp_path_factory.mktemp("own"), task="t2v", clips=4, steps=4)
     build_cache(load_config(config, env={}), progress=False)
@@ -311,7 +311,7 @@ def test_a_full_disk_is_refused_before_training_with_the_disk_and_the_space_need
 
 # case 7
 def test_a_full_disk_during_cache_is_one_line_naming_it(tmp_path, small_disk):
-    from hvtune.demo import write_demo_project
+    from hvtune.testing.demo import write_demo_project
 
     config = write_demo_project(tmp_path / "demo", task="t2v", clips=2, steps=2)
     with open(small_disk / "filler", "wb", buffering=0) as filler:  # fill it to the last byte

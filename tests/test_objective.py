@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hvtune.objective import (
+from hvtune.testing.tiny_model import build_components
+from hvtune.train.objective import (
     caption_dropout_mask,
     counter_generator,
     sample_noise,
@@ -17,7 +18,6 @@ from hvtune.objective import (
     shift_sigmas,
     training_loss,
 )
-from hvtune.tiny_model import build_components
 
 IMAGE_SHAPE = (729, 16)  # the tiny model's SigLIP width
 
@@ -254,8 +254,8 @@ def test_caption_dropout_uses_the_empty_prompt(t2v):
 def test_loss_goes_down_with_adamw_on_a_fixed_batch(t2v):
     """The objective is trainable: 20 AdamW steps of LoRA on one batch (same draws, so the same noise and timestep
     every step) lower its loss."""
-    from hvtune.config import TrainConfig
-    from hvtune.memory import add_lora, build_optimizer, prepare_base
+    from hvtune.config.settings import TrainConfig
+    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
 
     cfg = TrainConfig(
         base_model_precision="no_change",

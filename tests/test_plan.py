@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from hvtune.architectures import GPUS, UnknownArchitecture, find_gpu, transformer_config
 from hvtune.cli import main
-from hvtune.config import TrainConfig
-from hvtune.plan import (
+from hvtune.config.settings import TrainConfig
+from hvtune.model.architectures import GPUS, UnknownArchitecture, find_gpu, transformer_config
+from hvtune.plan.simulate import (
     GPU,
     StepShape,
     _plan,
@@ -35,7 +35,7 @@ TARGETED_PROJECTIONS = 54 * 8 - 2  # 8 attention projections per block, minus th
 
 @functools.cache
 def _tiny_config(task: str) -> dict:
-    from hvtune.tiny_model import build_components
+    from hvtune.testing.tiny_model import build_components
 
     return dict(build_components(task)["transformer"].config)
 
@@ -114,7 +114,7 @@ def _full(flavour: str, **settings):
 
 
 def _bytes(tensors) -> int:
-    from hvtune.plan import storage_bytes
+    from hvtune.plan.simulate import storage_bytes
 
     return storage_bytes(list(tensors), "meta")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvtune.config import TrainConfig
-from hvtune.registry import (
+from hvtune.config.settings import TrainConfig
+from hvtune.model.registry import (
     DIFFUSERS_REPOS,
     ModelSourceError,
     load_text_encoders,
@@ -22,7 +22,7 @@ from hvtune.registry import (
     plan_sources,
     resolve_model,
 )
-from hvtune.tiny_model import write_tiny_model
+from hvtune.testing.tiny_model import write_tiny_model
 
 APP = str(Path(__file__).resolve().parents[1] / "app")
 

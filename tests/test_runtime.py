@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_hvtune
-from hvtune.config import load_config
-from hvtune.progress import TrainProgress
+from hvtune.config.settings import load_config
+from hvtune.output.progress import TrainProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 HVTUNE_BIN = Path(sys.executable).parent

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import run_hvtune
-from hvtune.config import ConfigError, Problem, UserError
+from hvtune.config.settings import ConfigError, Problem, UserError
 from hvtune.files import write_text_atomic
-from hvtune.serve import PageServer, RunFolder, mask_secrets, resolve_token, safe_file
-from hvtune.status import RunStatus, is_stale, read_status, recorded
+from hvtune.output.status import RunStatus, is_stale, read_status, recorded
+from hvtune.serve.server import PageServer, RunFolder, mask_secrets, resolve_token, safe_file
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -326,7 +326,7 @@ def test_two_folders_show_both_curves_and_the_compare_verdict_once_both_finished
     import torch
     from safetensors.torch import save_file
 
-    from hvtune.compare import LORA_FILE
+    from hvtune.output.compare import LORA_FILE
 
     runs = []
     for name, losses in (("a", [0.5, 0.4]), ("b", [0.5, 0.41])):
@@ -519,7 +519,7 @@ def test_entrypoint_starts_one_page_with_a_token_when_the_port_is_set(tmp_path):
 
 def test_the_page_starts_without_importing_torch():
     """`hvtune serve` starts in about a second on a busy training box: nothing it imports pulls in torch."""
-    code = "import sys, hvtune.cli, hvtune.serve; print('torch' in sys.modules)"
+    code = "import sys, hvtune.cli, hvtune.serve.server; print('torch' in sys.modules)"
     app = str(Path(__file__).resolve().parents[1] / "app")
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": app}

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 
 from hvtune.cli import main
-from hvtune.config import ConfigError, DatasetConfig, TrainConfig, load_config
-from hvtune.datasets import BucketRule, simpletuner_bucket
-from hvtune.simpletuner import (
+from hvtune.config.settings import ConfigError, DatasetConfig, TrainConfig, load_config
+from hvtune.config.simpletuner import (
     FEATURE_KEYS,
     KEPT_DEFAULTS,
     TRAIN_KEYS,
     render_markdown,
     simpletuner_defaults,
 )
+from hvtune.data.datasets import BucketRule, simpletuner_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(__file__).parent / "data" / "simpletuner-4.10.1"
@@ -236,7 +236,7 @@ def _cfg(**kw) -> TrainConfig:
 def test_optimizer_names_and_settings_as_simpletuner(name, cls, eps, weight_decay, betas):
     import torch
 
-    from hvtune.memory import build_optimizer
+    from hvtune.train.memory import build_optimizer
 
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(4, 4))], _cfg(optimizer=name, learning_rate=1e-4))
     group = opt.param_groups[0]
@@ -258,7 +258,7 @@ def test_gradient_clipping_methods(method):
     import torch
     from accelerate import Accelerator
 
-    from hvtune.memory import clip_gradients
+    from hvtune.train.memory import clip_gradients
 
     param = torch.nn.Parameter(torch.zeros(4))
     param.grad = torch.tensor([3.0, -0.5, 0.1, -4.0])
@@ -274,7 +274,7 @@ def test_gradient_clipping_methods(method):
 def test_flow_schedule_keys():
     import torch
 
-    from hvtune.objective import counter_generator, sample_sigmas
+    from hvtune.train.objective import counter_generator, sample_sigmas
 
     assert _cfg(flow_schedule_shift=0).shift == 1.0  # 0: no shift (custom_schedule.apply_flow_schedule_shift)
     assert _cfg(flow_use_uniform_schedule=True).timestep_mode == "uniform"
@@ -297,7 +297,7 @@ def test_steps_epochs_intervals_and_validation_resolution(tmp_path):
 
 
 def test_instance_prompt_keys(tmp_path):
-    from hvtune.datasets import Captions
+    from hvtune.data.datasets import Captions
 
     clip = tmp_path / "a_red_ball.mp4"
     clip.write_bytes(b"")
@@ -324,7 +324,7 @@ def test_crop_keys(tmp_path):
         load_config(path, env={})
     backend[0].update({"crop_style": "center", "crop_aspect": "square"})
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
-    from hvtune.datasets import dataset_bucket_rule
+    from hvtune.data.datasets import dataset_bucket_rule
 
     r = load_config(path, env={})
     rule = dataset_bucket_rule(r.datasets[0], r)
@@ -361,7 +361,7 @@ def test_every_key_marked_same_is_read_by_hvtune():
     names = set(TrainConfig.model_fields) | {f.alias for f in TrainConfig.model_fields.values() if f.alias}
     assert [k for k, p in TRAIN_KEYS.items() if p.status == "same" and k not in names] == []
     dataset_names = set(DatasetConfig.model_fields)
-    from hvtune.simpletuner import DATASET_KEYS
+    from hvtune.config.simpletuner import DATASET_KEYS
 
     assert [k for k, p in DATASET_KEYS.items() if p.status == "same" and k not in dataset_names] == []
 
@@ -377,7 +377,7 @@ def test_auto_shift_and_beta_schedule():
 
     import numpy as np
 
-    from hvtune.objective import auto_shift, counter_seed, sample_sigmas
+    from hvtune.train.objective import auto_shift, counter_seed, sample_sigmas
 
     cfg = _cfg(flow_schedule_shift=0, flow_schedule_auto_shift=True)
     assert cfg.shift == 0.0 and _cfg(flow_schedule_shift=0).shift == 1.0 and _cfg().shift == 3.0

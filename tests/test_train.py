@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_hvtune
-from hvtune.config import load_config
+from hvtune.config.settings import load_config
 from hvtune.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -187,8 +187,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(demo_project, tmp_path):
 
 
 def test_i2v_trains_on_real_image_conditions_and_validates(demo_project_i2v, tmp_path):
-    from hvtune.batches import load_batch, plan_epoch
-    from hvtune.manifest import load_manifest
+    from hvtune.cache.manifest import load_manifest
+    from hvtune.train.batches import load_batch, plan_epoch
 
     config = resolved(demo_project_i2v, tmp_path / "run", max_train_steps=2, validation_num_inference_steps=2)
     manifest = load_manifest(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import HunyuanVideo15Pipeline
 
-from hvtune.validation import TextCondition, sample_video
+from hvtune.output.validation import TextCondition, sample_video
 
 
 def test_sampler_matches_diffusers_pipeline_t2v(tiny_t2v):

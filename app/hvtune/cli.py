@@ -8,8 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .compare import Tolerances
-from .config import (
+from hvtune.config.settings import (
     ConfigError,
     ResolvedConfig,
     UserError,
@@ -18,6 +17,7 @@ from .config import (
     mask_secrets,
     resolve_keys,
 )
+from hvtune.output.compare import Tolerances
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -31,7 +31,7 @@ LIBRARY_LOGS: dict[str, Callable[[ResolvedConfig], Path]] = {
 
 
 def _config(args: argparse.Namespace) -> ResolvedConfig:
-    from .library_logs import route_library_output
+    from hvtune.library_logs import route_library_output
 
     resolved = load_config(args.config, argv=args.overrides)
     log = LIBRARY_LOGS.get(args.command)
@@ -42,9 +42,9 @@ def _config(args: argparse.Namespace) -> ResolvedConfig:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .datasets import media_datasets
-    from .files import writable_dir_problem
-    from .registry import detect_device, local_source_problems
+    from hvtune.data.datasets import media_datasets
+    from hvtune.files import writable_dir_problem
+    from hvtune.model.registry import detect_device, local_source_problems
 
     resolved = _config(args)
     problems = check_device_support(resolved.train, detect_device(), str(resolved.config_path or "config"))
@@ -63,8 +63,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UserError(f"{len(local)} problem(s) found:\n" + "\n".join(f"  - {p}" for p in local))
     values = mask_secrets(resolved.train.model_dump(mode="json"))
     width = max(map(len, values))
-    from .datasets import dataset_bucket_rule, simpletuner_bucket
-    from .simpletuner import KEPT_DEFAULTS
+    from hvtune.config.simpletuner import KEPT_DEFAULTS
+    from hvtune.data.datasets import dataset_bucket_rule, simpletuner_bucket
 
     print(f"config: {resolved.config_path or '(none: defaults, environment and flags)'}")
     for key, value in values.items():
@@ -89,14 +89,14 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"    video.frame_rate {ds.video.frame_rate:g}: resampled (SimpleTuner 4.10.1 does not resample)")
     print("config OK")
     if detect_device() != "cpu":  # a GPU is visible: will the configured setting fit it (simulated, ~1 min)
-        from .plan import gpu_verdict
+        from hvtune.plan.simulate import gpu_verdict
 
         print(gpu_verdict(resolved))
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan_report
+    from hvtune.plan.simulate import plan_report
 
     print(plan_report(_config(args), args.gpu, caption_tokens=args.caption_tokens, verdict_only=args.verdict))
     return EXIT_OK
@@ -111,7 +111,7 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from .registry import resolve_model
+    from hvtune.model.registry import resolve_model
 
     resolved = _config(args)
     paths = resolve_model(resolved.train)
@@ -122,8 +122,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .cache import build_cache, print_verify
-    from .status import recorded
+    from hvtune.cache.build import build_cache, print_verify
+    from hvtune.output.status import recorded
 
     resolved = _config(args)
     if args.action == "verify":
@@ -134,8 +134,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .status import recorded
-    from .trainer import train
+    from hvtune.output.status import recorded
+    from hvtune.trainer import train
 
     resolved = _config(args)
     with recorded(resolved.train.output_dir):
@@ -155,10 +155,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .cache import build_cache
-    from .demo import write_demo_project
-    from .library_logs import route_library_output
-    from .trainer import train
+    from hvtune.cache.build import build_cache
+    from hvtune.library_logs import route_library_output
+    from hvtune.testing.demo import write_demo_project
+    from hvtune.trainer import train
 
     route_library_output(args.dir.resolve() / "output" / "logs" / "libraries.log", verbose=args.verbose)
     config_path = write_demo_project(args.dir.resolve(), task=args.task, steps=args.steps)
@@ -181,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_runs, format_comparison
+    from hvtune.output.compare import compare_runs, format_comparison
 
     tol = Tolerances(args.loss_rtol, args.weight_rtol, args.min_cosine)
     result = compare_runs(args.run_a, args.run_b, tol, plot=args.plot)
@@ -192,14 +192,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from hvtune.serve.server import serve
 
     serve(args.output_dir, host=args.host, port=args.port, token=args.token, allow_stop=not args.read_only)
     return EXIT_OK
 
 
 def cmd_synth_dataset(args: argparse.Namespace) -> int:
-    from .synth import write_synthetic_dataset
+    from hvtune.testing.synth import write_synthetic_dataset
 
     files = write_synthetic_dataset(args.out, clips=args.clips, seed=args.seed)
     print(f"{len(files)} clips with captions written to {args.out}")
@@ -207,7 +207,7 @@ def cmd_synth_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_model import write_tiny_model
+    from hvtune.testing.tiny_model import write_tiny_model
 
     out = write_tiny_model(args.out, task=args.task, seed=args.seed)
     print(f"tiny {args.task} model written to {out}")

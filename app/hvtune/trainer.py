@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ema as lora_ema
-from .batches import load_batch, plan_epoch, text_entry
-from .checkpoints import (
+from hvtune.cache.manifest import load_manifest
+from hvtune.config.settings import ConfigError, ResolvedConfig, UserError, check_device_support, mask_secrets
+from hvtune.files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem, write_json_atomic
+from hvtune.model.registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
+from hvtune.output.checkpoints import (
     CheckpointError,
     LoopState,
     clear_run_outputs,
@@ -27,8 +29,7 @@ from .checkpoints import (
     run_identity,
     save_checkpoint,
 )
-from .config import ConfigError, ResolvedConfig, UserError, check_device_support, mask_secrets
-from .export import (
+from hvtune.output.export import (
     adapter_config,
     adapter_scales,
     lora_state_dict,
@@ -37,15 +38,20 @@ from .export import (
     save_diffusers_lora,
     to_comfyui,
 )
-from .files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem, write_json_atomic
-from .manifest import load_manifest
-from .memory import add_lora, base_dtype, build_lr_scheduler, build_optimizer, clip_gradients, prepare_base
-from .objective import counter_seed, schedule_options, training_loss
-from .progress import TrainProgress
-from .record import LossLog, apply_determinism, environment, plot_losses, sha256_json
-from .registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
-from .status import RunStatus
-from .validation import ImageCondition, TextCondition, dataset_validation_inputs, sample_video, validation_dir
+from hvtune.output.progress import TrainProgress
+from hvtune.output.record import LossLog, apply_determinism, environment, plot_losses, sha256_json
+from hvtune.output.status import RunStatus
+from hvtune.output.validation import (
+    ImageCondition,
+    TextCondition,
+    dataset_validation_inputs,
+    sample_video,
+    validation_dir,
+)
+from hvtune.train import ema as lora_ema
+from hvtune.train.batches import load_batch, plan_epoch, text_entry
+from hvtune.train.memory import add_lora, base_dtype, build_lr_scheduler, build_optimizer, clip_gradients, prepare_base
+from hvtune.train.objective import counter_seed, schedule_options, training_loss
 
 
 class TrainError(UserError):
@@ -444,7 +450,7 @@ def _checkpoint(out, state, model, optimizer, lr_scheduler, keep, ema=None) -> P
 
 
 def _validate(cfg, manifest, model, paths, step: int, device, suffix: str = "") -> list[Path]:
-    from .media import write_video
+    from hvtune.data.media import write_video
 
     vae = load_vae(paths).to(device)
     if cfg.vae_enable_tiling:
@@ -524,7 +530,7 @@ def _run_record(resolved, manifest, paths, determinism, world, state, started, s
     import hashlib
 
     lora_sha = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
-    ema_path = lora_path.parent / "ema" / lora_path.name if lora_path else None  # use_ema's copy (hvtune.ema)
+    ema_path = lora_path.parent / "ema" / lora_path.name if lora_path else None  # use_ema's copy (hvtune.train.ema)
     record = resolved.to_record()
     return {
         "hvtune_run": 1,

@@ -1,0 +1,263 @@
+"""The manifest: what training reads of the cache, and the check that the cache still fits the config.
+
+`<cache_dir>/manifest.json` (written last by `build_cache`, cache.py) lists every sample - its captions, bucket,
+repeats and the keys of its text, latent and SigLIP entries - with the settings and encoder identities the cache was
+built with. `load_manifest` is all the trainer needs to read a cache: it reads only the cache (no clips, no encoders
+needed on a training machine), compares the recorded settings with the config's (`cache_settings`) and the recorded
+encoders with the ones the config points at where they are on this machine, checks that every entry it names exists,
+and otherwise raises a `CacheError` that names what differs and says to run `hvtune cache`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvtune.cache.store import (
+    FORMAT,
+    TEXT_COMPONENTS,
+    VISION_COMPONENTS,
+    CacheError,
+    cache_dir,
+    cache_settings,
+    encoder_components,
+    entry_damage,
+    entry_path,
+    identities,
+    read_entry,
+    text_root,
+    vae_root,
+    validation_root,
+)
+from hvtune.config.settings import ResolvedConfig
+
+
+@dataclass
+class ManifestSample:
+    index: int
+    id: str
+    dataset: str
+    source: str
+    caption: str
+    captions: list[str]
+    text_key: str
+    text_keys: list[str]
+    latent_key: str
+    image_key: str | None
+    bucket: tuple[int, int, int]
+    repeats: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "id": self.id,
+            "dataset": self.dataset,
+            "source": self.source,
+            "caption": self.caption,
+            "captions": self.captions,
+            "text_key": self.text_key,
+            "text_keys": self.text_keys,
+            "latent_key": self.latent_key,
+            "image_key": self.image_key,
+            "bucket": list(self.bucket),
+            "repeats": self.repeats,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ManifestSample:
+        return cls(**{**d, "bucket": tuple(d["bucket"])})
+
+
+@dataclass
+class Manifest:
+    path: Path
+    task: str
+    fingerprint: str
+    samples_hash: str
+    samples: list[ManifestSample]
+    text_root: Path
+    vae_roots: dict[str, Path]
+    validation_root: Path
+    validation_prompt_key: str
+    validation_negative_key: str
+    empty_prompt_key: str
+    validation_image: dict[str, str] | None
+    data: dict[str, Any] = field(repr=False)
+    repair_hint: str = "run `hvtune cache` again"  # the command that re-encodes a damaged entry
+
+    def text_path(self, key: str) -> Path:
+        return entry_path(self.text_root, key)
+
+    def latent_path(self, sample: ManifestSample) -> Path:
+        return entry_path(self.vae_roots[sample.dataset], sample.latent_key)
+
+    def image_path(self, sample: ManifestSample) -> Path | None:
+        return entry_path(self.vae_roots[sample.dataset], sample.image_key) if sample.image_key else None
+
+    def entry_files(self) -> list[tuple[str, Path]]:
+        """(what, path) of every entry the manifest needs."""
+        files = []
+        for key, what in (
+            (self.validation_prompt_key, "validation prompt"),
+            (self.validation_negative_key, "validation negative prompt"),
+            (self.empty_prompt_key, "empty caption"),
+        ):
+            files.append((f"text entry for the {what}", self.text_path(key)))
+        for s in self.samples:
+            for k in dict.fromkeys(s.text_keys):
+                files.append((f"text entry of sample {s.id}", self.text_path(k)))
+            files.append((f"latent entry of sample {s.id}", self.latent_path(s)))
+            if s.image_key:
+                files.append((f"SigLIP entry of sample {s.id}", self.image_path(s)))
+        if self.validation_image:
+            for k in ("latent_key", "image_key"):
+                files.append(
+                    (
+                        f"validation image {k.split('_')[0]} entry",
+                        entry_path(self.validation_root, self.validation_image[k]),
+                    )
+                )
+        return files
+
+    def validation_image_condition(self):
+        """(cond_latent (1, 32, 1, h, w), image_embeds (1, N, Dv)) for i2v validation."""
+        if not self.validation_image:
+            raise CacheError(f"{self.path}: no validation image condition (a t2v cache?): run `hvtune cache`")
+        cond = read_entry(self.validation_root, self.validation_image["latent_key"])["cond_latents"]
+        embeds = read_entry(self.validation_root, self.validation_image["image_key"])["image_embeds"]
+        return cond.float()[None], embeds.float()[None]
+
+
+def manifest_path(resolved: ResolvedConfig) -> Path:
+    return cache_dir(resolved) / "manifest.json"
+
+
+def _cache_command(resolved: ResolvedConfig) -> str:
+    return f"hvtune cache --config {resolved.config_path}" if resolved.config_path else "hvtune cache"
+
+
+def rerun_hint(resolved: ResolvedConfig) -> str:
+    return f"run `{_cache_command(resolved)}` to build it"
+
+
+def repair_hint(resolved: ResolvedConfig) -> str:
+    return f"run `{_cache_command(resolved)}` (it encodes every damaged, missing or outdated entry again)"
+
+
+def parse_manifest(resolved: ResolvedConfig, path: Path, data: dict[str, Any]) -> Manifest:
+    samples = [ManifestSample.from_json(s) for s in data["samples"]]
+    return Manifest(
+        path=path,
+        task=data["task"],
+        fingerprint=data["fingerprint"],
+        samples_hash=data["samples_hash"],
+        samples=samples,
+        text_root=text_root(resolved),
+        vae_roots={d: vae_root(resolved, d) for d in {s.dataset for s in samples}},
+        validation_root=validation_root(resolved),
+        validation_prompt_key=data["validation_prompt_key"],
+        validation_negative_key=data["validation_negative_key"],
+        empty_prompt_key=data["empty_prompt_key"],
+        validation_image=data.get("validation_image"),
+        data=data,
+    )
+
+
+def _current_identities(resolved: ResolvedConfig) -> dict[str, dict[str, Any]]:
+    """Identities of the encoders the config points at, where they are on this machine (no download); others are
+    left out (a training machine need not hold the encoders)."""
+    from hvtune.model.registry import ModelSourceError, resolve_model
+
+    names = encoder_components(resolved.task)
+    out: dict[str, dict[str, Any]] = {}
+    for group in (TEXT_COMPONENTS, ("vae",), VISION_COMPONENTS):
+        wanted = [n for n in group if n in names]
+        if not wanted:
+            continue
+        try:
+            paths = resolve_model(resolved.train, wanted, allow_download=False)
+        except (ModelSourceError, OSError, ValueError):
+            continue
+        out.update(identities(paths, wanted))
+    return out
+
+
+def _diff(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and all(isinstance(x, dict) and "id" in x for x in old + new):
+        a, b = {x["id"]: x for x in old}, {x["id"]: x for x in new}
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            out += _diff(a.get(k), b.get(k), f"{where}[{k}]")
+        if not out and [x["id"] for x in old] != [x["id"] for x in new]:
+            out.append(f"{where}: dataset order {[x['id'] for x in old]} -> {[x['id'] for x in new]}")
+        return out
+    return [] if old == new else [f"{where}: cache built with {old!r}, config now {new!r}"]
+
+
+def source_stats(paths: Iterable[Path]) -> dict[str, list[int]]:
+    """path -> [size, mtime_ns] of every file a cache was built from (clips, caption files, caption tables): what
+    `changed_sources` compares, so that training notices an edited caption or a replaced clip without hashing."""
+    out: dict[str, list[int]] = {}
+    for path in paths:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            continue
+        out[str(path)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def changed_sources(data: dict[str, Any]) -> list[str]:
+    """Recorded sources whose size or modification time differ now. A source absent here is not a change: a
+    training machine need not hold the clips."""
+    changed = []
+    for path, recorded in (data.get("sources") or {}).items():
+        now = source_stats([Path(path)]).get(path)
+        if now is not None and now != recorded:
+            changed.append(path)
+    return changed
+
+
+def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> Manifest:
+    """The cache for training: reads only the cache. Raises CacheError (naming what is wrong and saying to run
+    `hvtune cache`) when the manifest is missing, was built with other settings or encoders, or an entry is missing."""
+    path = manifest_path(resolved)
+    if not path.is_file():
+        raise CacheError(f"no cache at {cache_dir(resolved)} ({path.name} is missing): {rerun_hint(resolved)}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path} is unreadable ({e}): {rerun_hint(resolved)}") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CacheError(f"{path} was written by another cache format (want {FORMAT}): {rerun_hint(resolved)}")
+    problems = _diff(data.get("settings"), cache_settings(resolved))
+    if check_encoders:
+        built = data.get("encoders", {})
+        for name, ident in _current_identities(resolved).items():
+            if name in built and built[name] != ident:
+                problems.append(f"encoder {name}: the cache was built with other weights or files ({built[name]})")
+    changed = changed_sources(data)
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        problems.append(f"{changed[0]}{more}: edited or replaced since the cache was built")
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise CacheError(
+            f"the cache at {cache_dir(resolved)} was built with other settings:\n{listed}\n"
+            f"{rerun_hint(resolved)} again (only what changed is encoded)"
+        )
+    manifest = parse_manifest(resolved, path, data)
+    manifest.repair_hint = repair_hint(resolved)
+    for what, entry in manifest.entry_files():
+        damage = entry_damage(entry)  # size and header only: cheap enough for every run
+        if damage:
+            raise CacheError(f"cache entry {damage}: {what} ({entry}): {manifest.repair_hint}")
+    return manifest

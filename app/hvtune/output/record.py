@@ -1,0 +1,164 @@
+"""The run record: everything needed to repeat a run and compare it with another (`run.json`, `loss.jsonl`).
+
+Determinism knobs live here too because they are part of what a run is: they are set before the first CUDA call
+and written into the record with the environment they depend on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hvtune.files import atomic_path, write_text_atomic
+
+PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "huggingface_hub",
+    "torchao",
+    "bitsandbytes",
+    "av",
+    "pydantic",
+    "hvtune",
+)
+# Environment that changes numerics or kernels selection; recorded so a second vendor can match it.
+DETERMINISM_ENV = {
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    "PYTORCH_TUNABLEOP_ENABLED": "0",
+    "HIPBLASLT_ALLOW_TF32": "0",
+    "TORCH_BLAS_PREFER_HIPBLASLT": "1",
+}
+IMAGE_LABEL_ENV = (
+    "HVTUNE_IMAGE",
+    "HVTUNE_IMAGE_VARIANT",
+    "HVTUNE_BASE_IMAGE",
+    "HVTUNE_BASE_DIGEST",
+    "HVTUNE_LOCK_SHA256",
+    "HVTUNE_TORCH_INDEX",
+)
+
+
+def sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def apply_determinism(enabled: bool) -> dict[str, Any]:
+    """Set the knobs for bitwise-repeatable runs on one software stack and GPU model; returns what was set.
+
+    Must run before the first CUDA call (cuBLAS reads its workspace setting at initialisation)."""
+    import torch
+
+    knobs: dict[str, Any] = {"deterministic": enabled}
+    if enabled:
+        for key, value in DETERMINISM_ENV.items():
+            os.environ.setdefault(key, value)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    knobs["env"] = {key: os.environ.get(key) for key in DETERMINISM_ENV}
+    knobs["torch"] = {
+        "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+    return knobs
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "torch_cuda": torch.version.cuda,
+        "torch_hip": torch.version.hip,
+        "image": {k: os.environ[k] for k in IMAGE_LABEL_ENV if k in os.environ},
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = {
+            "name": props.name,
+            "count": torch.cuda.device_count(),
+            "capability": f"{props.major}.{props.minor}",
+            "arch": getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}",
+            "memory_gb": round(props.total_memory / 2**30, 1),
+            "driver": _driver_version(),
+        }
+    else:
+        env["gpu"] = None
+    return env
+
+
+def _driver_version() -> str | None:
+    for path in ("/proc/driver/nvidia/version", "/sys/module/amdgpu/version"):
+        try:
+            return Path(path).read_text().split("\n")[0].strip()
+        except OSError:
+            continue
+    return None
+
+
+class LossLog:
+    """Append-only per-step log (`loss.jsonl`); survives a crash up to the last flushed step."""
+
+    def __init__(self, path: Path, resume_from_step: int = 0):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a resumed run keeps the steps before its checkpoint and redoes the rest
+            kept = [
+                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step
+            ]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+        self._file = path.open("a")
+
+    def write(self, **row: Any) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_loss_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(path: Path, curves: dict[str, list[tuple[int, float]]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for label, points in curves.items():
+        if points:
+            steps, losses = zip(*points, strict=True)
+            ax.plot(steps, losses, label=label, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")  # the temp name ends in .tmp: say the format
+    plt.close(fig)
