@@ -270,8 +270,10 @@ def run_config(spec: dict) -> dict:
     sys.path.insert(0, str(APP))
     sys.path.insert(0, str(HERE))
     from hvtune.config.settings import TrainConfig
-    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
+    from hvtune.train.base_model import prepare_base
+    from hvtune.train.lora import add_lora
     from hvtune.train.objective import training_loss
+    from hvtune.train.optim import build_optimizer
 
     smoke = spec["smoke"]
     device = torch.device("cpu" if smoke else "cuda")

@@ -103,9 +103,11 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     from hvtune.cache.manifest import load_manifest
     from hvtune.config.settings import load_config
     from hvtune.model.registry import load_scheduler, load_transformer, resolve_model
+    from hvtune.train.base_model import base_dtype, prepare_base
     from hvtune.train.batches import load_batch, plan_epoch, text_entry
-    from hvtune.train.memory import add_lora, base_dtype, build_optimizer, clip_gradients, prepare_base
+    from hvtune.train.lora import add_lora
     from hvtune.train.objective import counter_seed, schedule_options, training_loss
+    from hvtune.train.optim import build_optimizer, clip_gradients
 
     resolved = load_config(config, env={}, argv=[*NO_SIDE_WORK, f"--max_train_steps={steps}"])
     cfg = resolved.train

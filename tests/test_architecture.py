@@ -28,9 +28,13 @@ STAGES = [
     "cache.build",
     "train.batches",  # batches and the training step
     "train.objective",
-    "train.memory",
+    "train.base_model",
+    "train.lora",
+    "train.optim",
+    "train.step",
     "train.ema",
     "output.checkpoints",  # checkpoints / validation / export / run record
+    "output.run_dir",
     "output.validation",
     "output.export",
     "output.record",

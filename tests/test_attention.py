@@ -13,8 +13,8 @@ import torch
 from hvtune.cache.manifest import load_manifest
 from hvtune.config.settings import TrainConfig, load_config
 from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.train.base_model import prepare_base
 from hvtune.train.batches import load_batch, plan_epoch
-from hvtune.train.memory import prepare_base
 from hvtune.train.objective import training_loss
 
 

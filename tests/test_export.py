@@ -20,7 +20,7 @@ from hvtune.output.export import (
     save_diffusers_lora,
     to_comfyui,
 )
-from hvtune.train.memory import add_lora
+from hvtune.train.lora import add_lora
 
 ALL_MAPPABLE = [
     "to_q",

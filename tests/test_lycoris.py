@@ -23,7 +23,7 @@ from hvtune.output.export import (
     save_comfyui_lora,
     save_diffusers_lora,
 )
-from hvtune.train.memory import add_lycoris
+from hvtune.train.lora import add_lycoris
 from test_export import _inputs
 
 # SimpleTuner 4.10.1's own simpletuner/examples/lycoris_config.json (the file its docs point at)

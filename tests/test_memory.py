@@ -11,8 +11,10 @@ import torch
 
 from hvtune.config.settings import TrainConfig, UserError
 from hvtune.testing.tiny_model import build_components
-from hvtune.train.memory import add_lora, build_lr_scheduler, build_optimizer, dead_modules, prepare_base
+from hvtune.train.base_model import prepare_base
+from hvtune.train.lora import add_lora, dead_modules
 from hvtune.train.objective import training_loss
+from hvtune.train.optim import build_lr_scheduler, build_optimizer
 
 IMAGE_SHAPE = (729, 16)
 

@@ -255,7 +255,9 @@ def test_loss_goes_down_with_adamw_on_a_fixed_batch(t2v):
     """The objective is trainable: 20 AdamW steps of LoRA on one batch (same draws, so the same noise and timestep
     every step) lower its loss."""
     from hvtune.config.settings import TrainConfig
-    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
+    from hvtune.train.base_model import prepare_base
+    from hvtune.train.lora import add_lora
+    from hvtune.train.optim import build_optimizer
 
     cfg = TrainConfig(
         base_model_precision="no_change",

@@ -236,7 +236,7 @@ def _cfg(**kw) -> TrainConfig:
 def test_optimizer_names_and_settings_as_simpletuner(name, cls, eps, weight_decay, betas):
     import torch
 
-    from hvtune.train.memory import build_optimizer
+    from hvtune.train.optim import build_optimizer
 
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(4, 4))], _cfg(optimizer=name, learning_rate=1e-4))
     group = opt.param_groups[0]
@@ -258,7 +258,7 @@ def test_gradient_clipping_methods(method):
     import torch
     from accelerate import Accelerator
 
-    from hvtune.train.memory import clip_gradients
+    from hvtune.train.optim import clip_gradients
 
     param = torch.nn.Parameter(torch.zeros(4))
     param.grad = torch.tensor([3.0, -0.5, 0.1, -4.0])

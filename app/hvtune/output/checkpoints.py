@@ -22,6 +22,7 @@ from typing import Any
 
 from hvtune.config.settings import UserError
 from hvtune.files import atomic_directory
+from hvtune.run_files import RunFiles
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -41,7 +42,7 @@ class LoopState:
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return RunFiles(output_dir).checkpoints
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -122,16 +123,6 @@ ANNOUNCED = (
     "pretrained_model_name_or_path",
     "dataset",
 )
-# what hvtune itself writes into an output_dir: removed by overwrite_output_dir, nothing else is
-RUN_OUTPUTS = (
-    "checkpoints",
-    "logs",
-    "validation",
-    "run.json",
-    "loss.png",
-    "pytorch_lora_weights.safetensors",
-    "comfyui_lora.safetensors",
-)
 
 
 def run_identity(config: dict[str, Any], dataset_hash: str | None) -> dict[str, Any]:
@@ -167,7 +158,7 @@ class RunStart:
 
 def _previous_record(output_dir: Path) -> dict[str, Any] | None:
     try:
-        record = json.loads((output_dir / "run.json").read_text())
+        record = json.loads(RunFiles(output_dir).record.read_text())
         return record if isinstance(record, dict) and "global_step" in record else None
     except (OSError, ValueError):
         return None
@@ -184,7 +175,8 @@ def plan_start(
     one line when it would mix two runs, continue an incompatible checkpoint, or go back in steps."""
     output_dir = Path(output_dir)
     if overwrite:
-        return RunStart(clear=[output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()])
+        # what hvtune itself writes into an output_dir: removed by overwrite_output_dir, nothing else is
+        return RunStart(clear=[path for path in RunFiles(output_dir).owned() if path.exists()])
     if resume and resume != "latest":  # an explicit checkpoint, possibly another folder's: the user chose it
         path = find_checkpoint(output_dir, resume)
         return RunStart(resume=path, notices=check_resumable(path, identity, total_steps))

@@ -301,7 +301,7 @@ def load_lycoris(transformer, path: str | Path) -> None:
     from safetensors.torch import load_file
 
     from hvtune.config.lycoris import LycorisSpec
-    from hvtune.train.memory import add_lycoris
+    from hvtune.train.lora import add_lycoris
 
     path = Path(path)
     if path.is_dir():

@@ -1,6 +1,7 @@
-"""Training progress for whoever watches it. On a terminal: the tqdm bar. Without one (compose, `docker logs`, CI,
-a pipe): tqdm's carriage-return updates would reach the log as one long line at the end, so instead one complete
-line is written at the first step, then every HVTUNE_PROGRESS_SECONDS (default 30) and at the last step:
+"""Training progress for whoever watches it: the trackers (`report_to`: TensorBoard, wandb) and the progress line.
+On a terminal: the tqdm bar. Without one (compose, `docker logs`, CI, a pipe): tqdm's carriage-return updates would
+reach the log as one long line at the end, so instead one complete line is written at the first step, then every
+HVTUNE_PROGRESS_SECONDS (default 30) and at the last step:
 
     train:  12% 120/1000 steps | loss 0.0831 | lr 1.00e-04 | 2.41 s/step | ETA 0:35:21 | peak mem 21.4/79.6 GiB
 
@@ -108,3 +109,30 @@ class TrainProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def trackers(cfg) -> list[str]:
+    """accelerate trackers for `report_to`: TensorBoard always (unless "none"), wandb when asked and configured."""
+    if cfg.report_to == "none":
+        return []
+    if cfg.report_to == "wandb":
+        from importlib.util import find_spec
+
+        if find_spec("wandb") is None:
+            print("notice: report_to=wandb but wandb is not installed (pip install wandb): TensorBoard only")
+        elif os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+            return ["tensorboard", "wandb"]
+        else:
+            print("notice: report_to=wandb but WANDB_API_KEY is not set: logging to TensorBoard only")
+    return ["tensorboard"]
+
+
+def start_trackers(accelerator, cfg) -> None:
+    """The run's config (secrets masked, scalars only) and name to the trackers `trackers(cfg)` named."""
+    from hvtune.config.settings import mask_secrets
+
+    scalars = {k: v for k, v in mask_secrets(cfg.model_dump()).items() if isinstance(v, int | float | str | bool)}
+    run_name = {"wandb": {"name": cfg.tracker_run_name}} if cfg.tracker_run_name else {}
+    accelerator.init_trackers(
+        os.environ.get("WANDB_PROJECT", cfg.tracker_project_name), config=scalars, init_kwargs=run_name
+    )

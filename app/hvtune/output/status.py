@@ -27,8 +27,8 @@ from typing import Any
 from hvtune.config.settings import UserError
 from hvtune.files import write_json_atomic
 from hvtune.output.record import environment
+from hvtune.run_files import RunFiles
 
-STATUS_FILE = "status.json"
 STATES = ("caching", "cached", "starting", "training", "validating", "checkpointing", "stopped", "finished", "failed")
 ENDED = ("cached", "stopped", "finished", "failed")  # nobody updates the file in these
 WRITE_EVERY_S = 1.0
@@ -36,7 +36,7 @@ RECENT_STEPS = 20  # s/step is the median of the last this many steps: validatio
 
 
 def status_path(output_dir: str | os.PathLike[str]) -> Path:
-    return Path(output_dir) / STATUS_FILE
+    return RunFiles(output_dir).status
 
 
 def one_line(error: BaseException) -> str:

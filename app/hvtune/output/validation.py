@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from hvtune.run_files import RunFiles
+from hvtune.train.batches import text_entry
+
 
 @dataclass
 class TextCondition:
@@ -53,30 +56,11 @@ def sample_video(
 ) -> torch.Tensor:
     """Returns uint8 frames (F, 3, H, W)."""
     import numpy as np
-    from diffusers.utils.torch_utils import randn_tensor
 
     dtype = next(p.dtype for p in transformer.parameters() if p.dtype.is_floating_point)
-    cfg = transformer.config
-    channels = cfg.out_channels
-    latent_frames = (num_frames - 1) // vae.temporal_compression_ratio + 1
-    shape = (
-        1,
-        channels,
-        latent_frames,
-        height // vae.spatial_compression_ratio,
-        width // vae.spatial_compression_ratio,
+    latents, cond, mask, image_embeds = _start(
+        transformer, vae, (num_frames, height, width), seed, image, device, dtype
     )
-    latents = randn_tensor(
-        shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device(device), dtype=dtype
-    )
-    cond = torch.zeros_like(latents)
-    mask = torch.zeros((*shape[:1], 1, *shape[2:]), device=device, dtype=dtype)
-    if image is None:
-        image_embeds = torch.zeros((1, 0, cfg.image_embed_dim), device=device, dtype=dtype)  # t2v: none
-    else:
-        cond[:, :, :1] = image.cond_latent.to(device, dtype)
-        mask[:, :, 0] = 1.0
-        image_embeds = image.image_embeds.to(device, dtype)
     prompt = prompt.to(device, dtype)
     use_cfg = guidance_scale > 1.0 and negative is not None
     negative = negative.to(device, dtype) if use_cfg else None
@@ -104,7 +88,39 @@ def sample_video(
             uncond = predict(negative, model_input, timestep)
             noise_pred = uncond + guidance_scale * (noise_pred - uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    return _decode(transformer, vae, latents, device, offload_transformer_for_decode)
 
+
+def _start(transformer, vae, size: tuple[int, int, int], seed: int, image: ImageCondition | None, device, dtype):
+    """(starting noise, condition latents, condition mask, image embeddings) for `size` = (frames, height, width)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    num_frames, height, width = size
+    cfg = transformer.config
+    channels = cfg.out_channels
+    latent_frames = (num_frames - 1) // vae.temporal_compression_ratio + 1
+    shape = (
+        1,
+        channels,
+        latent_frames,
+        height // vae.spatial_compression_ratio,
+        width // vae.spatial_compression_ratio,
+    )
+    latents = randn_tensor(
+        shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device(device), dtype=dtype
+    )
+    cond = torch.zeros_like(latents)
+    mask = torch.zeros((*shape[:1], 1, *shape[2:]), device=device, dtype=dtype)
+    if image is None:
+        image_embeds = torch.zeros((1, 0, cfg.image_embed_dim), device=device, dtype=dtype)  # t2v: none
+    else:
+        cond[:, :, :1] = image.cond_latent.to(device, dtype)
+        mask[:, :, 0] = 1.0
+        image_embeds = image.image_embeds.to(device, dtype)
+    return latents, cond, mask, image_embeds
+
+
+def _decode(transformer, vae, latents: torch.Tensor, device, offload_transformer_for_decode: bool) -> torch.Tensor:
     if offload_transformer_for_decode:  # enable_model_cpu_offload: the decode gets the GPU to itself
         transformer.to("cpu")
     video = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
@@ -114,8 +130,71 @@ def sample_video(
     return video.permute(1, 0, 2, 3).cpu()
 
 
-def validation_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "validation" / f"step_{step:06d}"
+def validation_due(cfg, step: int, total: int, *, final: bool) -> bool:
+    if cfg.validation_disable:
+        return False
+    return final or (cfg.validation_steps > 0 and step % cfg.validation_steps == 0)
+
+
+def render_validation(cfg, manifest, model, paths, step: int, device, suffix: str = "") -> list[Path]:
+    """The validation videos of optimizer step `step`, written to `RunFiles(output_dir).validation(step)`: the
+    validation prompt (with the cached validation image for i2v) and, for i2v with `validation_using_datasets`, the
+    first samples of the selected datasets. `suffix` tells the EMA weights' videos from the trained ones."""
+    from hvtune.data.media import write_video
+    from hvtune.model.registry import load_scheduler, load_vae
+
+    vae = load_vae(paths).to(device)
+    if cfg.vae_enable_tiling:
+        vae.enable_tiling()
+    scheduler = load_scheduler(paths)
+    jobs = _validation_jobs(cfg, manifest)
+    was_training = model.training
+    model.eval()
+    written = []
+    for name, prompt_key, image in jobs:
+        width, height = cfg.validation_size
+        if image is not None:  # the cached condition fixes the size
+            height = image.cond_latent.shape[-2] * vae.spatial_compression_ratio
+            width = image.cond_latent.shape[-1] * vae.spatial_compression_ratio
+        frames = sample_video(
+            model,
+            vae,
+            scheduler,
+            prompt=_text_condition(manifest, prompt_key),
+            negative=_text_condition(manifest, manifest.validation_negative_key),
+            width=width,
+            height=height,
+            num_frames=cfg.validation_num_video_frames,
+            num_inference_steps=cfg.validation_num_inference_steps,
+            guidance_scale=cfg.validation_guidance,
+            seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
+            image=image,
+            device=device,
+            offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
+        )
+        target = RunFiles(cfg.output_dir).validation(step) / f"validation_{name}{suffix}.mp4"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_video(target, frames, fps=cfg.validation_fps)
+        written.append(target)
+    model.train(was_training)
+    return written
+
+
+def _validation_jobs(cfg, manifest) -> list[tuple[str, str, ImageCondition | None]]:
+    """[(video name, prompt key, i2v condition)] of one validation round."""
+    image = None
+    if manifest.task == "i2v":
+        cond_latent, image_embeds = manifest.validation_image_condition()
+        image = ImageCondition(cond_latent, image_embeds)
+    jobs = [("0", manifest.validation_prompt_key, image)]
+    if cfg.validation_using_datasets and manifest.task == "i2v":
+        ids = [cfg.eval_dataset_id] if isinstance(cfg.eval_dataset_id, str) else cfg.eval_dataset_id
+        jobs += dataset_validation_inputs(manifest, ids, cfg.num_eval_images)
+    return jobs
+
+
+def _text_condition(manifest, key) -> TextCondition:
+    return TextCondition(*text_entry(manifest, key))
 
 
 def dataset_validation_inputs(manifest, dataset_ids: list[str] | None, per_dataset: int):

@@ -557,8 +557,10 @@ def prepare_step(transformer, cfg: TrainConfig, device: str):
     offload is left out and `offload_resident` accounts for it; a real run keeps it (on the CPU it moves nothing)."""
     import torch
 
-    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
+    from hvtune.train.base_model import prepare_base
+    from hvtune.train.lora import add_lora
     from hvtune.train.objective import counter_seed
+    from hvtune.train.optim import build_optimizer
 
     meta = device == "meta"
     offload = {"enable_group_offload": False, "group_offload_use_stream": False} if meta else {}
@@ -579,7 +581,7 @@ def run_step(
     """`prepare_step`, then `steps` x trainer.training_step on `transformer` (already built on `device`) under a
     TensorTracker for `device`; the peak is the last step's."""
     from hvtune.train.objective import schedule_options
-    from hvtune.trainer import training_step
+    from hvtune.train.step import training_step
 
     started = time.perf_counter()
     meta = device == "meta"
