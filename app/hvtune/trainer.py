@@ -12,7 +12,6 @@ continues exactly where an uninterrupted run would be.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,12 +23,11 @@ from hvtune.config.settings import ConfigError, ResolvedConfig, check_device_sup
 from hvtune.files import write_json_atomic
 from hvtune.model.registry import detect_device, load_scheduler, load_transformer, resolve_model
 from hvtune.output.checkpoints import (
-    CheckpointError,
     LoopState,
     RunStart,
     clear_run_outputs,
-    load_checkpoint,
     plan_start,
+    restore_checkpoint,
     run_identity,
     save_checkpoint,
 )
@@ -43,8 +41,9 @@ from hvtune.output.export import (
     to_comfyui,
 )
 from hvtune.output.progress import TrainProgress, start_trackers, trackers
-from hvtune.output.record import LossLog, apply_determinism, environment, plot_losses, sha256_json
+from hvtune.output.record import LossLog, apply_determinism, plot_losses
 from hvtune.output.run_dir import DiskRoom, check_output_dir
+from hvtune.output.run_record import run_record
 from hvtune.output.status import RunStatus
 from hvtune.output.validation import render_validation, validation_due
 from hvtune.run_files import RunFiles
@@ -53,8 +52,9 @@ from hvtune.train.base_model import base_dtype, prepare_base
 from hvtune.train.batches import load_batch, plan_epoch, text_entry
 from hvtune.train.lora import add_lora, lora_alpha
 from hvtune.train.objective import counter_seed, schedule_options
-from hvtune.train.optim import apply_learning_rate, build_lr_scheduler, build_optimizer
+from hvtune.train.optim import build_lr_scheduler, build_optimizer
 from hvtune.train.step import NonFiniteLoss, TrainError, step_loss, training_step
+from hvtune.train.stop import StopFlag, agree
 
 __all__ = ["NonFiniteLoss", "TrainError", "TrainResult", "train"]
 
@@ -69,35 +69,16 @@ class TrainResult:
     already_finished: bool = False  # the run in output_dir had finished: nothing was trained
 
 
-class _StopFlag:
-    """SIGTERM (docker stop) and a first Ctrl-C ask for a checkpoint at the next step boundary instead of dying
-    mid-step and losing the steps since the last checkpoint; a second Ctrl-C stops at once."""
-
-    def __init__(self, log):
-        self.requested: str | None = None  # the signal's name
-        self._log = log
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            self._log("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, losing it)")
-
-    def restore(self):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
 @dataclass
 class _Run:
     """Everything the loop works with, built once by `_set_up`."""
 
     resolved: ResolvedConfig
+    cfg: Any  # resolved.train
     out: Path
     manifest: Any
     accelerator: Any
+    main: bool  # the main process: the one that writes the run's files
     trackers: list[str]
     status: RunStatus
     paths: Any  # the resolved model files
@@ -115,22 +96,13 @@ class _Run:
     state: LoopState
     # the loop's own, from `_open_loop`
     loss_log: LossLog | None = None
-    stop: _StopFlag | None = None
+    stop: StopFlag | None = None
     bar: TrainProgress | None = None
-    schedule: dict = field(default_factory=dict)  # training_loss's timestep schedule and caption dropout
-    empty: Any = None  # the empty prompt's embeddings (caption dropout)
+    step_inputs: dict = field(default_factory=dict)  # training_step's arguments that stay the same every step
     step_started: float = 0.0
     micro_losses: list = field(default_factory=list)  # of the optimizer step in progress
     steps_this_run: int = 0
     stopped_early: bool = False
-
-    @property
-    def cfg(self):
-        return self.resolved.train
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
 
     def close(self) -> None:
         self.stop.restore()
@@ -175,8 +147,7 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
     identity = run_identity(cfg.model_dump(), manifest.samples_hash)
     start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
     if start.finished_at is not None:  # a restarted container, or the same command twice: keep the outputs
-        lora = RunFiles(out).lora
-        main = accelerator.is_main_process
+        lora, main = RunFiles(out).lora, accelerator.is_main_process
         return TrainResult(out, start.finished_at, False, lora if lora.is_file() else None, main, already_finished=True)
     _take_output_dir(accelerator, start, out)
     status = RunStatus(out, enabled=accelerator.is_main_process)  # status.json for the run page
@@ -186,12 +157,16 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
     components = ["transformer", "scheduler"] + (["vae"] if validation_due(cfg, 0, 1, final=True) else [])
     paths = resolve_model(cfg, components)
     run = _Run(
-        resolved, out, manifest, accelerator, names, status, paths, total_steps, max_steps_this_run, started,
-        determinism, **_trainable(cfg, paths, accelerator, out, total_steps),
+        resolved, cfg, out, manifest, accelerator, accelerator.is_main_process, names, status, paths, total_steps,
+        max_steps_this_run, started, determinism, **_trainable(cfg, paths, accelerator, out, total_steps),
         state=LoopState(global_step=0, epoch=0, batch_in_epoch=0, loss_history=[], run=identity),
     )  # fmt: skip
     if start.resume is not None:
-        _resume(run, start.resume)
+        run.state = restore_checkpoint(
+            start.resume, run.model, run.optimizer, run.lr_scheduler, run.ema, cfg.learning_rate, accelerator.print
+        )
+        run.state.run = identity
+        accelerator.print(f"resumed from {start.resume} at step {run.state.global_step}")
     return run
 
 
@@ -256,35 +231,25 @@ def _trainable(cfg, paths, accelerator, out: Path, total_steps: int) -> dict[str
     )  # fmt: skip
 
 
-def _resume(run: _Run, checkpoint: Path) -> None:
-    from peft.utils import set_peft_model_state_dict
-
-    identity = run.state.run
-    run.state, lora, opt_state, sched_state = load_checkpoint(checkpoint)
-    try:
-        set_peft_model_state_dict(run.model, lora)
-        run.optimizer.load_state_dict(opt_state)
-    except (RuntimeError, ValueError) as e:  # a checkpoint from before run identities were recorded
-        raise CheckpointError(
-            f"cannot resume {checkpoint}: its LoRA or optimizer does not fit this config (lora_rank, lora_alpha, "
-            "lora_target_modules or optimizer changed): set them back, or pick another output_dir"
-        ) from e
-    run.state.run = identity
-    run.lr_scheduler.load_state_dict(sched_state)
-    apply_learning_rate(run.lr_scheduler, run.cfg.learning_rate, run.accelerator.print)
-    if run.ema is not None:
-        run.ema.load_checkpoint(checkpoint, run.accelerator.print)
-    run.accelerator.print(f"resumed from {checkpoint} at step {run.state.global_step}")
-
-
 def _open_loop(run: _Run) -> None:
     """The loss log, the stop flag (SIGTERM, Ctrl-C), the progress bar and what every step passes to the objective."""
     cfg, step = run.cfg, run.state.global_step
     run.loss_log = LossLog(RunFiles(run.out).loss_log, resume_from_step=step) if run.main else None
-    run.stop = _StopFlag(run.accelerator.print)
+    run.stop = StopFlag(run.accelerator.print)
     run.bar = TrainProgress(run.total_steps, step, enabled=run.main)
-    run.schedule = schedule_options(cfg, dict(load_scheduler(run.paths).config) if cfg.shift == 0 else None)
-    run.empty = text_entry(run.manifest, run.manifest.empty_prompt_key)
+    accelerator = run.accelerator
+    run.step_inputs = dict(
+        accelerator=accelerator,
+        transformer=run.transformer,
+        optimizer=run.optimizer,
+        params=run.params,
+        cfg=cfg,
+        rank=accelerator.process_index,
+        image_embed_shape=(0, run.model.config.image_embed_dim),  # t2v: no image tokens
+        schedule=schedule_options(cfg, dict(load_scheduler(run.paths).config) if cfg.shift == 0 else None),
+        empty=text_entry(run.manifest, run.manifest.empty_prompt_key),
+        device=accelerator.device,
+    )
     run.step_started = time.time()
     run.status.start(run.resolved, run.total_steps, step)
 
@@ -307,21 +272,7 @@ def _micro_batches(run: _Run) -> Iterator[tuple[int, list]]:
 def _step(run: _Run, index: int, items: list) -> float | None:
     """One micro-batch; when its gradients synced, the optimizer step is counted and its loss returned."""
     accelerator, state = run.accelerator, run.state
-    loss = training_step(
-        accelerator,
-        run.transformer,
-        run.optimizer,
-        run.params,
-        load_batch(run.manifest, items),
-        run.cfg,
-        epoch=state.epoch,
-        index=index,
-        rank=accelerator.process_index,
-        empty=run.empty,
-        image_embed_shape=(0, run.model.config.image_embed_dim),  # t2v: no image tokens
-        device=accelerator.device,
-        schedule=run.schedule,
-    )
+    loss = training_step(batch=load_batch(run.manifest, items), epoch=state.epoch, index=index, **run.step_inputs)
     run.micro_losses.append(loss.detach())
     state.batch_in_epoch = index + 1
     if not accelerator.sync_gradients:
@@ -341,7 +292,7 @@ def _after_step(run: _Run, loss: float) -> bool:
     """Log, checkpoint, validate; True when the loop ends here (the last step, a stop request, max_steps_this_run)."""
     cfg, step = run.cfg, run.state.global_step
     _log_step(run, loss)
-    stop_now = _agree(run.accelerator, bool(run.stop.requested))
+    stop_now = agree(run.accelerator, bool(run.stop.requested))
     last = step >= run.total_steps
     limited = run.max_steps_this_run is not None and run.steps_this_run >= run.max_steps_this_run
     if run.main and (step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
@@ -377,16 +328,6 @@ def _log_step(run: _Run, loss: float) -> None:
     run.step_started = now
 
 
-def _agree(accelerator, flag: bool) -> bool:
-    """All processes stop together: any one that got SIGTERM stops them all."""
-    import torch
-
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
-
-
 def _checkpoint(run: _Run, keep: int | None) -> Path:
     extra = run.ema.checkpoint_files() if run.ema is not None else None
     lora, opt, sched = lora_state_dict(run.model), run.optimizer.state_dict(), run.lr_scheduler.state_dict()
@@ -406,7 +347,11 @@ def _finish(run: _Run) -> TrainResult:
         losses = [(i + 1, v) for i, v in enumerate(run.state.loss_history)]
         plot_losses(files.loss_plot, {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if run.main:
-        write_json_atomic(files.record, _run_record(run, lora_path))
+        record = run_record(
+            run.resolved, run.manifest, run.paths, state=run.state, world=run.accelerator.num_processes,
+            determinism=run.determinism, started=run.started, stopped_early=run.stopped_early, lora_path=lora_path,
+        )  # fmt: skip
+        write_json_atomic(files.record, record)
     reason = f"stop requested: checkpoint at step {step}" if run.stop.requested else None
     run.status.finish(stopped_early=run.stopped_early, reason=reason, step=step)
     run.accelerator.end_training()
@@ -429,58 +374,26 @@ def _export_all(run: _Run) -> Path:
 
 def _keep_last_step(run: _Run) -> str:
     """After a failed final export: a checkpoint of the last step, so that a rerun exports without training again."""
+    step = run.state.global_step
     try:
         path = _checkpoint(run, None)
     except (OSError, RuntimeError) as e:
-        return (
-            f"No checkpoint of step {run.state.global_step} could be written either ({e}); the last checkpoint is kept"
-        )
+        return f"No checkpoint of step {step} could be written either ({e}); the last checkpoint is kept"
     return (
-        f"Step {run.state.global_step} is kept in {path}: once the disk has room, run again with "
+        f"Step {step} is kept in {path}: once the disk has room, run again with "
         "resume_from_checkpoint=latest (it exports without training)"
     )
 
 
 def _export(cfg, model, out: Path) -> Path:
+    """The run's LoRA in both formats in `out`; returns the diffusers-format file."""
     state_dict = lora_state_dict(model)
     meta = {
         "hvtune.flavour": cfg.model_flavour,
         "hvtune.rank": str(cfg.lora_rank),
         "hvtune.alpha": str(lora_alpha(cfg)),
-        **lycoris_metadata(cfg),
     }
+    meta.update(lycoris_metadata(cfg))
     path = save_diffusers_lora(state_dict, out, meta, adapter_config(model))
-    alpha = float(lora_alpha(cfg))
-    save_comfyui_lora(state_dict, RunFiles(out).comfyui, alpha, scales=adapter_scales(model))
+    save_comfyui_lora(state_dict, RunFiles(out).comfyui, float(lora_alpha(cfg)), scales=adapter_scales(model))
     return path
-
-
-def _run_record(run: _Run, lora_path: Path | None) -> dict:
-    import hashlib
-
-    resolved, state = run.resolved, run.state
-    lora_sha = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
-    ema_path = lora_path.parent / lora_ema.EXPORT_DIR / lora_path.name if lora_path else None  # use_ema's copy
-    record = resolved.to_record()
-    return {
-        "hvtune_run": 1,
-        "config_hash": sha256_json(record["config"]),
-        "resolved": record,
-        "seeds": {"seed": resolved.train.seed, "validation_seed": resolved.train.validation_seed},
-        "world_size": run.accelerator.num_processes,
-        "global_step": state.global_step,
-        "stopped_early": run.stopped_early,
-        "run": state.run,
-        "dataset_manifest_hash": run.manifest.samples_hash,
-        "cache_fingerprint": run.manifest.fingerprint,
-        "model": run.paths.record(),
-        "determinism": run.determinism,
-        "environment": environment(),
-        "timings": {"total_s": round(time.time() - run.started, 2)},
-        "outputs": {
-            "lora": str(lora_path) if lora_path else None,
-            "lora_sha256": lora_sha,
-            "ema_lora": str(ema_path) if ema_path and ema_path.is_file() else None,
-            "loss_log": RunFiles(run.out).loss_log.relative_to(run.out).as_posix(),
-        },
-    }

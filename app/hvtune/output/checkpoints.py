@@ -109,6 +109,29 @@ def load_checkpoint(path: Path) -> tuple[LoopState, dict, dict, dict]:
     return state, load_file(path / "lora.safetensors"), opt["optimizer"], opt["scheduler"]
 
 
+def restore_checkpoint(path: Path, model, optimizer, lr_scheduler, ema, learning_rate: float, log) -> LoopState:
+    """Put checkpoint `path` into the run: the LoRA weights into `model`, the optimizer's and the lr schedule's state
+    (a changed `learning_rate` wins, announced through `log`), the EMA's average; returns the loop position."""
+    from peft.utils import set_peft_model_state_dict
+
+    from hvtune.train.optim import apply_learning_rate
+
+    state, lora, opt_state, sched_state = load_checkpoint(path)
+    try:
+        set_peft_model_state_dict(model, lora)
+        optimizer.load_state_dict(opt_state)
+    except (RuntimeError, ValueError) as e:  # a checkpoint from before run identities were recorded
+        raise CheckpointError(
+            f"cannot resume {path}: its LoRA or optimizer does not fit this config (lora_rank, lora_alpha, "
+            "lora_target_modules or optimizer changed): set them back, or pick another output_dir"
+        ) from e
+    lr_scheduler.load_state_dict(sched_state)
+    apply_learning_rate(lr_scheduler, learning_rate, log)
+    if ema is not None:
+        ema.load_checkpoint(path, log)
+    return state
+
+
 # ------------------------------------------------------------------------------------------------------ run ownership
 
 # a checkpoint cannot be continued when one of these changed: the LoRA's tensors, scale or optimizer state differ

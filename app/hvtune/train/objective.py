@@ -204,6 +204,29 @@ def _check_batch(transformer, batch, image_embed_shape: tuple[int, int]) -> None
             raise ValueError(f"{who}: samples {zero} have all-zero image embeddings in an i2v batch")
 
 
+def _predict(transformer, batch, noisy, sigmas, text, image_embed_shape, *, dtype, device) -> torch.Tensor:
+    """The model's prediction for the noisy latents at `sigmas`, with the batch's condition and `text` (the
+    `_text_inputs`)."""
+    embeds, mask, embeds_2, mask_2 = text
+    if batch.image_embeds is None:  # t2v: the model detects t2v by all-zero image embeddings
+        image_embeds = torch.zeros((noisy.shape[0], *image_embed_shape), device=device, dtype=dtype)
+    else:
+        image_embeds = batch.image_embeds.to(device, dtype)
+    hidden = torch.cat(
+        [noisy, batch.cond_latents.to(device, torch.float32), batch.cond_mask.to(device, torch.float32)], 1
+    )
+    return transformer(
+        hidden_states=hidden.to(dtype),
+        timestep=(sigmas * 1000).to(dtype),  # as the pipeline passes it: t in [0, 1000] in the model's dtype
+        encoder_hidden_states=embeds.to(device, dtype),
+        encoder_attention_mask=mask.to(device),
+        encoder_hidden_states_2=embeds_2.to(device, dtype),
+        encoder_attention_mask_2=mask_2.to(device),
+        image_embeds=image_embeds,
+        return_dict=False,
+    )[0]
+
+
 def training_loss(
     transformer,
     batch,
@@ -249,24 +272,8 @@ def training_loss(
     target = noise - x0
 
     dropped = caption_dropout_mask(draws, seed=seed, epoch=epoch, p=caption_dropout_p)
-    embeds, mask, embeds_2, mask_2 = _text_inputs(batch, dropped, empty_prompt)
-    if batch.image_embeds is None:  # t2v: the model detects t2v by all-zero image embeddings
-        image_embeds = torch.zeros((x0.shape[0], *image_embed_shape), device=device, dtype=dtype)
-    else:
-        image_embeds = batch.image_embeds.to(device, dtype)
-    hidden = torch.cat(
-        [noisy, batch.cond_latents.to(device, torch.float32), batch.cond_mask.to(device, torch.float32)], 1
-    )
-    pred = transformer(
-        hidden_states=hidden.to(dtype),
-        timestep=(sigmas * 1000).to(dtype),  # as the pipeline passes it: t in [0, 1000] in the model's dtype
-        encoder_hidden_states=embeds.to(device, dtype),
-        encoder_attention_mask=mask.to(device),
-        encoder_hidden_states_2=embeds_2.to(device, dtype),
-        encoder_attention_mask_2=mask_2.to(device),
-        image_embeds=image_embeds,
-        return_dict=False,
-    )[0]
+    text = _text_inputs(batch, dropped, empty_prompt)
+    pred = _predict(transformer, batch, noisy, sigmas, text, image_embed_shape, dtype=dtype, device=device)
     if pred.shape != target.shape:
         raise ValueError(f"model predicted {tuple(pred.shape)} for targets {tuple(target.shape)}")
     per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
