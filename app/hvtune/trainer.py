@@ -112,6 +112,7 @@ class _Run:
 
 
 def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) -> TrainResult:
+    """Train the LoRA `resolved` describes; `max_steps_this_run` stops (with a checkpoint) after that many steps."""
     run = _set_up(resolved, max_steps_this_run)
     if isinstance(run, TrainResult):  # the run in output_dir had finished: nothing to train
         return run
