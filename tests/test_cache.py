@@ -18,13 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from clips import write_audio_only, write_clip, write_exif_jpeg
-from hvtune.cache.build import build_cache, verify_cache
+from hvtune.cache.build import build_cache
 from hvtune.cache.encoders import GPU_DRIVER_NODES, enable_patch_conv, encode_caption
-from hvtune.cache.manifest import Manifest, ManifestSample, load_manifest
-from hvtune.cache.store import (
-    CacheError,
+from hvtune.cache.keys import (
     component_identity,
-    entry_path,
     latent_key,
     make_key,
     sample_params,
@@ -33,6 +30,9 @@ from hvtune.cache.store import (
     text_key,
     text_params,
 )
+from hvtune.cache.manifest import Manifest, ManifestSample, load_manifest
+from hvtune.cache.store import CacheError, entry_path
+from hvtune.cache.verify import verify_cache
 from hvtune.config.settings import load_config
 from hvtune.data.datasets import Sample
 from hvtune.train.batches import load_batch, plan_epoch, text_entry
@@ -220,7 +220,7 @@ def test_build_skips_every_bad_input_with_its_reason_and_caches_the_rest(tmp_pat
 
 
 def test_a_sample_that_fails_while_decoding_is_skipped_and_the_run_goes_on(tmp_path, t2v_model, monkeypatch):
-    import hvtune.cache.build as cache
+    import hvtune.cache.encode_missing as cache
     from hvtune.cache.encoders import decode_sample
     from hvtune.data.media import MediaError
 
