@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child)
         return 0
 
+    from hvtune.files import write_text_atomic
     from hvtune.testing.tiny_model import write_tiny_model
 
     decode_clips, decode_frames = (1, 9) if args.quick else (6, 61)
@@ -219,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": round(time.time() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
 
     d, b = decode, build
     n = d["decode_848x480"]
