@@ -10,7 +10,7 @@
    The builder streams: one clip decoded ahead, never all of them, so the two should be within 10%.
 3. Fully cached rerun: the same process runs `build_cache` again on the 200-clip dataset with everything cached
    (ratio of the two in-process times; the first includes the lazy imports of diffusers/transformers it triggers),
-   and a fresh `python -m hvtune.cache.build` on the cached dataset against the fresh process that built it (wall times,
+   and a fresh `python -m hvtune cache` on the cached dataset against the fresh process that built it (wall times,
    Python start and imports included on both sides: what a user waits for).
 
 The tiny model's encoders are far cheaper than the real ones (a 7B text encoder, a 1.3B VAE), so the rerun ratio here is
@@ -168,7 +168,7 @@ def bench_build(work: Path, model: Path, small: int, large: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(APP)}
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "hvtune.cache.build", "--config", str(big["config"])],
+        [sys.executable, "-m", "hvtune", "cache", "--config", str(big["config"])],
         env=env,
         capture_output=True,
         check=True,
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child)
         return 0
 
+    from hvtune.files import write_text_atomic
     from hvtune.testing.tiny_model import write_tiny_model
 
     decode_clips, decode_frames = (1, 9) if args.quick else (6, 61)
@@ -219,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": round(time.time() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
 
     d, b = decode, build
     n = d["decode_848x480"]

@@ -22,10 +22,16 @@ STAGES = [
     "model.attention",
     "data.media",  # datasets
     "data.datasets",
-    "cache.store",  # cache
+    "cache.keys",  # cache
+    "cache.store",
+    "cache.layout",
     "cache.manifest",
     "cache.encoders",
+    "cache.report",
+    "cache.plan",
+    "cache.encode_missing",
     "cache.build",
+    "cache.verify",
     "train.batches",  # batches and the training step
     "train.objective",
     "train.base_model",

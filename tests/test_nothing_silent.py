@@ -12,9 +12,10 @@ import pytest
 
 from clips import write_clip
 from conftest import run_hvtune
-from hvtune.cache.build import build_cache, print_verify
+from hvtune.cache.build import build_cache
 from hvtune.cache.manifest import load_manifest
 from hvtune.cache.store import CacheError, entry_damage
+from hvtune.cache.verify import print_verify
 from hvtune.config.settings import load_config
 from hvtune.data.datasets import scan
 from hvtune.output.checkpoints import CheckpointError

@@ -122,7 +122,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from hvtune.cache.build import build_cache, print_verify
+    from hvtune.cache.build import build_cache
+    from hvtune.cache.verify import print_verify
     from hvtune.output.status import recorded
 
     resolved = _config(args)

@@ -11,7 +11,7 @@ VAE patch convolution. diffusers 0.42.1 has no patch-conv option on `Autoencoder
 `vae_enable_patch_conv` swaps the VAE's causal Conv3d for one that splits its input along time when it is large
 (Tencent's `PatchCausalConv3d`). `enable_patch_conv` does the same to the diffusers VAE: each causal conv's Conv3d
 runs on overlapping time chunks (kernel-1 frames of overlap, so the result is the same convolution) whenever its input
-exceeds `PATCH_CONV_BYTES` (cache_store.py: it is part of the latent keys).
+exceeds `PATCH_CONV_BYTES` (keys.py: it is part of the latent keys).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-from hvtune.cache.store import PATCH_CONV_BYTES, TEXT_2_MAX_LENGTH, TEXT_CROP_START, TEXT_MAX_LENGTH, system_message
+from hvtune.cache.keys import PATCH_CONV_BYTES, TEXT_2_MAX_LENGTH, TEXT_CROP_START, TEXT_MAX_LENGTH, system_message
 from hvtune.config.settings import ResolvedConfig
 from hvtune.data.datasets import Sample
 

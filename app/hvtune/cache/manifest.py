@@ -1,11 +1,11 @@
 """The manifest: what training reads of the cache, and the check that the cache still fits the config.
 
-`<cache_dir>/manifest.json` (written last by `build_cache`, cache.py) lists every sample - its captions, bucket,
+`<cache_dir>/manifest.json` (written last by `build_cache`, build.py) lists every sample - its captions, bucket,
 repeats and the keys of its text, latent and SigLIP entries - with the settings and encoder identities the cache was
 built with. `load_manifest` is all the trainer needs to read a cache: it reads only the cache (no clips, no encoders
-needed on a training machine), compares the recorded settings with the config's (`cache_settings`) and the recorded
-encoders with the ones the config points at where they are on this machine, checks that every entry it names exists,
-and otherwise raises a `CacheError` that names what differs and says to run `hvtune cache`.
+needed on a training machine), compares the recorded settings with the config's (`CacheLayout.settings`) and the
+recorded encoders with the ones the config points at where they are on this machine, checks that every entry it names
+exists, and otherwise raises a `CacheError` that names what differs and says to run `hvtune cache`.
 """
 
 from __future__ import annotations
@@ -16,22 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvtune.cache.store import (
-    FORMAT,
-    TEXT_COMPONENTS,
-    VISION_COMPONENTS,
-    CacheError,
-    cache_dir,
-    cache_settings,
-    encoder_components,
-    entry_damage,
-    entry_path,
-    identities,
-    read_entry,
-    text_root,
-    vae_root,
-    validation_root,
-)
+from hvtune.cache.keys import FORMAT, TEXT_COMPONENTS, VISION_COMPONENTS, encoder_components, identities
+from hvtune.cache.layout import CacheLayout
+from hvtune.cache.store import CacheError, entry_damage, entry_path, read_entry
 from hvtune.config.settings import ResolvedConfig
 
 
@@ -126,43 +113,32 @@ class Manifest:
         """(cond_latent (1, 32, 1, h, w), image_embeds (1, N, Dv)) for i2v validation."""
         if not self.validation_image:
             raise CacheError(f"{self.path}: no validation image condition (a t2v cache?): run `hvtune cache`")
-        cond = read_entry(self.validation_root, self.validation_image["latent_key"])["cond_latents"]
-        embeds = read_entry(self.validation_root, self.validation_image["image_key"])["image_embeds"]
+        latent, image = (
+            entry_path(self.validation_root, self.validation_image[k]) for k in ("latent_key", "image_key")
+        )
+        cond = read_entry(latent, self.repair_hint)["cond_latents"]
+        embeds = read_entry(image, self.repair_hint)["image_embeds"]
         return cond.float()[None], embeds.float()[None]
 
 
-def manifest_path(resolved: ResolvedConfig) -> Path:
-    return cache_dir(resolved) / "manifest.json"
-
-
-def _cache_command(resolved: ResolvedConfig) -> str:
-    return f"hvtune cache --config {resolved.config_path}" if resolved.config_path else "hvtune cache"
-
-
-def rerun_hint(resolved: ResolvedConfig) -> str:
-    return f"run `{_cache_command(resolved)}` to build it"
-
-
-def repair_hint(resolved: ResolvedConfig) -> str:
-    return f"run `{_cache_command(resolved)}` (it encodes every damaged, missing or outdated entry again)"
-
-
-def parse_manifest(resolved: ResolvedConfig, path: Path, data: dict[str, Any]) -> Manifest:
+def parse_manifest(layout: CacheLayout, data: dict[str, Any]) -> Manifest:
+    """The manifest `data` read from `layout.manifest_path`, with the roots of its entries."""
     samples = [ManifestSample.from_json(s) for s in data["samples"]]
     return Manifest(
-        path=path,
+        path=layout.manifest_path,
         task=data["task"],
         fingerprint=data["fingerprint"],
         samples_hash=data["samples_hash"],
         samples=samples,
-        text_root=text_root(resolved),
-        vae_roots={d: vae_root(resolved, d) for d in {s.dataset for s in samples}},
-        validation_root=validation_root(resolved),
+        text_root=layout.text_root,
+        vae_roots={d: layout.vae_root(d) for d in {s.dataset for s in samples}},
+        validation_root=layout.validation_root,
         validation_prompt_key=data["validation_prompt_key"],
         validation_negative_key=data["validation_negative_key"],
         empty_prompt_key=data["empty_prompt_key"],
         validation_image=data.get("validation_image"),
         data=data,
+        repair_hint=layout.repair_hint,
     )
 
 
@@ -229,16 +205,17 @@ def changed_sources(data: dict[str, Any]) -> list[str]:
 def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> Manifest:
     """The cache for training: reads only the cache. Raises CacheError (naming what is wrong and saying to run
     `hvtune cache`) when the manifest is missing, was built with other settings or encoders, or an entry is missing."""
-    path = manifest_path(resolved)
+    layout = CacheLayout(resolved)
+    path = layout.manifest_path
     if not path.is_file():
-        raise CacheError(f"no cache at {cache_dir(resolved)} ({path.name} is missing): {rerun_hint(resolved)}")
+        raise CacheError(f"no cache at {layout.root} ({path.name} is missing): {layout.rerun_hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CacheError(f"{path} is unreadable ({e}): {rerun_hint(resolved)}") from e
+        raise CacheError(f"{path} is unreadable ({e}): {layout.rerun_hint}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CacheError(f"{path} was written by another cache format (want {FORMAT}): {rerun_hint(resolved)}")
-    problems = _diff(data.get("settings"), cache_settings(resolved))
+        raise CacheError(f"{path} was written by another cache format (want {FORMAT}): {layout.rerun_hint}")
+    problems = _diff(data.get("settings"), layout.settings)
     if check_encoders:
         built = data.get("encoders", {})
         for name, ident in _current_identities(resolved).items():
@@ -251,11 +228,10 @@ def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> M
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise CacheError(
-            f"the cache at {cache_dir(resolved)} was built with other settings:\n{listed}\n"
-            f"{rerun_hint(resolved)} again (only what changed is encoded)"
+            f"the cache at {layout.root} was built with other settings:\n{listed}\n"
+            f"{layout.rerun_hint} again (only what changed is encoded)"
         )
-    manifest = parse_manifest(resolved, path, data)
-    manifest.repair_hint = repair_hint(resolved)
+    manifest = parse_manifest(layout, data)
     for what, entry in manifest.entry_files():
         damage = entry_damage(entry)  # size and header only: cheap enough for every run
         if damage:

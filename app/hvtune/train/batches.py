@@ -22,6 +22,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hvtune.cache.store import read_entry
+
 if TYPE_CHECKING:
     import torch
 
@@ -78,20 +80,6 @@ def plan_epoch(manifest: Manifest, *, global_batch_size: int, seed: int, epoch: 
     return plan
 
 
-def _read(manifest: Manifest, path):
-    """An entry's tensors; a damaged one (load_manifest checks sizes and headers, not contents) is named with the
-    command that repairs it instead of a safetensors traceback."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from hvtune.cache.store import CacheError
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise CacheError(f"cache entry damaged: {path} ({e}): {manifest.repair_hint}") from e
-
-
 def _pad_text(embeds: list[torch.Tensor], min_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Valid-token tensors (L_i, D) -> (B, L, D) zero-padded to the longest, and the (B, L) int64 mask."""
     import torch
@@ -107,7 +95,7 @@ def _pad_text(embeds: list[torch.Tensor], min_length: int = 0) -> tuple[torch.Te
 
 
 def _texts(manifest: Manifest, keys: list[str]):
-    entries = [_read(manifest, manifest.text_path(k)) for k in keys]
+    entries = [read_entry(manifest.text_path(k), manifest.repair_hint) for k in keys]
     embeds, mask = _pad_text([e["prompt_embeds"] for e in entries], 1)
     embeds_2, mask_2 = _pad_text([e["prompt_embeds_2"] for e in entries])
     return embeds, mask, embeds_2, mask_2
@@ -127,7 +115,7 @@ def load_batch(manifest: Manifest, items: list[tuple[int, int]]) -> Batch:
     buckets = {tuple(s.bucket) for s in samples}
     if len(buckets) != 1:
         raise ValueError(f"a batch mixes buckets {sorted(buckets)}")
-    entries = [_read(manifest, manifest.latent_path(s)) for s in samples]
+    entries = [read_entry(manifest.latent_path(s), manifest.repair_hint) for s in samples]
     latents = torch.stack([e["latents"].float() for e in entries])
     cond = torch.zeros_like(latents)
     mask = torch.zeros((latents.shape[0], 1, *latents.shape[2:]), dtype=latents.dtype)
@@ -136,7 +124,9 @@ def load_batch(manifest: Manifest, items: list[tuple[int, int]]) -> Batch:
         for i, e in enumerate(entries):
             cond[i, :, 0] = e["cond_latents"][:, 0].float()
         mask[:, :, 0] = 1.0
-        image_embeds = torch.stack([_read(manifest, manifest.image_path(s))["image_embeds"].float() for s in samples])
+        image_embeds = torch.stack(
+            [read_entry(manifest.image_path(s), manifest.repair_hint)["image_embeds"].float() for s in samples]
+        )
     keys = [s.text_keys[draw % len(s.text_keys)] for s, (_, draw) in zip(samples, items, strict=True)]
     embeds, text_mask, embeds_2, text_mask_2 = _texts(manifest, keys)
     return Batch(
