@@ -269,7 +269,7 @@ def run_config(spec: dict) -> dict:
 
     sys.path.insert(0, str(APP))
     sys.path.insert(0, str(HERE))
-    from hvtune.config.settings import TrainConfig
+    from hvtune.config.schema import TrainConfig
     from hvtune.train.memory import add_lora, build_optimizer, prepare_base
     from hvtune.train.objective import training_loss
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hvtune.config.settings import TrainConfig, UserError
+from hvtune.config.schema import TrainConfig
+from hvtune.errors import UserError
 from hvtune.testing.tiny_model import build_components
 from hvtune.train.memory import add_lora, build_lr_scheduler, build_optimizer, dead_modules, prepare_base
 from hvtune.train.objective import training_loss

@@ -254,7 +254,7 @@ def test_caption_dropout_uses_the_empty_prompt(t2v):
 def test_loss_goes_down_with_adamw_on_a_fixed_batch(t2v):
     """The objective is trainable: 20 AdamW steps of LoRA on one batch (same draws, so the same noise and timestep
     every step) lower its loss."""
-    from hvtune.config.settings import TrainConfig
+    from hvtune.config.schema import TrainConfig
     from hvtune.train.memory import add_lora, build_optimizer, prepare_base
 
     cfg = TrainConfig(

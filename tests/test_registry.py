@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvtune.config.settings import TrainConfig
+from hvtune.config.schema import TrainConfig
 from hvtune.model.registry import (
     DIFFUSERS_REPOS,
     ModelSourceError,

@@ -8,15 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hvtune.config.settings import (
-    ConfigError,
-    ResolvedConfig,
-    UserError,
-    check_device_support,
-    load_config,
-    mask_secrets,
-    resolve_keys,
-)
+from hvtune.config.layering import resolve_keys
+from hvtune.config.masking import mask_secrets
+from hvtune.config.rules import check_device_support
+from hvtune.config.settings import ResolvedConfig, load_config
+from hvtune.errors import ConfigError, UserError
 from hvtune.output.compare import Tolerances
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2

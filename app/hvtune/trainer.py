@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvtune.cache.manifest import load_manifest
-from hvtune.config.settings import ConfigError, ResolvedConfig, UserError, check_device_support, mask_secrets
+from hvtune.config.masking import mask_secrets
+from hvtune.config.rules import check_device_support
+from hvtune.config.settings import ResolvedConfig
+from hvtune.errors import ConfigError, UserError
 from hvtune.files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem, write_json_atomic
 from hvtune.model.registry import detect_device, load_scheduler, load_transformer, load_vae, resolve_model
 from hvtune.output.checkpoints import (

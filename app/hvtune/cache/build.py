@@ -67,8 +67,9 @@ from hvtune.cache.store import (
     validation_root,
     write_entry,
 )
-from hvtune.config.settings import ResolvedConfig, UserError
+from hvtune.config.settings import ResolvedConfig
 from hvtune.data.datasets import Issue, ProbeIndex, Sample, ScanResult, media_datasets, scan
+from hvtune.errors import UserError
 from hvtune.files import atomic_path, disk_full_message, is_disk_full, write_text_atomic
 
 # ------------------------------------------------------------------------------------------------------------ summary

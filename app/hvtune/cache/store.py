@@ -28,10 +28,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hvtune.config.settings import ResolvedConfig, UserError
+from hvtune.config.settings import ResolvedConfig
 from hvtune.data.datasets import Sample, dataset_resolution, media_datasets
+from hvtune.errors import UserError
 from hvtune.files import is_temp_name, write_bytes_atomic, write_text_atomic
-from hvtune.model.component_files import TEXT, VISION
+from hvtune.flavours import TEXT, VISION
 
 FORMAT = "hvtune-cache/1"
 PIXELS = "media/1:rgb24,cover,center-crop,bicubic-antialias,no-upscale"  # bump when media's pixel output changes

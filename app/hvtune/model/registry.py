@@ -17,8 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvtune.config.settings import TrainConfig, UserError
-from hvtune.model.component_files import CORE, TEXT, VISION, missing_files
+from hvtune.config.schema import TrainConfig
+from hvtune.errors import UserError
+from hvtune.flavours import CORE, TEXT, VISION
+from hvtune.model.component_files import missing_files
 from hvtune.model.encoder_layouts import (
     DIFFUSERS,
     TENCENT,

@@ -37,7 +37,8 @@ import re
 
 import torch
 
-from hvtune.config.settings import TrainConfig, UserError
+from hvtune.config.schema import TrainConfig
+from hvtune.errors import UserError
 
 MAIN_BLOCK_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 # In the last dual-stream block the model drops the text stream's output (forward() keeps only hidden_states after the
