@@ -20,11 +20,15 @@ from hvtune.run_files import RunFiles
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
 
+def _cache_library_log(resolved: ResolvedConfig) -> Path:
+    return Path(resolved.train.cache_dir) / "libraries.log"
+
+
 # where each command's other-library output goes (hvtune.library_logs); None: nowhere unless --verbose
 LIBRARY_LOGS: dict[str, Callable[[ResolvedConfig], Path]] = {
     "train": lambda r: RunFiles(r.train.output_dir).library_log,
-    "cache": lambda r: Path(r.train.cache_dir) / "libraries.log",
-    "fetch": lambda r: Path(r.train.cache_dir) / "libraries.log",
+    "cache": _cache_library_log,
+    "fetch": _cache_library_log,
 }
 
 

@@ -1,4 +1,5 @@
-"""Model registry: where every component of a flavour comes from, and how it is fetched and loaded.
+"""Model registry: where every component of a flavour comes from, and how it is fetched and loaded. Which
+components a flavour needs and which hub repo holds them in diffusers layout is its `hvtune.flavours` entry.
 
 Resolution order for the encoders (the seed's guide documents these variables; we honour them):
   1. `HUNYUANVIDEO_TEXT_ENCODER_PATH` / `HUNYUANVIDEO_VISION_ENCODER_PATH` (mounted local copies),
