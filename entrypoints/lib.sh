@@ -93,7 +93,7 @@ hv_env() {
   # the folder keys left at hvtune's defaults take the container layout; a value from the config file or the
   # environment is kept as hvtune reads it (relative paths: relative to the data root, the working directory)
   cd "$HV_DATA_ROOT" 2>/dev/null || cd /
-  hv_resolve data_backend_config instance_data_dir output_dir cache_dir resume_from_checkpoint
+  hv_resolve data_backend_config instance_data_dir output_dir cache_dir
   HV_OUTPUT_DIR=$HV_KEY_output_dir
   if [ "$HV_SRC_output_dir" = default ]; then HV_OUTPUT_DIR=$HV_DATA_ROOT/outputs; export HVTUNE_OUTPUT_DIR=$HV_OUTPUT_DIR; fi
   HV_CACHE_DIR=$HV_KEY_cache_dir

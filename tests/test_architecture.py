@@ -12,9 +12,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 STAGES = [
     "files",  # atomic writes: used by every stage that writes
     "run_files",  # the names of a run's files
-    "config.simpletuner",  # config: what each SimpleTuner key means (data only)
+    "errors",  # the errors a user can fix: every stage raises them
+    "flavours",  # what each flavour and task decides: components, image condition, repos, default sizes
+    "config.simpletuner_keys",  # config: what each SimpleTuner key means (data only)
+    "config.simpletuner",  # SimpleTuner's defaults, optimizer names, docs/SIMPLETUNER.md
     "config.lycoris",  # the lycoris_config file, read by config
-    "config.settings",
+    "config.schema",  # the fields of config.json and of one dataset
+    "config.masking",  # secrets never leave hvtune
+    "config.layering",  # default < file < HVTUNE_<KEY> < --key=value, with each value's source
+    "config.rules",  # cross-field rules of the training keys (the one offload rule)
+    "config.backends",  # multidatabackend.json and the dataset rules
+    "config.settings",  # load_config: the resolved configuration
     "model.component_files",  # model registry
     "model.architectures",
     "model.encoder_layouts",

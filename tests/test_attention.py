@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hvtune.cache.manifest import load_manifest
-from hvtune.config.settings import TrainConfig, load_config
+from hvtune.config.schema import TrainConfig
+from hvtune.config.settings import load_config
 from hvtune.model.registry import load_transformer, resolve_model
 from hvtune.train.base_model import prepare_base
 from hvtune.train.batches import load_batch, plan_epoch

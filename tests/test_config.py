@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import SEED_GUIDE
-from hvtune.config.settings import ConfigError, check_device_support, load_config
+from hvtune.config.rules import check_device_support
+from hvtune.config.settings import load_config
+from hvtune.errors import ConfigError
 
 
 @pytest.fixture

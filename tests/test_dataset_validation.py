@@ -7,7 +7,8 @@ import av
 import numpy as np
 import pytest
 
-from hvtune.config.settings import ConfigError, load_config
+from hvtune.config.settings import load_config
+from hvtune.errors import ConfigError
 from hvtune.trainer import train
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from clips import write_audio_only, write_clip, write_exif_jpeg
-from hvtune.config.settings import DatasetConfig, VideoOptions, load_config
+from hvtune.config.schema import DatasetConfig, VideoOptions
+from hvtune.config.settings import load_config
 from hvtune.data.datasets import (
     BucketRule,
     DatasetError,

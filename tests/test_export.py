@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hvtune.config.settings import TrainConfig
+from hvtune.config.schema import TrainConfig
 from hvtune.model.registry import load_transformer, resolve_model
 from hvtune.output.export import (
     _comfy_name,

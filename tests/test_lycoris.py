@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from hvtune.config.lycoris import LycorisSpec, read_lycoris_config
-from hvtune.config.settings import ConfigError, TrainConfig, load_config
+from hvtune.config.schema import TrainConfig
+from hvtune.config.settings import load_config
+from hvtune.errors import ConfigError
 from hvtune.model.registry import load_transformer, resolve_model
 from hvtune.output.export import (
     _comfy_name,

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hvtune.config.settings import TrainConfig, UserError
+from hvtune.config.schema import TrainConfig
+from hvtune.errors import UserError
 from hvtune.testing.tiny_model import build_components
 from hvtune.train.base_model import prepare_base
 from hvtune.train.lora import add_lora, dead_modules

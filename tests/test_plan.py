@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hvtune.cli import main
-from hvtune.config.settings import TrainConfig
+from hvtune.config.schema import TrainConfig
 from hvtune.model.architectures import GPUS, UnknownArchitecture, find_gpu, transformer_config
 from hvtune.plan.simulate import (
     GPU,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvtune.config.settings import TrainConfig
+from hvtune.config.schema import TrainConfig
+from hvtune.flavours import FLAVOURS
 from hvtune.model.registry import (
-    DIFFUSERS_REPOS,
     ModelSourceError,
     load_text_encoders,
     load_transformer,
@@ -101,9 +101,9 @@ def test_incomplete_encoder_dir_names_missing_files_before_loading(tiny_i2v, tmp
 
 
 def test_tencent_repo_maps_to_per_flavour_diffusers_layout():
-    for flavour, repo in DIFFUSERS_REPOS.items():
+    for flavour, spec in FLAVOURS.items():
         plan = plan_sources(TrainConfig(model_flavour=flavour), env={})
-        assert plan["transformer"].location == repo
+        assert plan["transformer"].location == spec.diffusers_repo
     assert "image_encoder" in plan_sources(TrainConfig(model_flavour="i2v-720p"), env={})
 
 
@@ -116,7 +116,7 @@ def _fake_hf_cache(home: Path, repo: str, model: Path, commit: str) -> None:
 
 def test_hub_id_resolves_offline_from_local_hf_cache(tiny_t2v, tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
-    _fake_hf_cache(tmp_path / "hf", DIFFUSERS_REPOS["t2v-480p"], tiny_t2v, commit)
+    _fake_hf_cache(tmp_path / "hf", FLAVOURS["t2v-480p"].diffusers_repo, tiny_t2v, commit)
     env = {"PYTHONPATH": APP, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-m", "hvtune", "fetch", f"--instance_data_dir={tmp_path}"],

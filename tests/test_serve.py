@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_hvtune
-from hvtune.config.settings import ConfigError, Problem, UserError
+from hvtune.errors import ConfigError, Problem, UserError
 from hvtune.files import write_text_atomic
 from hvtune.output.status import RunStatus, is_stale, read_status, recorded
 from hvtune.serve.server import PageServer, RunFolder, mask_secrets, resolve_token, safe_file

@@ -19,15 +19,12 @@ from pathlib import Path
 import pytest
 
 from hvtune.cli import main
-from hvtune.config.settings import ConfigError, DatasetConfig, TrainConfig, load_config
-from hvtune.config.simpletuner import (
-    FEATURE_KEYS,
-    KEPT_DEFAULTS,
-    TRAIN_KEYS,
-    render_markdown,
-    simpletuner_defaults,
-)
+from hvtune.config.schema import DatasetConfig, TrainConfig
+from hvtune.config.settings import load_config
+from hvtune.config.simpletuner import KEPT_DEFAULTS, render_markdown, simpletuner_defaults
+from hvtune.config.simpletuner_keys import FEATURE_KEYS, TRAIN_KEYS
 from hvtune.data.datasets import BucketRule, simpletuner_bucket
+from hvtune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(__file__).parent / "data" / "simpletuner-4.10.1"
@@ -361,7 +358,7 @@ def test_every_key_marked_same_is_read_by_hvtune():
     names = set(TrainConfig.model_fields) | {f.alias for f in TrainConfig.model_fields.values() if f.alias}
     assert [k for k, p in TRAIN_KEYS.items() if p.status == "same" and k not in names] == []
     dataset_names = set(DatasetConfig.model_fields)
-    from hvtune.config.simpletuner import DATASET_KEYS
+    from hvtune.config.simpletuner_keys import DATASET_KEYS
 
     assert [k for k, p in DATASET_KEYS.items() if p.status == "same" and k not in dataset_names] == []
 

@@ -8,25 +8,27 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hvtune.config.settings import (
-    ConfigError,
-    ResolvedConfig,
-    UserError,
-    check_device_support,
-    load_config,
-    mask_secrets,
-    resolve_keys,
-)
+from hvtune.config.layering import resolve_keys
+from hvtune.config.masking import mask_secrets
+from hvtune.config.rules import check_device_support
+from hvtune.config.settings import ResolvedConfig, load_config
+from hvtune.errors import ConfigError, UserError
+from hvtune.flavours import TASKS
 from hvtune.output.compare import Tolerances
+from hvtune.run_files import RunFiles
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
 
+def _cache_library_log(resolved: ResolvedConfig) -> Path:
+    return Path(resolved.train.cache_dir) / "libraries.log"
+
+
 # where each command's other-library output goes (hvtune.library_logs); None: nowhere unless --verbose
 LIBRARY_LOGS: dict[str, Callable[[ResolvedConfig], Path]] = {
-    "train": lambda r: Path(r.train.output_dir) / "logs" / "libraries.log",
-    "cache": lambda r: Path(r.train.cache_dir) / "libraries.log",
-    "fetch": lambda r: Path(r.train.cache_dir) / "libraries.log",
+    "train": lambda r: RunFiles(r.train.output_dir).library_log,
+    "cache": _cache_library_log,
+    "fetch": _cache_library_log,
 }
 
 
@@ -149,9 +151,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             "to continue it)"
         )
     elif result.stopped_early:
-        print(f"stopped at step {result.global_step}; checkpoint in {result.output_dir / 'checkpoints'}")
+        print(f"stopped at step {result.global_step}; checkpoint in {RunFiles(result.output_dir).checkpoints}")
     else:
-        print(f"done: {result.global_step} steps; LoRA: {result.lora_path}; record: {result.output_dir / 'run.json'}")
+        print(
+            f"done: {result.global_step} steps; LoRA: {result.lora_path}; record: {RunFiles(result.output_dir).record}"
+        )
     return EXIT_OK
 
 
@@ -161,20 +165,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hvtune.testing.demo import write_demo_project
     from hvtune.trainer import train
 
-    route_library_output(args.dir.resolve() / "output" / "logs" / "libraries.log", verbose=args.verbose)
+    route_library_output(RunFiles(args.dir.resolve() / "output").library_log, verbose=args.verbose)
     config_path = write_demo_project(args.dir.resolve(), task=args.task, steps=args.steps)
     print(f"demo project: {config_path.parent.parent}")
     resolved = load_config(config_path, argv=args.overrides)
     build_cache(resolved)
     result = train(resolved)
-    out = result.output_dir
+    out = RunFiles(result.output_dir)
     print("\ndemo finished:")
     for label, path in [
         ("LoRA (diffusers)", result.lora_path),
-        ("LoRA (ComfyUI)", out / "comfyui_lora.safetensors"),
-        ("validation videos", out / "validation"),
-        ("loss curve", out / "loss.png"),
-        ("run record", out / "run.json"),
+        ("LoRA (ComfyUI)", out.comfyui),
+        ("validation videos", out.validation_root),
+        ("loss curve", out.loss_plot),
+        ("run record", out.record),
         ("config", config_path),
     ]:
         print(f"  {label:<18} {path}")
@@ -235,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("cache", cmd_cache, "Encode text, video latents and i2v conditions once (or verify the cache).")
     p.add_argument("action", nargs="?", choices=["build", "verify"], default="build")
     with_config("train", cmd_train, "Train the LoRA from the cache.")
+    _add_config_get(sub)
+    _add_run_tools(sub)
+    _add_test_tools(sub)
+    return parser
+
+
+def _add_config_get(sub) -> None:
     p = sub.add_parser(
         "config",
         help="Print resolved training keys: KEY, its source and its value, tab-separated (for scripts).",
@@ -246,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="SimpleTuner-style config.json (optional)")
     p.set_defaults(func=cmd_config_get)
 
+
+def _add_run_tools(sub) -> None:
+    """demo, compare, serve: commands about whole runs."""
     p = sub.add_parser("demo", help="Tiny model + synthetic clips: cache, train, validate, export (minutes, CPU).")
     p.add_argument("--dir", type=Path, default=Path("demo"))
-    p.add_argument("--task", choices=["t2v", "i2v"], default="t2v")
+    p.add_argument("--task", choices=list(TASKS), default="t2v")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and log records")
     p.set_defaults(func=cmd_demo, takes_overrides=True)
@@ -272,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="no stop button")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_test_tools(sub) -> None:
+    """synth-dataset, tiny-model: the stand-ins tests and the demo use."""
     p = sub.add_parser("synth-dataset", help="Write synthetic clips of moving shapes with captions.")
     p.add_argument("out", type=Path)
     p.add_argument("--clips", type=int, default=8)
@@ -280,10 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="Write a tiny random HunyuanVideo 1.5 pipeline (tests, demo).")
     p.add_argument("out", type=Path)
-    p.add_argument("--task", choices=["t2v", "i2v"], default="t2v")
+    p.add_argument("--task", choices=list(TASKS), default="t2v")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

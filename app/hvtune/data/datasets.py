@@ -58,7 +58,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvtune.config.settings import DatasetConfig, ResolvedConfig, parse_wxh
+from hvtune.config.schema import DatasetConfig, parse_wxh
+from hvtune.config.settings import ResolvedConfig
 from hvtune.files import write_text_atomic
 
 CAPTION_EXTENSIONS = {".txt"}

@@ -28,7 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.files import atomic_path
 
 if TYPE_CHECKING:

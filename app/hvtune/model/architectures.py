@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvtune.config.settings import FLAVOUR_DEFAULTS
+from hvtune.flavours import FLAVOURS as FLAVOUR_DEFAULTS
 
 TRANSFORMER_CONFIG = dict(
     in_channels=65,  # noisy latents 32 + condition latents 32 + mask 1

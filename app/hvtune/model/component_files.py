@@ -1,4 +1,5 @@
-"""What a complete local copy of each model component holds, in the diffusers layout (one subfolder per component).
+"""What a complete local copy of each model component holds, in the diffusers layout (one subfolder per component;
+which components a flavour needs is `hvtune.flavours`).
 
 Both the registry (any local root) and `encoder_layouts` (an encoder root that turns out not to be in Tencent's layout)
 check completeness against this before anything heavy loads, so a bad mount fails in a second with the missing files
@@ -8,10 +9,6 @@ named, not halfway through a load.
 from __future__ import annotations
 
 from pathlib import Path
-
-CORE = ("transformer", "vae", "scheduler")
-TEXT = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-VISION = ("image_encoder", "feature_extractor")
 
 _MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")

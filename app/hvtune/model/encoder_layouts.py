@@ -35,8 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from hvtune.config.settings import UserError
-from hvtune.model.component_files import TEXT, missing_files
+from hvtune.errors import UserError
+from hvtune.flavours import TEXT
+from hvtune.model.component_files import missing_files
 
 DIFFUSERS: Literal["diffusers"] = "diffusers"
 TENCENT: Literal["tencent"] = "tencent"

@@ -1,4 +1,5 @@
-"""Model registry: where every component of a flavour comes from, and how it is fetched and loaded.
+"""Model registry: where every component of a flavour comes from, and how it is fetched and loaded. Which
+components a flavour needs and which hub repo holds them in diffusers layout is its `hvtune.flavours` entry.
 
 Resolution order for the encoders (the seed's guide documents these variables; we honour them):
   1. `HUNYUANVIDEO_TEXT_ENCODER_PATH` / `HUNYUANVIDEO_VISION_ENCODER_PATH` (mounted local copies),
@@ -17,8 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvtune.config.settings import TrainConfig, UserError
-from hvtune.model.component_files import CORE, TEXT, VISION, missing_files
+from hvtune.config.schema import TrainConfig
+from hvtune.errors import UserError
+from hvtune.flavours import CORE, MODEL_REPO, TEXT, VISION
+from hvtune.model.component_files import missing_files
 from hvtune.model.encoder_layouts import (
     DIFFUSERS,
     TENCENT,
@@ -29,16 +32,6 @@ from hvtune.model.encoder_layouts import (
     text_layout_hint,
     vision_root,
 )
-
-TENCENT_REPO = "tencent/HunyuanVideo-1.5"
-# Tencent's repo holds the original checkpoint format; the community conversions hold the same weights in
-# diffusers layout, one repo per flavour.
-DIFFUSERS_REPOS = {
-    "t2v-480p": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
-    "t2v-720p": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v",
-    "i2v-480p": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v",
-    "i2v-720p": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_i2v",
-}
 
 
 class ModelSourceError(UserError):
@@ -81,10 +74,9 @@ def plan_sources(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> dict
     """Which source each component comes from, without touching disk or network."""
     env = os.environ if env is None else env
     model = cfg.pretrained_model_name_or_path
-    if model == TENCENT_REPO:
-        model = DIFFUSERS_REPOS[cfg.model_flavour]
+    if model == MODEL_REPO:  # Tencent's original format: the same weights in diffusers layout, one repo per flavour
+        model = cfg.flavour.diffusers_repo
     base = Source(model, "config:pretrained_model_name_or_path", cfg.revision)
-    plan = dict.fromkeys(CORE, base)
 
     def encoder_source(var: str, key: str, value: str | None) -> Source:
         if env.get(var):
@@ -94,11 +86,9 @@ def plan_sources(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> dict
         return base
 
     text = encoder_source("HUNYUANVIDEO_TEXT_ENCODER_PATH", "text_encoder_path", cfg.text_encoder_path)
-    plan.update(dict.fromkeys(TEXT, text))
-    if cfg.flavour.task == "i2v":
-        vision = encoder_source("HUNYUANVIDEO_VISION_ENCODER_PATH", "vision_encoder_path", cfg.vision_encoder_path)
-        plan.update(dict.fromkeys(VISION, vision))
-    return plan
+    vision = encoder_source("HUNYUANVIDEO_VISION_ENCODER_PATH", "vision_encoder_path", cfg.vision_encoder_path)
+    group_source = {**dict.fromkeys(CORE, base), **dict.fromkeys(TEXT, text), **dict.fromkeys(VISION, vision)}
+    return {name: group_source[name] for name in cfg.flavour.components}  # the flavour's task says which
 
 
 def _check_local(source: Source, components: list[str]) -> dict[str, Path]:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.files import atomic_directory
 from hvtune.run_files import RunFiles
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.output.record import plot_losses, read_loss_log
 
 EXIT_IDENTICAL, EXIT_EQUIVALENT, EXIT_DIFFERENT = 0, 3, 4

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.files import write_json_atomic
 from hvtune.output.record import environment
 from hvtune.run_files import RunFiles

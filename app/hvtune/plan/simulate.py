@@ -33,7 +33,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from hvtune.config.settings import ResolvedConfig, TrainConfig, UserError
+from hvtune.config.schema import TrainConfig
+from hvtune.config.settings import ResolvedConfig
+from hvtune.errors import UserError
 from hvtune.model.architectures import (
     GPU,
     GPUS,

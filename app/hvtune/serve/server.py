@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from hvtune.config.settings import UserError, mask_secrets
+from hvtune.config.masking import mask_secrets
+from hvtune.errors import UserError
 from hvtune.output.checkpoints import list_checkpoints
 from hvtune.output.compare import LORA_FILE
 from hvtune.output.status import ENDED, is_stale, process_alive, read_status

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from hvtune.config.settings import TrainConfig, UserError
+from hvtune.config.schema import TrainConfig
+from hvtune.errors import UserError
 
 CHECKPOINT_FILE = "ema.safetensors"
 EXPORT_DIR = "ema"

@@ -1,0 +1,177 @@
+"""Rules across training keys that a field's type cannot say: each named rule below appends a Problem per broken
+setting (and a notice where hvtune changes a value), and `check_train_rules` runs them in the order their problems
+are listed. `offload_conflicts` is the one home of the offload rules: config refuses what cannot work, training asks
+the same function about the device it trains on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from hvtune.config.layering import resolve_path
+from hvtune.config.schema import DatasetConfig, TrainConfig, parse_wxh
+from hvtune.errors import Problem
+from hvtune.flavours import DEFAULT_FLAVOUR, FLAVOURS
+
+Where = Callable[[str], str]  # key -> where its value came from (a file, an env var, a flag)
+
+
+FRAMES_RULE = "(frames - 1) % 4 must be 0, e.g. 1, 33, 61, 121, 129"  # the VAE's 4x causal temporal compression
+
+
+def frames_ok(n: int | None) -> bool:
+    return n is None or (n >= 1 and (n - 1) % 4 == 0)
+
+
+def round16(value: int, key: str, notices: list[str]) -> int:
+    rounded = value // 16 * 16
+    if rounded != value:
+        notices.append(f"{key}: {value} rounded down to {rounded} (the model needs multiples of 16)")
+    return rounded
+
+
+def check_train_rules(t: TrainConfig, where: Where, problems: list[Problem], notices: list[str]) -> None:
+    check_flavour(t, where, problems)
+    if not frames_ok(t.validation_num_video_frames):
+        key = "validation_num_video_frames"
+        problems.append(Problem(where(key), key, t.validation_num_video_frames, FRAMES_RULE))
+    normalise_validation_resolution(t, where, problems, notices)
+    if t.lr_scheduler == "constant" and t.lr_warmup_steps > 0:
+        notices.append("lr_scheduler constant ignores lr_warmup_steps, as in SimpleTuner: use constant_with_warmup")
+    for key, rule in (*unsupported_values(t), *schedule_problems(t), *offload_conflicts(t)):
+        problems.append(Problem(where(key), key, getattr(t, key), rule))
+
+
+def check_flavour(t: TrainConfig, where: Where, problems: list[Problem]) -> None:
+    """A flavour hvtune does not know is listed with the other problems; the rest of the rules then judge the
+    default flavour's settings."""
+    if t.model_flavour not in FLAVOURS:
+        rule = f"must be one of {', '.join(FLAVOURS)}"
+        problems.append(Problem(where("model_flavour"), "model_flavour", t.model_flavour, rule))
+        t.model_flavour = DEFAULT_FLAVOUR
+
+
+def normalise_validation_resolution(t: TrainConfig, where: Where, problems: list[Problem], notices: list[str]) -> None:
+    """SimpleTuner's forms to one WxH: a comma list or a list validates at its first entry, an int N is NxN, and
+    each side is rounded down to a multiple of 16."""
+    value = t.validation_resolution
+    if isinstance(value, list) or (isinstance(value, str) and "," in value):
+        entries = value if isinstance(value, list) else [e.strip() for e in value.split(",")]
+        if len(entries) > 1:
+            notices.append(f"validation_resolution: validating at {entries[0]} only (of {entries})")
+        t.validation_resolution = entries[0] if entries else None
+    value = t.validation_resolution
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        t.validation_resolution = f"{int(value)}x{int(value)}"
+    if t.validation_resolution is None:
+        return
+    try:
+        w, h = parse_wxh(t.validation_resolution)
+        w, h = round16(w, "validation_resolution width", notices), round16(h, "validation_resolution height", notices)
+        if min(w, h) < 16:
+            raise ValueError("width and height must be at least 16")
+        t.validation_resolution = f"{w}x{h}"
+    except ValueError as e:
+        problems.append(
+            Problem(where("validation_resolution"), "validation_resolution", t.validation_resolution, str(e))
+        )
+
+
+def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
+    """(key, why) for values SimpleTuner accepts and hvtune cannot train as asked."""
+    found = []
+    if t.base_model_precision not in ("no_change", "bf16", "int8-torchao"):
+        rule = "hvtune quantises with torchao int8 only: use int8-torchao (nearest), bf16 or no_change"
+        found.append(("base_model_precision", rule))
+    if t.validation_prompt_library:
+        rule = "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false"
+        found.append(("validation_prompt_library", rule))
+    if not t.train_steps_limit and t.num_train_epochs == 0:
+        found.append(("num_train_epochs", "0 means 'use max_train_steps': set one of them"))
+    if t.aspect_bucket_alignment % 16:
+        found.append(("aspect_bucket_alignment", "HunyuanVideo 1.5 needs multiples of 16: use 16, 32 or 64"))
+    return found
+
+
+def schedule_problems(t: TrainConfig) -> list[tuple[str, str]]:
+    """(key, why) for an optimizer or lr_scheduler name hvtune does not have, as simpletuner's tables say."""
+    from hvtune.config.simpletuner import optimizer_problem, scheduler_problem
+
+    found = [
+        ("optimizer", optimizer_problem(t.optimizer)),
+        ("lr_scheduler", scheduler_problem(t.lr_scheduler, t.lr_warmup_steps)),
+    ]
+    return [(key, rule) for key, rule in found if rule]
+
+
+def offload_conflicts(t: TrainConfig, device: str | None = None) -> list[tuple[str, str]]:
+    """(key, why) for each offload setting that cannot work: the one rule config checks and training obeys.
+
+    Without `device`, the settings among themselves; with it ("cuda", "rocm" or "cpu" as
+    `model.registry.detect_device` says, or a torch device type), also what that device cannot do."""
+    found = []
+    if t.group_offload_use_stream and t.enable_model_cpu_offload:
+        found.append(
+            ("group_offload_use_stream", "never combine with enable_model_cpu_offload; choose one offload method")
+        )
+    if t.group_offload_use_stream and not t.enable_group_offload:
+        rule = "only applies with enable_group_offload: true; enable group offload or drop the flag"
+        found.append(("group_offload_use_stream", rule))
+    if t.enable_group_offload and t.enable_model_cpu_offload:
+        found.append(("enable_model_cpu_offload", "never combine with enable_group_offload; choose one offload method"))
+    if device is not None and t.group_offload_use_stream and device != "cuda":
+        rule = f"needs an NVIDIA CUDA GPU (this machine: {device}); set it to false"
+        found.append(("group_offload_use_stream", rule))
+    return found
+
+
+def check_device_support(t: TrainConfig, device: str, where: str = "config") -> list[Problem]:
+    """Rules that depend on the machine: `device` is "cuda", "rocm" or "cpu" (see registry.detect_device). A config
+    `load_config` accepted breaks only the device's part of `offload_conflicts`."""
+    return [Problem(where, key, getattr(t, key), rule) for key, rule in offload_conflicts(t, device)]
+
+
+# ---------------------------------------------------------------------------------------------- SimpleTuner features
+
+
+def check_added_features(
+    t: TrainConfig, datasets: list[DatasetConfig], where: Where, problems: list[Problem], config_path: Path | None
+) -> None:
+    """lora_type lycoris needs a readable lycoris_config (resolved like data paths); block-swap options are refused
+    with the setting that does the same job here; validation_using_datasets needs i2v and known eval_dataset_id."""
+    if t.lora_type == "lycoris":
+        check_lycoris_config(t, where, problems, config_path)
+    offload = "enable_group_offload: true with group_offload_type: block_level (all blocks, 1 per group)"
+    if t.musubi_blocks_to_swap > 0:
+        rule = f"hvtune cannot keep some blocks resident and swap the rest; use {offload} and set this to 0"
+        problems.append(Problem(where("musubi_blocks_to_swap"), "musubi_blocks_to_swap", t.musubi_blocks_to_swap, rule))
+    if t.ramtorch:
+        rule = "RamTorch is not included; use enable_group_offload: true with group_offload_type: leaf_level"
+        problems.append(Problem(where("ramtorch"), "ramtorch", True, rule))
+    if t.validation_using_datasets and t.model_flavour in FLAVOURS and not t.flavour.image_condition:
+        rule = "needs an i2v model_flavour (HunyuanVideo 1.5 t2v has no image input to take from the dataset)"
+        problems.append(Problem(where("validation_using_datasets"), "validation_using_datasets", True, rule))
+    wanted = [t.eval_dataset_id] if isinstance(t.eval_dataset_id, str) else t.eval_dataset_id or []
+    known = [d.id for d in datasets if d.dataset_type in ("video", "image") and not d.disabled]
+    unknown = [i for i in wanted if i not in known]
+    if unknown and datasets:
+        rule = f"no enabled video or image dataset with that id (known: {', '.join(known)})"
+        problems.append(Problem(where("eval_dataset_id"), "eval_dataset_id", unknown, rule))
+
+
+def check_lycoris_config(t: TrainConfig, where: Where, problems: list[Problem], config_path: Path | None) -> None:
+    """The LyCORIS JSON exists and hvtune can train what it asks for; its resolved path replaces the setting."""
+    from hvtune.config.lycoris import read_lycoris_config
+
+    text = t.lycoris_config or "config/lycoris_config.json"  # SimpleTuner's default
+    path = resolve_path(text, config_path)
+    try:
+        if not path.is_file():
+            raise ValueError(
+                f"file not found (looked for {path.absolute()}); lora_type lycoris needs a LyCORIS JSON such as "
+                "SimpleTuner's examples/lycoris_config.json"
+            )
+        read_lycoris_config(path)
+        t.lycoris_config = str(path)
+    except ValueError as e:
+        problems.append(Problem(where("lycoris_config"), "lycoris_config", text, str(e)))
