@@ -39,7 +39,8 @@ STAGES = [
     "output.status",
     "trainer",  # the loop: wires the stages
     "plan.simulate",  # the full-size step on meta tensors (uses the trainer's step)
-    "serve.server",  # the run page: reads what the run writes
+    "serve.run_folder",  # the run page: reads what the run writes
+    "serve.server",
     "testing.synth",  # the tiny stand-ins for tests and the demo
     "testing.tiny_model",
     "testing.tiny_encoders",

@@ -68,8 +68,8 @@ from pathlib import Path
 import torch
 
 from hvtune.files import write_bytes_atomic
+from hvtune.run_files import RunFiles
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FORMAT = "comfyui-hunyuanvideo15"
 
 _BLOCK = (r"transformer_blocks\.(\d+)\.", "double_blocks.{}.")
@@ -160,17 +160,19 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     return path
 
 
+def rank_alpha_metadata(rank: object, alpha: object) -> dict[str, str]:
+    """hvtune's `hvtune.rank` and `hvtune.alpha` file metadata: the one place that writes them. The values are written
+    as `str()` gives them (rank 16 -> "16", alpha 8.0 -> "8.0"), so pass them as the config or peft holds them."""
+    return {"hvtune.rank": str(rank), "hvtune.alpha": str(alpha)}
+
+
 def _config_metadata(config: dict | None) -> dict[str, str]:
     if not config:
         return {}
     targets = config.get("target_modules")
     if isinstance(targets, (set, frozenset, list, tuple)):
         targets = json.dumps(sorted(targets))
-    return {
-        "hvtune.rank": str(config.get("r")),
-        "hvtune.alpha": str(config.get("lora_alpha")),
-        "hvtune.target_modules": str(targets),
-    }
+    return {**rank_alpha_metadata(config.get("r"), config.get("lora_alpha")), "hvtune.target_modules": str(targets)}
 
 
 def save_diffusers_lora(
@@ -190,12 +192,12 @@ def save_diffusers_lora(
         HunyuanVideoLoraLoaderMixin.save_lora_weights(
             tmp, transformer_lora_layers=state_dict, safe_serialization=True, transformer_lora_adapter_metadata=config
         )
-        written = Path(tmp) / DIFFUSERS_FILE
+        written = RunFiles(tmp).lora  # the mixin's default weight name, which is the run's LoRA file name
         with safe_open(written, "pt") as f:
             meta = dict(f.metadata() or {})
         for key, value in {**_config_metadata(config), **metadata}.items():
             meta.setdefault(key, str(value))
-        return _atomic_save(load_file(written), out_dir / DIFFUSERS_FILE, meta)
+        return _atomic_save(load_file(written), RunFiles(out_dir).lora, meta)
 
 
 def _comfy_name(module: str) -> tuple[str, str | None, int] | None:
@@ -294,6 +296,31 @@ def lycoris_metadata(cfg) -> dict[str, str]:
     return {"hvtune.lora_type": "lycoris", "hvtune.config.lycoris": read_lycoris_config(cfg.lycoris_config).to_json()}
 
 
+def _configured_alpha(cfg) -> float | int:
+    """The adapter's alpha as the config gives it: `lora_alpha`, or the rank when it is unset (or 0)."""
+    return cfg.lora_alpha or cfg.lora_rank
+
+
+def run_lora_metadata(cfg) -> dict[str, str]:
+    """The metadata a trained run's diffusers-format LoRA carries beside the adapter config: the flavour, rank and
+    alpha as configured and, for LyCORIS, its spec."""
+    return {
+        "hvtune.flavour": cfg.model_flavour,
+        **rank_alpha_metadata(cfg.lora_rank, _configured_alpha(cfg)),
+        **lycoris_metadata(cfg),
+    }
+
+
+def save_run_lora(cfg, transformer, out_dir: Path) -> Path:
+    """A run's two LoRA files in `out_dir` (RunFiles: `.lora`, diffusers format, and `.comfyui`), from the trained
+    `transformer`; returns the diffusers-format file."""
+    state_dict = lora_state_dict(transformer)
+    path = save_diffusers_lora(state_dict, out_dir, run_lora_metadata(cfg), adapter_config(transformer))
+    alpha = float(_configured_alpha(cfg))
+    save_comfyui_lora(state_dict, RunFiles(out_dir).comfyui, alpha, scales=adapter_scales(transformer))
+    return path
+
+
 def load_lycoris(transformer, path: str | Path) -> None:
     """Load an hvtune LyCORIS file (diffusers format) into `transformer`: the layers, shapes and scales it trained."""
     from peft.utils import set_peft_model_state_dict
@@ -305,7 +332,7 @@ def load_lycoris(transformer, path: str | Path) -> None:
 
     path = Path(path)
     if path.is_dir():
-        path = path / DIFFUSERS_FILE
+        path = RunFiles(path).lora
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
     if "hvtune.config.lycoris" not in meta:
