@@ -21,6 +21,10 @@ STAGES = [
     "model.registry",
     "model.attention",
     "data.media",  # datasets
+    "data.issues",
+    "data.buckets",
+    "data.captions",
+    "data.probe",
     "data.datasets",
     "cache.store",  # cache
     "cache.manifest",

@@ -27,7 +27,7 @@ from hvtune.config.simpletuner import (
     render_markdown,
     simpletuner_defaults,
 )
-from hvtune.data.datasets import BucketRule, simpletuner_bucket
+from hvtune.data.buckets import BucketRule, simpletuner_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(__file__).parent / "data" / "simpletuner-4.10.1"
@@ -297,7 +297,7 @@ def test_steps_epochs_intervals_and_validation_resolution(tmp_path):
 
 
 def test_instance_prompt_keys(tmp_path):
-    from hvtune.data.datasets import Captions
+    from hvtune.data.captions import Captions
 
     clip = tmp_path / "a_red_ball.mp4"
     clip.write_bytes(b"")
@@ -324,7 +324,7 @@ def test_crop_keys(tmp_path):
         load_config(path, env={})
     backend[0].update({"crop_style": "center", "crop_aspect": "square"})
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
-    from hvtune.data.datasets import dataset_bucket_rule
+    from hvtune.data.buckets import dataset_bucket_rule
 
     r = load_config(path, env={})
     rule = dataset_bucket_rule(r.datasets[0], r)

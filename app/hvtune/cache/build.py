@@ -68,7 +68,9 @@ from hvtune.cache.store import (
     write_entry,
 )
 from hvtune.config.settings import ResolvedConfig, UserError
-from hvtune.data.datasets import Issue, ProbeIndex, Sample, ScanResult, media_datasets, scan
+from hvtune.data.datasets import Sample, ScanResult, media_datasets, scan
+from hvtune.data.issues import Issue
+from hvtune.data.probe import ProbeIndex
 from hvtune.files import atomic_path, disk_full_message, is_disk_full, write_text_atomic
 
 # ------------------------------------------------------------------------------------------------------------ summary
@@ -189,8 +191,8 @@ def _empty_error(result: ScanResult, report: Path) -> CacheError:
 
 def _validation_source(resolved: ResolvedConfig, samples: list[Sample]):
     """(PIL image, sha256 of its source, label): validation_image, else the first frame of the first usable sample."""
-    from hvtune.data.datasets import file_sha256
     from hvtune.data.media import MediaError, first_frame
+    from hvtune.data.probe import file_sha256
 
     image_path = resolved.train.validation_image
     if image_path:

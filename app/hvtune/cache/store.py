@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from hvtune.config.settings import ResolvedConfig, UserError
-from hvtune.data.datasets import Sample, dataset_resolution, media_datasets
+from hvtune.data.buckets import dataset_resolution
+from hvtune.data.datasets import Sample, media_datasets
 from hvtune.files import is_temp_name, write_bytes_atomic, write_text_atomic
 from hvtune.model.component_files import TEXT, VISION
 
