@@ -36,6 +36,7 @@ STAGES = [
     "train.ema",
     "output.checkpoints",  # checkpoints / validation / export / run record
     "output.validation",
+    "output.comfyui",
     "output.export",
     "output.record",
     "output.compare",

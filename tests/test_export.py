@@ -12,14 +12,8 @@ from safetensors.torch import load_file
 
 from hvtune.config.settings import TrainConfig
 from hvtune.model.registry import load_transformer, resolve_model
-from hvtune.output.export import (
-    _comfy_name,
-    adapter_config,
-    lora_state_dict,
-    save_comfyui_lora,
-    save_diffusers_lora,
-    to_comfyui,
-)
+from hvtune.output.comfyui import _comfy_name, to_comfyui
+from hvtune.output.export import adapter_config, lora_state_dict, save_comfyui_lora, save_diffusers_lora
 from hvtune.train.memory import add_lora
 
 ALL_MAPPABLE = [

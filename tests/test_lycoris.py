@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from hvtune.config.lycoris import LycorisSpec, read_lycoris_config
 from hvtune.config.settings import ConfigError, TrainConfig, load_config
 from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.output.comfyui import _comfy_name
 from hvtune.output.export import (
-    _comfy_name,
     adapter_config,
     adapter_scales,
     load_lycoris,

@@ -29,6 +29,7 @@ from hvtune.output.checkpoints import (
     run_identity,
     save_checkpoint,
 )
+from hvtune.output.comfyui import to_comfyui
 from hvtune.output.export import (
     adapter_config,
     adapter_scales,
@@ -36,7 +37,6 @@ from hvtune.output.export import (
     lycoris_metadata,
     save_comfyui_lora,
     save_diffusers_lora,
-    to_comfyui,
 )
 from hvtune.output.progress import TrainProgress
 from hvtune.output.record import LossLog, apply_determinism, environment, plot_losses, sha256_json
