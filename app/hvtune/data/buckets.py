@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from hvtune.config.settings import DatasetConfig, ResolvedConfig, parse_wxh
 from hvtune.data.issues import DatasetError
 
-PATCH = 16  # VAE spatial compression = transformer patch grid: bucket sides are multiples of this
-
 
 @dataclass(frozen=True)
 class BucketRule:
