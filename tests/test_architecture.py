@@ -29,6 +29,10 @@ STAGES = [
     "model.registry",
     "model.attention",
     "data.media",  # datasets
+    "data.issues",
+    "data.buckets",
+    "data.captions",
+    "data.probe",
     "data.datasets",
     "cache.keys",  # cache
     "cache.store",
@@ -51,6 +55,7 @@ STAGES = [
     "output.checkpoints",  # checkpoints / validation / export / run record
     "output.run_dir",
     "output.validation",
+    "output.comfyui",
     "output.export",
     "output.record",
     "output.run_record",
@@ -59,7 +64,8 @@ STAGES = [
     "output.status",
     "trainer",  # the loop: wires the stages
     "plan.simulate",  # the full-size step on meta tensors (uses the trainer's step)
-    "serve.server",  # the run page: reads what the run writes
+    "serve.run_folder",  # the run page: reads what the run writes
+    "serve.server",
     "testing.synth",  # the tiny stand-ins for tests and the demo
     "testing.tiny_model",
     "testing.tiny_encoders",

@@ -9,18 +9,11 @@ from pathlib import Path
 import pytest
 
 from clips import write_audio_only, write_clip, write_exif_jpeg
-from hvtune.config.schema import DatasetConfig, VideoOptions
-from hvtune.config.settings import load_config
-from hvtune.data.datasets import (
-    BucketRule,
-    DatasetError,
-    ProbeIndex,
-    bucket_frames,
-    interval_frames,
-    round_to_4n1,
-    scan,
-    simpletuner_bucket,
-)
+from hvtune.config.settings import DatasetConfig, VideoOptions, load_config
+from hvtune.data.buckets import BucketRule, bucket_frames, interval_frames, round_to_4n1, simpletuner_bucket
+from hvtune.data.datasets import scan
+from hvtune.data.issues import DatasetError
+from hvtune.data.probe import ProbeIndex
 
 
 def project(tmp_path: Path, datasets: list[dict], **train) -> object:

@@ -10,17 +10,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hvtune.config.schema import TrainConfig
+from hvtune.config.settings import TrainConfig
 from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.output.comfyui import _comfy_name, to_comfyui
 from hvtune.output.export import (
-    _comfy_name,
     adapter_config,
     lora_state_dict,
     save_comfyui_lora,
     save_diffusers_lora,
-    to_comfyui,
+    save_run_lora,
 )
-from hvtune.train.lora import add_lora
+from hvtune.run_files import RunFiles
+from hvtune.train.memory import add_lora
 
 ALL_MAPPABLE = [
     "to_q",
@@ -190,3 +191,18 @@ def test_comfyui_export_names_what_it_cannot_map(tiny_t2v):
     _, trained = _trained_lora(tiny_t2v, targets=["context_embedder_2.linear_1"])
     with pytest.raises(ValueError, match=r"context_embedder_2\.linear_1"):
         to_comfyui(lora_state_dict(trained), alpha=4.0)
+
+
+@pytest.mark.parametrize(("alpha", "written"), [(None, "4"), (8.0, "8.0")])
+def test_a_runs_lora_files_carry_its_flavour_rank_and_alpha(tiny_t2v, tmp_path, alpha, written):
+    """What training leaves in output_dir: both files, the diffusers one saying the configured rank and alpha (alpha
+    = rank when unset) and the flavour, the ComfyUI one scaling each module by alpha / rank."""
+    _, trained = _trained_lora(tiny_t2v, rank=4, alpha=alpha)
+    cfg = TrainConfig(model_flavour="t2v-480p", lora_rank=4, lora_alpha=alpha)
+    files = RunFiles(tmp_path)
+    assert save_run_lora(cfg, trained, tmp_path) == files.lora
+    with safe_open(files.lora, "pt") as f:
+        meta = f.metadata()
+    assert (meta["hvtune.flavour"], meta["hvtune.rank"], meta["hvtune.alpha"]) == ("t2v-480p", "4", written)
+    comfy = load_file(files.comfyui)
+    assert comfy["diffusion_model.double_blocks.0.img_attn_proj.alpha"].item() == float(written)

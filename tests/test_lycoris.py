@@ -16,8 +16,8 @@ from hvtune.config.schema import TrainConfig
 from hvtune.config.settings import load_config
 from hvtune.errors import ConfigError
 from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.output.comfyui import _comfy_name
 from hvtune.output.export import (
-    _comfy_name,
     adapter_config,
     adapter_scales,
     load_lycoris,

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from conftest import run_hvtune
-from hvtune.errors import ConfigError, Problem, UserError
+from hvtune.config.settings import ConfigError, Problem, UserError, mask_secrets
 from hvtune.files import write_text_atomic
 from hvtune.output.status import RunStatus, is_stale, read_status, recorded
-from hvtune.serve.server import PageServer, RunFolder, mask_secrets, resolve_token, safe_file
+from hvtune.serve.run_folder import RunFolder, safe_file
+from hvtune.serve.server import PageServer, resolve_token
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -326,13 +327,13 @@ def test_two_folders_show_both_curves_and_the_compare_verdict_once_both_finished
     import torch
     from safetensors.torch import save_file
 
-    from hvtune.output.compare import LORA_FILE
+    from hvtune.run_files import LORA_NAME
 
     runs = []
     for name, losses in (("a", [0.5, 0.4]), ("b", [0.5, 0.41])):
         out = tmp_path / name
         write_loss(out, list(enumerate(losses, start=1)))
-        save_file({"lora_A": torch.ones(4, 2)}, out / LORA_FILE)
+        save_file({"lora_A": torch.ones(4, 2)}, out / LORA_NAME)
         runs.append(out)
     (runs[0] / "run.json").write_text(json.dumps({"config_hash": "same", "global_step": 2}))
     with page(*runs) as port:

@@ -66,7 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     values = mask_secrets(resolved.train.model_dump(mode="json"))
     width = max(map(len, values))
     from hvtune.config.simpletuner import KEPT_DEFAULTS
-    from hvtune.data.datasets import dataset_bucket_rule, simpletuner_bucket
+    from hvtune.data.buckets import dataset_bucket_rule, simpletuner_bucket
 
     print(f"config: {resolved.config_path or '(none: defaults, environment and flags)'}")
     for key, value in values.items():

@@ -31,6 +31,7 @@ from hvtune.output.checkpoints import (
     run_identity,
     save_checkpoint,
 )
+from hvtune.output.comfyui import to_comfyui
 from hvtune.output.export import (
     adapter_config,
     adapter_scales,
@@ -38,7 +39,6 @@ from hvtune.output.export import (
     lycoris_metadata,
     save_comfyui_lora,
     save_diffusers_lora,
-    to_comfyui,
 )
 from hvtune.output.progress import TrainProgress, start_trackers, trackers
 from hvtune.output.record import LossLog, apply_determinism, plot_losses

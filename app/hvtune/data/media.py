@@ -228,6 +228,70 @@ def _fit(frames: torch.Tensor, size: tuple[int, int], path: Path) -> torch.Tenso
     return frames[..., top : top + th, left : left + tw].contiguous()
 
 
+class _Window:
+    """The window's frames as they are decoded, rotated and fitted to `size`; a source frame that resampling shows
+    twice in a row is converted once."""
+
+    def __init__(self, path: Path, size: tuple[int, int], rotation: int) -> None:
+        self.path, self.size, self.rotation = path, size, rotation
+        self.frames: list[torch.Tensor] = []
+        self._last: tuple[int, torch.Tensor] | None = None  # (source index, fitted frame)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def add(self, index: int, frame: Any) -> None:
+        import torch
+
+        if self._last is None or self._last[0] != index:
+            rgb = _rotate(frame.to_ndarray(format="rgb24"), self.rotation)
+            self._last = (index, _fit(torch.from_numpy(rgb).permute(2, 0, 1)[None], self.size, self.path)[0])
+        self.frames.append(self._last[1])
+
+
+def _read_native(container: Any, path: Path, start: int, num_frames: int, window: _Window) -> None:
+    """The window of a clip read frame by frame (no resampling): source frames `start` on."""
+    import av
+
+    try:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if i >= start:
+                window.add(i, frame)
+            if len(window) == num_frames:
+                break
+    except av.FFmpegError as e:
+        raise _decode_error(path, e) from e
+
+
+def _read_resampled(
+    container: Any, path: Path, info: VideoInfo, rate: float, start: int, num_frames: int, window: _Window
+) -> None:
+    """The window of a clip resampled to `rate` by presentation timestamps: output frame k is the source frame
+    nearest to t0 + (start + k) / rate (ties go to the earlier frame; see the module docstring)."""
+    import av
+
+    prev: tuple[int, float, Any] | None = None  # (index, time, frame)
+    targets: list[float] = []
+    try:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            t = frame.time if frame.time is not None else i / info.fps
+            if prev is None:
+                targets = [t + (start + k) / rate for k in range(num_frames)]
+            else:
+                mid = (prev[1] + t) / 2
+                while len(window) < num_frames and targets[len(window)] <= mid + 1e-9:
+                    window.add(prev[0], prev[2])
+            if len(window) == num_frames:
+                break
+            prev = (i, t, frame)
+    except av.FFmpegError as e:
+        raise _decode_error(path, e) from e
+    if prev is not None:
+        end = targets[0] - start / rate + info.duration_s  # t0 + duration
+        while len(window) < num_frames and targets[len(window)] < end + 1e-6:
+            window.add(prev[0], prev[2])
+
+
 def read_video(
     path: str | os.PathLike[str],
     *,
@@ -240,7 +304,6 @@ def read_video(
 ) -> torch.Tensor:
     """``num_frames`` frames as uint8 ``(F, 3, H, W)`` with ``(W, H) = size``; see the module docstring for the rules.
     Pass ``info`` from an earlier :func:`probe_video` to skip probing again."""
-    import av
     import torch
 
     path = Path(path)
@@ -252,51 +315,19 @@ def read_video(
         at = f" at {rate:g} fps" if rate else ""
         raise MediaError(path, "too_few_frames", f"has {available} frames{at}, {num_frames} needed")
     start = choose_window(available, num_frames, seed, key)
-    out: list[torch.Tensor] = []
-    cache: tuple[int, torch.Tensor] | None = None
-
-    def emit(index: int, frame: Any) -> None:
-        nonlocal cache
-        if cache is None or cache[0] != index:
-            rgb = _rotate(frame.to_ndarray(format="rgb24"), info.rotation)
-            cache = (index, _fit(torch.from_numpy(rgb).permute(2, 0, 1)[None], size, path)[0])
-        out.append(cache[1])
-
+    window = _Window(path, size, info.rotation)
     with _open(path) as container:
-        stream = container.streams.video[0]
-        prev: tuple[int, float, Any] | None = None  # (index, time, frame)
-        targets: list[float] = []
-        try:
-            for i, frame in enumerate(container.decode(stream)):
-                if rate is None:
-                    if i >= start:
-                        emit(i, frame)
-                    if len(out) == num_frames:
-                        break
-                    continue
-                t = frame.time if frame.time is not None else i / info.fps
-                if prev is None:
-                    targets = [t + (start + k) / rate for k in range(num_frames)]
-                else:
-                    mid = (prev[1] + t) / 2
-                    while len(out) < num_frames and targets[len(out)] <= mid + 1e-9:
-                        emit(prev[0], prev[2])
-                if len(out) == num_frames:
-                    break
-                prev = (i, t, frame)
-        except av.FFmpegError as e:
-            raise _decode_error(path, e) from e
-        if rate is not None and prev is not None:
-            end = targets[0] - start / rate + info.duration_s  # t0 + duration
-            while len(out) < num_frames and targets[len(out)] < end + 1e-6:
-                emit(prev[0], prev[2])
-    if len(out) < num_frames:
+        if rate is None:
+            _read_native(container, path, start, num_frames, window)
+        else:
+            _read_resampled(container, path, info, rate, start, num_frames, window)
+    if len(window) < num_frames:
         raise MediaError(
             path,
             "corrupt",
-            f"truncated: decoded {len(out)} of the {num_frames} frames needed (window starting at frame {start})",
+            f"truncated: decoded {len(window)} of the {num_frames} frames needed (window starting at frame {start})",
         )
-    return torch.stack(out)
+    return torch.stack(window.frames)
 
 
 def _open_image(path: Path) -> Image.Image:

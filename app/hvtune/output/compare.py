@@ -18,10 +18,10 @@ from pathlib import Path
 
 from hvtune.errors import UserError
 from hvtune.output.record import plot_losses, read_loss_log
+from hvtune.run_files import RECORD_NAME, RunFiles
 
 EXIT_IDENTICAL, EXIT_EQUIVALENT, EXIT_DIFFERENT = 0, 3, 4
-LORA_FILE = "pytorch_lora_weights.safetensors"
-# inputs whose difference explains a difference in results; compared from run.json
+# inputs whose difference explains a difference in results; compared from the run records (RunFiles.record)
 MANIFEST_FIELDS = {
     "config": ("config_hash",),
     "dataset manifest": ("dataset_manifest_hash",),
@@ -66,10 +66,10 @@ class Comparison:
 
 def _run_dir(path: Path) -> Path:
     path = Path(path)
-    if path.is_file() and path.name == "run.json":
+    if path.is_file() and path.name == RECORD_NAME:
         path = path.parent
-    if not (path / "run.json").is_file():
-        raise UserError(f"{path}: not a run directory (no run.json); pass the output_dir of a finished run")
+    if not RunFiles(path).record.is_file():
+        raise UserError(f"{path}: not a run directory (no {RECORD_NAME}); pass the output_dir of a finished run")
     return path
 
 
@@ -81,27 +81,18 @@ def _dig(data: dict, keys: tuple[str, ...]):
     return data
 
 
-def compare_runs(run_a: Path, run_b: Path, tol: Tolerances | None = None, plot: Path | None = None) -> Comparison:
+def _losses(run: Path) -> dict[int, float]:
+    """{step: loss} of a run's loss log."""
+    return {r["step"]: r["loss"] for r in read_loss_log(RunFiles(run).loss_log)}
+
+
+def _tensor_differences(run_a: Path, run_b: Path) -> tuple[list[tuple[str, float, float, bool]], list[str]]:
+    """(name, relative L2, cosine, bitwise equal) of every LoRA tensor both runs hold, and the names (or shape
+    mismatches) of those only one holds."""
     import torch
     from safetensors.torch import load_file
 
-    tol = tol or Tolerances()
-    a_dir, b_dir = _run_dir(run_a), _run_dir(run_b)
-    rec_a, rec_b = (json.loads((d / "run.json").read_text()) for d in (a_dir, b_dir))
-    notes = []
-
-    loss_a = {r["step"]: r["loss"] for r in read_loss_log(a_dir / "logs" / "loss.jsonl")}
-    loss_b = {r["step"]: r["loss"] for r in read_loss_log(b_dir / "logs" / "loss.jsonl")}
-    steps = sorted(set(loss_a) & set(loss_b))
-    if set(loss_a) != set(loss_b):
-        notes.append(
-            f"loss logs cover different steps ({len(loss_a)} vs {len(loss_b)}); compared the {len(steps)} shared"
-        )
-    diffs = [abs(loss_a[s] - loss_b[s]) for s in steps]
-    rels = [abs(loss_a[s] - loss_b[s]) / max(abs(loss_a[s]), 1e-12) for s in steps]
-    losses_equal = bool(steps) and all(loss_a[s] == loss_b[s] for s in steps) and set(loss_a) == set(loss_b)
-
-    lora_a, lora_b = load_file(a_dir / LORA_FILE), load_file(b_dir / LORA_FILE)
+    lora_a, lora_b = load_file(RunFiles(run_a).lora), load_file(RunFiles(run_b).lora)
     missing = sorted(set(lora_a) ^ set(lora_b))
     tensors = []
     for name in sorted(set(lora_a) & set(lora_b)):
@@ -112,12 +103,37 @@ def compare_runs(run_a: Path, run_b: Path, tol: Tolerances | None = None, plot: 
         rel = (torch.linalg.norm(ta - tb) / torch.linalg.norm(ta).clamp_min(1e-12)).item()
         cos = torch.nn.functional.cosine_similarity(ta, tb, dim=0, eps=1e-12).item()
         tensors.append((name, rel, cos, torch.equal(lora_a[name], lora_b[name])))
+    return tensors, missing
 
-    manifest = []
+
+def _manifest_differences(rec_a: dict, rec_b: dict) -> list[tuple[str, object, object]]:
+    """The MANIFEST_FIELDS whose values differ between the two run records: (label, A, B)."""
+    differ = []
     for label, keys in MANIFEST_FIELDS.items():
         va, vb = _dig(rec_a, keys), _dig(rec_b, keys)
         if va != vb:
-            manifest.append((label, va, vb))
+            differ.append((label, va, vb))
+    return differ
+
+
+def compare_runs(run_a: Path, run_b: Path, tol: Tolerances | None = None, plot: Path | None = None) -> Comparison:
+    tol = tol or Tolerances()
+    a_dir, b_dir = _run_dir(run_a), _run_dir(run_b)
+    rec_a, rec_b = (json.loads(RunFiles(d).record.read_text()) for d in (a_dir, b_dir))
+    notes = []
+
+    loss_a, loss_b = _losses(a_dir), _losses(b_dir)
+    steps = sorted(set(loss_a) & set(loss_b))
+    if set(loss_a) != set(loss_b):
+        notes.append(
+            f"loss logs cover different steps ({len(loss_a)} vs {len(loss_b)}); compared the {len(steps)} shared"
+        )
+    diffs = [abs(loss_a[s] - loss_b[s]) for s in steps]
+    rels = [abs(loss_a[s] - loss_b[s]) / max(abs(loss_a[s]), 1e-12) for s in steps]
+    losses_equal = bool(steps) and all(loss_a[s] == loss_b[s] for s in steps) and set(loss_a) == set(loss_b)
+
+    tensors, missing = _tensor_differences(a_dir, b_dir)
+    manifest = _manifest_differences(rec_a, rec_b)
 
     if losses_equal and not missing and all(equal for *_, equal in tensors):
         verdict = "identical"

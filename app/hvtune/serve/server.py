@@ -1,9 +1,9 @@
 """`hvtune serve OUTPUT_DIR [OUTPUT_DIR_B]`: the run page, a small read-only web page of a run (or two, compared).
 
-It reads only what a run writes: `status.json` (status.py), `logs/loss.jsonl`, `run.json`, the validation videos and
-the LoRA files; so it works on a live run, a finished one, or a folder copied off a rented box. The standard
-library's threading HTTP server serves it: no dependency, no build step, nothing fetched from the network (the page is
-one HTML file with its script inline).
+It reads only what a run writes (run_folder.py): `status.json` (status.py), `logs/loss.jsonl`, `run.json`, the
+validation videos and the LoRA files; so it works on a live run, a finished one, or a folder copied off a rented box.
+The standard library's threading HTTP server serves it: no dependency, no build step, nothing fetched from the network
+(the page is one HTML file with its script inline).
 
 Security, because rented GPUs expose ports to the internet:
 - it binds 127.0.0.1 unless told otherwise; on any other address it requires a token (`--token`, else
@@ -24,7 +24,6 @@ import mimetypes
 import os
 import re
 import secrets
-import signal
 import socket
 import sys
 import threading
@@ -36,126 +35,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from hvtune.config.masking import mask_secrets
-from hvtune.errors import UserError
-from hvtune.output.checkpoints import list_checkpoints
-from hvtune.output.compare import LORA_FILE
-from hvtune.output.status import ENDED, is_stale, process_alive, read_status
+from hvtune.config.settings import UserError
+from hvtune.run_files import RECORD_NAME
+from hvtune.serve.run_folder import RunFolder, request_stop, safe_file
 
 DEFAULT_PORT = 8765
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-SERVED_SUFFIXES = {".mp4", ".webm", ".png", ".jpg", ".safetensors", ".jsonl"}
 COOKIE = "hvtune_page"
 STOP_HEADER = "X-Hvtune-Stop"
-
-
-def safe_file(root: Path, relative: str) -> Path | None:
-    """The file `relative` names inside `root`, or None when it is outside (`..`, absolute, a symlink that leads
-    out), hidden (a temp file being written), not a regular file, or not a kind the page serves."""
-    if not relative or "\x00" in relative or relative.startswith(("/", "\\")):
-        return None
-    parts = Path(relative).parts
-    if any(part in ("..", ".") or part.startswith(".") for part in parts):
-        return None
-    try:
-        base = root.resolve(strict=True)
-        path = (base / relative).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    if not path.is_relative_to(base) or not path.is_file() or path.suffix.lower() not in SERVED_SUFFIXES:
-        return None
-    return path
-
-
-class RunFolder:
-    """One output folder, read the way the page needs it."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def status(self) -> dict[str, Any]:
-        status = read_status(self.root) or {}
-        has_record = (self.root / "run.json").is_file()
-        if not status:
-            status = {"state": "finished" if has_record else "waiting", "step": None}
-            if has_record:  # a finished run from before status.json existed
-                run = self.run_record() or {}
-                status.update(step=run.get("global_step"), total_steps=run.get("global_step"))
-                if run.get("stopped_early"):
-                    status["state"] = "stopped"
-        stale = is_stale(status)
-        if stale:
-            status["reason"], status["state"] = stale, "failed"
-        status.pop("record", None)  # served masked by /api/record
-        status.pop("pid", None)
-        status["folder"] = str(self.root)
-        return status
-
-    def run_record(self) -> dict[str, Any] | None:
-        """run.json when the run finished, else the inputs the status file carries; masked."""
-        for read in (lambda: json.loads((self.root / "run.json").read_text()), lambda: read_status(self.root)):
-            try:
-                data = read()
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and "resolved" in data:
-                return mask_secrets(data)
-            if isinstance(data, dict) and isinstance(data.get("record"), dict):
-                return mask_secrets({"in_progress": True, "resolved": data["record"], **data["record"]})
-        return None
-
-    def loss(self, offset: int, inode: int | None) -> dict[str, Any]:
-        """Rows of `logs/loss.jsonl` from byte `offset` on (complete lines only). A resumed run rewrites the file
-        (another inode, maybe shorter): then the reader starts over from 0."""
-        path = self.root / "logs" / "loss.jsonl"
-        try:
-            with path.open("rb") as f:
-                stat = os.fstat(f.fileno())
-                reset = inode is not None and (stat.st_ino != inode or stat.st_size < offset)
-                if reset or offset > stat.st_size:
-                    offset, reset = 0, True
-                f.seek(offset)
-                data = f.read()
-        except OSError:
-            return {"rows": [], "offset": 0, "inode": None, "reset": offset > 0}
-        end = data.rfind(b"\n") + 1
-        rows = []
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-                rows.append([row["step"], row["loss"], row.get("lr"), row.get("seconds")])
-            except (ValueError, KeyError, TypeError):
-                continue  # a damaged line is skipped, not the whole curve
-        return {"rows": rows, "offset": offset + end, "inode": stat.st_ino, "reset": reset}
-
-    def videos(self) -> list[dict[str, Any]]:
-        found = []
-        # the layout of validation.validation_dir, not imported: that module imports torch, and the page starts in
-        # a second without it
-        for folder in sorted((self.root / "validation").glob("step_*")):
-            step = folder.name.removeprefix("step_")
-            if not step.isdigit():
-                continue
-            found += [
-                {"step": int(step), "name": f.name, "path": f.relative_to(self.root).as_posix()}
-                for f in sorted(folder.rglob("*.mp4"))
-                if not f.name.startswith(".")
-            ]
-        return sorted(found, key=lambda v: (-v["step"], v["name"]))
-
-    def downloads(self) -> list[dict[str, Any]]:
-        files = [(label, self.root / name) for label, name in (("LoRA (diffusers)", LORA_FILE),)]
-        files.append(("LoRA (ComfyUI)", self.root / "comfyui_lora.safetensors"))
-        checkpoints = list_checkpoints(self.root)
-        if checkpoints:
-            files.append((f"latest checkpoint's LoRA ({checkpoints[-1].name})", checkpoints[-1] / "lora.safetensors"))
-        files += [("loss curve (PNG)", self.root / "loss.png"), ("loss log", self.root / "logs" / "loss.jsonl")]
-        out = []
-        for label, path in files:
-            if path.is_file():
-                rel = path.relative_to(self.root).as_posix()
-                out.append({"label": label, "path": rel, "bytes": path.stat().st_size})
-        return out
 
 
 class PageServer(ThreadingHTTPServer):
@@ -172,7 +59,7 @@ class PageServer(ThreadingHTTPServer):
     def compare(self) -> dict[str, Any]:
         """`hvtune compare`'s verdict for the two folders, once both have finished (recomputed when a record
         changes)."""
-        records = [f.root / "run.json" for f in self.folders]
+        records = [f.files.record for f in self.folders]
         if not all(r.is_file() for r in records):
             return {"verdict": None, "text": "the verdict comes when both runs have finished (run.json)"}
         key = tuple(r.stat().st_mtime_ns for r in records)
@@ -306,7 +193,7 @@ class PageHandler(BaseHTTPRequestHandler):
             record = folder.run_record()
             if "download" in query:
                 body = json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"
-                disposition = {"Content-Disposition": 'attachment; filename="run.json"'}
+                disposition = {"Content-Disposition": f'attachment; filename="{RECORD_NAME}"'}
                 return self._send(200, body, "application/json", disposition)
             return self._json(record)
         if url.path.startswith("/files/"):
@@ -371,29 +258,6 @@ class PageHandler(BaseHTTPRequestHandler):
                     break
                 self.wfile.write(chunk)
                 remaining -= len(chunk)
-
-
-def request_stop(output_dir: Path) -> tuple[bool, str]:
-    """Send the run's training process SIGTERM, as `docker stop` does: it checkpoints at the next step boundary and
-    exits. Only a live hvtune process on this machine that the status file names."""
-    status = read_status(output_dir)
-    if not status or status.get("state") in ENDED or status.get("state") == "caching":
-        return False, "no training is running in this folder"
-    pid = status.get("pid")
-    if status.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return False, "training runs on another machine or container: stop it there (docker stop)"
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        cmdline = b"hvtune" if process_alive(pid) else b""
-    if b"hvtune" not in cmdline:
-        return False, f"the training process (pid {pid}) is gone"
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except OSError as e:
-        return False, f"could not signal pid {pid}: {e.strerror}"
-    step = status.get("step") or 0
-    return True, f"stop requested: training writes a checkpoint at the end of step {step + 1} and exits"
 
 
 def _page_html() -> bytes:
