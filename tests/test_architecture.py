@@ -11,18 +11,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 
 STAGES = [
     "files",  # atomic writes: used by every stage that writes
+    "errors",  # the error types every stage raises
     "run_files",  # the names of a run's files
-    "errors",  # the errors a user can fix: every stage raises them
-    "flavours",  # what each flavour and task decides: components, image condition, repos, default sizes
-    "config.simpletuner_keys",  # config: what each SimpleTuner key means (data only)
-    "config.simpletuner",  # SimpleTuner's defaults, optimizer names, docs/SIMPLETUNER.md
-    "config.lycoris",  # the lycoris_config file, read by config
-    "config.schema",  # the fields of config.json and of one dataset
-    "config.masking",  # secrets never leave hvtune
-    "config.layering",  # default < file < HVTUNE_<KEY> < --key=value, with each value's source
-    "config.rules",  # cross-field rules of the training keys (the one offload rule)
-    "config.backends",  # multidatabackend.json and the dataset rules
-    "config.settings",  # load_config: the resolved configuration
+    "flavours",  # what each flavour and task decides
+    "config.simpletuner_keys",  # config: SimpleTuner's keys, the schema, layering, rules
+    "config.simpletuner",
+    "config.lycoris",
+    "config.schema",
+    "config.masking",
+    "config.layering",
+    "config.rules",
+    "config.backends",
+    "config.settings",
     "model.component_files",  # model registry
     "model.architectures",
     "model.encoder_layouts",
@@ -52,7 +52,7 @@ STAGES = [
     "train.step",
     "train.stop",
     "train.ema",
-    "output.checkpoints",  # checkpoints / validation / export / run record
+    "output.checkpoints",  # checkpoints / validation / export / run record / status
     "output.run_dir",
     "output.validation",
     "output.comfyui",
@@ -63,8 +63,8 @@ STAGES = [
     "output.progress",
     "output.status",
     "trainer",  # the loop: wires the stages
-    "plan.simulate",  # the full-size step on meta tensors (uses the trainer's step)
-    "serve.run_folder",  # the run page: reads what the run writes
+    "plan.simulate",  # the full-size step on meta tensors (calls the training step)
+    "serve.run_folder",  # the run page: reads what a run writes
     "serve.server",
     "testing.synth",  # the tiny stand-ins for tests and the demo
     "testing.tiny_model",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from clips import write_audio_only, write_clip, write_exif_jpeg
-from hvtune.config.settings import DatasetConfig, VideoOptions, load_config
+from hvtune.config.schema import VideoOptions
+from hvtune.config.settings import DatasetConfig, load_config
 from hvtune.data.buckets import BucketRule, bucket_frames, interval_frames, round_to_4n1, simpletuner_bucket
 from hvtune.data.datasets import scan
 from hvtune.data.issues import DatasetError

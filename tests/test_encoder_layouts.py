@@ -142,7 +142,8 @@ def test_glyph_tokens_map_to_checkpoint_rows(tencent_root, tencent_encoders):
 
 def test_tencent_layout_encodes_prompts_like_the_diffusers_layout(tiny_t2v, tencent_encoders):
     from hvtune.cache.encoders import encode_caption
-    from hvtune.cache.store import TEXT_CROP_START, TEXT_MAX_LENGTH, system_message
+    from hvtune.cache.keys import TEXT_CROP_START, system_message
+    from hvtune.cache.store import TEXT_MAX_LENGTH
     from hvtune.config.schema import TrainConfig
     from hvtune.model.registry import load_text_encoders, resolve_model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hvtune.cache.encoders import encode_caption
-from hvtune.cache.store import TEXT_COMPONENTS, identities
+from hvtune.cache.keys import TEXT_COMPONENTS, identities
 from hvtune.config.schema import TrainConfig
 from hvtune.model.registry import ModelSourceError, load_text_encoders, load_vision_encoder, resolve_model
 from hvtune.testing.tiny_encoders import write_tiny_tencent_text_root

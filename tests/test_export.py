@@ -21,7 +21,7 @@ from hvtune.output.export import (
     save_run_lora,
 )
 from hvtune.run_files import RunFiles
-from hvtune.train.memory import add_lora
+from hvtune.train.lora import add_lora
 
 ALL_MAPPABLE = [
     "to_q",

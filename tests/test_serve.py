@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_hvtune
-from hvtune.config.settings import ConfigError, Problem, UserError, mask_secrets
+from hvtune.config.settings import ConfigError, Problem, mask_secrets
+from hvtune.errors import UserError
 from hvtune.files import write_text_atomic
 from hvtune.output.status import RunStatus, is_stale, read_status, recorded
 from hvtune.serve.run_folder import RunFolder, safe_file

@@ -321,7 +321,7 @@ def test_crop_keys(tmp_path):
         load_config(path, env={})
     backend[0].update({"crop_style": "center", "crop_aspect": "square"})
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
-    from hvtune.data.datasets import dataset_bucket_rule
+    from hvtune.data.buckets import dataset_bucket_rule
 
     r = load_config(path, env={})
     rule = dataset_bucket_rule(r.datasets[0], r)

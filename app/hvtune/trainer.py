@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from hvtune.cache.manifest import load_manifest
-from hvtune.config.settings import ConfigError, ResolvedConfig, check_device_support
+from hvtune.config.rules import check_device_support
+from hvtune.config.settings import ConfigError, ResolvedConfig
 from hvtune.files import write_json_atomic
 from hvtune.model.registry import detect_device, load_scheduler, load_transformer, resolve_model
 from hvtune.output.checkpoints import (

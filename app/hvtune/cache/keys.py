@@ -18,7 +18,7 @@ from typing import Any
 
 from hvtune.config.settings import ResolvedConfig
 from hvtune.data.datasets import Sample
-from hvtune.model.component_files import TEXT, VISION
+from hvtune.flavours import TEXT, VISION
 
 FORMAT = "hvtune-cache/1"
 PIXELS = "media/1:rgb24,cover,center-crop,bicubic-antialias,no-upscale"  # bump when media's pixel output changes

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtune.cache.keys import FORMAT, TEXT_2_MAX_LENGTH, TEXT_MAX_LENGTH
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.files import is_temp_name, write_bytes_atomic, write_text_atomic
 
 

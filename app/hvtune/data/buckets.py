@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hvtune.config.settings import DatasetConfig, ResolvedConfig, parse_wxh
+from hvtune.config.schema import parse_wxh
+from hvtune.config.settings import DatasetConfig, ResolvedConfig
 from hvtune.data.issues import DatasetError
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.run_files import RECORD_NAME
 from hvtune.serve.run_folder import RunFolder, request_stop, safe_file
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from hvtune.config.settings import TrainConfig, UserError
+from hvtune.config.settings import TrainConfig
+from hvtune.errors import UserError
 
 ADAPTER_PARAMETER_MARKS = ("lora_", "lokr_", "hada_")  # peft's LoRA, LoKr and LoHa weight names: not the base's
 

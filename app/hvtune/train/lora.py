@@ -15,7 +15,8 @@ import re
 
 import torch
 
-from hvtune.config.settings import TrainConfig, UserError
+from hvtune.config.settings import TrainConfig
+from hvtune.errors import UserError
 from hvtune.train.base_model import is_adapter_parameter, offload_device
 
 MAIN_BLOCK_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from hvtune.config.settings import TrainConfig, UserError
+from hvtune.config.settings import TrainConfig
+from hvtune.errors import UserError
 
 
 def _bitsandbytes(name: str) -> Callable[..., torch.optim.Optimizer]:

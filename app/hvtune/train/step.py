@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.train.objective import counter_seed, training_loss
 from hvtune.train.optim import clip_gradients
 
