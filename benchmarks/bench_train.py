@@ -1,20 +1,18 @@
 """Training budgets on the tiny model (issue 7, item 2): step overhead, start-up, peak RSS, fully cached `hvtune cache`.
 
-    python benchmarks/bench_train.py [--quick] [--out PATH] [--rounds R] [--steps N] [--warmup W]
-                                     [--cache-clips 200] [--cache-first-limit 240]
+    PYTHONPATH=app python benchmarks/bench_train.py [--quick] [--out PATH] [--rounds R] [--steps N] [--warmup W]
+                                                    [--cache-clips 200] [--cache-first-limit 240]
 
 Everything runs on the tiny random model of `hvtune.testing.demo.write_demo_project` in a temporary folder; its cache
-is built
-once with `hvtune cache`. Training uses the demo config with validation off and checkpointing off
+is built once with `hvtune cache`. Training uses the demo config with validation off and checkpointing off
 (`checkpointing_steps` far beyond the run), so only the training step is measured.
 
-1. Steady-state step ratio. `hvtune.trainer.train` (the loop of `hvtune train`: accelerate, loss log, TensorBoard,
-   progress bar) against a bare loop doing the same step on the same batches: transformer from `hvtune.model.registry`,
-   base prep + LoRA + optimizer from `hvtune.train.memory`, batches from
-   `hvtune.train.batches.plan_epoch`/`load_batch`, loss from
-   `hvtune.train.objective.training_loss`, backward, grad clipping (when `max_grad_norm` > 0, as
-   configured), AdamW step;
-   no accelerate, no logging, no checkpointing. Both run in this one process, alternating in rounds (A B, then B A,
+1. Steady-state step ratio. `hvtune.trainer.train` (the loop of `hvtune train`: accelerate's prepared model and
+   optimizer, LR schedule, loss log, TensorBoard, progress bar, status) against a bare loop around the trainer's own
+   `training_step` on the same batches: transformer from `hvtune.model.registry`, base prep + LoRA + optimizer from
+   `hvtune.train.memory`, batches from `hvtune.train.batches.plan_epoch`/`load_batch`, the schedule from
+   `hvtune.train.objective.schedule_options`, under a plain `accelerate.Accelerator`; no LR schedule, no logging, no
+   checkpointing. Both run in this one process, alternating in rounds (A B, then B A,
    ...) so machine load hits both; the first W steps of every run are skipped; trainer step times are the `seconds` of
    `logs/loss.jsonl`, bare step times are measured the same way (end of one step to the end of the next, batch loading
    included). Reported: the ratio of the medians (budget <= 1.10). The first losses of both are compared as a check
@@ -38,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -49,63 +46,39 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-APP = HERE.parent / "app"
-sys.path.insert(0, str(APP))
+from common import (
+    NO_SIDE_WORK,
+    RESULTS,
+    hvtune_command,
+    loss_rows,
+    machine,
+    run,
+    step_accelerator,
+    subprocess_env,
+    trainer_run,
+    write_result,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BUDGETS = {"step_ratio": 1.10, "start_to_first_step_s": 10.0, "peak_rss_gb": 1.0, "cached_rerun_200_s": 5.0}
-NO_SIDE_WORK = ["--validation_disable=true", "--checkpointing_steps=1000000"]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APP), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
-def _hvtune(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hvtune", *args]
-
-
-def _run(cmd: list[str], timeout: float | None = None) -> tuple[float, subprocess.CompletedProcess]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return wall, proc
-
-
-def _losslog(out: Path) -> list[dict]:
-    path = out / "logs" / "loss.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------------------ 1. step ratio
 
 
-def _trainer_run(config: Path, out: Path, steps: int) -> tuple[list[float], list[float]]:
-    from hvtune.config.settings import load_config
-    from hvtune.trainer import train
-
-    shutil.rmtree(out, ignore_errors=True)
-    resolved = load_config(config, env={}, argv=[*NO_SIDE_WORK, f"--max_train_steps={steps}", f"--output_dir={out}"])
-    train(resolved)
-    rows = _losslog(out)
-    return [r["seconds"] for r in rows], [r["loss"] for r in rows]
-
-
 def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
+    """The same setup and the trainer's own `training_step` on the same batches, with nothing around it."""
     import torch
 
     from hvtune.cache.manifest import load_manifest
     from hvtune.config.settings import load_config
     from hvtune.model.registry import load_scheduler, load_transformer, resolve_model
     from hvtune.train.batches import load_batch, plan_epoch, text_entry
-    from hvtune.train.memory import add_lora, base_dtype, build_optimizer, clip_gradients, prepare_base
-    from hvtune.train.objective import counter_seed, schedule_options, training_loss
+    from hvtune.train.memory import add_lora, base_dtype, build_optimizer, prepare_base
+    from hvtune.train.objective import counter_seed, schedule_options
+    from hvtune.trainer import training_step
 
     resolved = load_config(config, env={}, argv=[*NO_SIDE_WORK, f"--max_train_steps={steps}"])
     cfg = resolved.train
@@ -120,33 +93,36 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     optimizer = build_optimizer(params, cfg)
     empty = text_entry(manifest, manifest.empty_prompt_key)
     image_embed_shape = (0, transformer.config.image_embed_dim)  # as the trainer: no image tokens for t2v
+    schedule = schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None)
     times, losses, epoch = [], [], 0
     started = time.time()
-    while len(times) < steps:
-        plan = plan_epoch(manifest, global_batch_size=cfg.train_batch_size, seed=cfg.seed, epoch=epoch)
-        for items in plan:
-            batch = load_batch(manifest, items)
-            loss, _ = training_loss(
-                transformer,
-                batch,
-                seed=cfg.seed,
-                epoch=epoch,
-                **schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None),
-                empty_prompt=empty,
-                image_embed_shape=image_embed_shape,
-                device="cpu",
-            )
-            loss.backward()
-            clip_gradients(None, params, cfg)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            now = time.time()
-            times.append(now - started)
-            losses.append(loss.item())
-            started = now
-            if len(times) >= steps:
-                break
-        epoch += 1
+    with step_accelerator(cfg.mixed_precision, cpu=True) as accelerator:
+        while len(times) < steps:
+            plan = plan_epoch(manifest, global_batch_size=cfg.train_batch_size, seed=cfg.seed, epoch=epoch)
+            for index, items in enumerate(plan):
+                batch = load_batch(manifest, items)
+                loss = training_step(
+                    accelerator,
+                    transformer,
+                    optimizer,
+                    params,
+                    batch,
+                    cfg,
+                    epoch=epoch,
+                    index=index,
+                    rank=0,
+                    empty=empty,
+                    image_embed_shape=image_embed_shape,
+                    device="cpu",
+                    schedule=schedule,
+                )
+                now = time.time()
+                times.append(now - started)
+                losses.append(loss.item())
+                started = now
+                if len(times) >= steps:
+                    break
+            epoch += 1
     return times, losses
 
 
@@ -160,7 +136,7 @@ def measure_ratio(config: Path, work: Path, rounds: int, warmup: int, steps: int
         for which in order:
             t0 = time.perf_counter()
             if which == "trainer":
-                times, losses = _trainer_run(config, work / f"ratio-out-{r}", warmup + steps)
+                times, losses = trainer_run(config, work / f"ratio-out-{r}", warmup + steps)
                 trainer_steps += times[warmup:]
             else:
                 times, losses = _bare_run(config, warmup + steps)
@@ -201,13 +177,15 @@ def measure_startup(config: Path, out: Path, steps: int) -> dict:
     """One whole `hvtune train` process: start to the first loss line, and its peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
     timev = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
-    cmd = _hvtune("train", "--config", str(config), *NO_SIDE_WORK, f"--max_train_steps={steps}", f"--output_dir={out}")
+    cmd = hvtune_command(
+        "train", "--config", str(config), *NO_SIDE_WORK, f"--max_train_steps={steps}", f"--output_dir={out}"
+    )
     if timev:
         cmd = [timev, "-v", *cmd]
     log = out / "logs" / "loss.jsonl"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     first = None
     while proc.poll() is None:
         if first is None and log.exists() and log.read_text().strip():
@@ -217,7 +195,7 @@ def measure_startup(config: Path, out: Path, steps: int) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"hvtune train failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    rows = _losslog(out)
+    rows = loss_rows(out)
     if first is None:  # finished between two polls
         first = wall
     rss_kb, how = None, None
@@ -249,7 +227,7 @@ def measure_floor() -> float:
     prints once they are imported: like the start-up, it leaves out the interpreter's teardown at exit."""
     cmd = [sys.executable, "-c", FLOOR_IMPORTS + "; print('imported', flush=True)"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=subprocess_env())
     line = proc.stdout.readline()
     seconds = time.perf_counter() - t0
     proc.communicate()
@@ -269,7 +247,7 @@ def measure_imports(top: int = 12) -> dict:
     """`python -X importtime` of what `hvtune train` imports before its first step; top-level modules by cumulative."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", TRAIN_IMPORTS], capture_output=True, text=True, env=_env()
+        [sys.executable, "-X", "importtime", "-c", TRAIN_IMPORTS], capture_output=True, text=True, env=subprocess_env()
     )
     wall = time.perf_counter() - t0
     rows = []
@@ -329,11 +307,11 @@ def measure_cache(root: Path, model: Path, clips: int, first_limit: float, rerun
     write_synthetic_dataset(clips_dir, clips=clips, seed=1, size=(64, 48), num_frames=9, fps=24)
     synth_s = time.perf_counter() - t0
     config = _cache_project(root, model, clips_dir)
-    cmd = _hvtune("cache", "--config", str(config))
+    cmd = hvtune_command("cache", "--config", str(config))
     t0 = time.perf_counter()
     completed = True
     try:
-        subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=first_limit, check=True)
+        subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=first_limit, check=True)
     except subprocess.TimeoutExpired:
         completed = False
     first_s = time.perf_counter() - t0
@@ -346,11 +324,11 @@ def measure_cache(root: Path, model: Path, clips: int, first_limit: float, rerun
         for extra in manifest_clips[used:]:
             extra.unlink()
             extra.with_suffix(".txt").unlink(missing_ok=True)
-        subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=True)
+        subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), check=True)
     walls = []
     last = None
     for _ in range(reruns):
-        wall, last = _run(cmd)
+        wall, last = run(cmd)
         walls.append(wall)
     summary = [line.strip() for line in last.stdout.splitlines() if "hit" in line or "written" in line]
     rerun = statistics.median(walls)
@@ -380,7 +358,7 @@ def _verdict(value, budget, *, strict=False) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run for the test suite")
-    parser.add_argument("--out", default=str(HERE / "results" / "train.json"))
+    parser.add_argument("--out", default=str(RESULTS / "train.json"))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=None, help="steps skipped at the start of each run")
@@ -403,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         config = write_demo_project(work / "demo", clips=2 if q else 8, seed=0, steps=40)
         project_s = time.perf_counter() - t0
-        cache_first, _ = _run(_hvtune("cache", "--config", str(config)))
+        cache_first, _ = run(hvtune_command("cache", "--config", str(config)))
         setup = {"demo_project_s": round(project_s, 1), "demo_cache_first_s": round(cache_first, 1)}
         print(f"demo project + cache: {setup}", flush=True)
 
@@ -477,13 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train",
         "quick": q,
         "command": "python benchmarks/bench_train.py" + (" --quick" if q else ""),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": {**machine(), "torch": torch.__version__},
         "budgets": budgets,
         "setup": setup,
         "step_ratio": ratio,
@@ -494,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(out, doc)
 
     print()
     print(f"{'budget':34s} {'measured':>12s} {'target':>10s}  verdict")

@@ -38,7 +38,12 @@ STAGES = [
     "output.progress",
     "output.status",
     "trainer",  # the loop: wires the stages
+    "plan.tracker",  # hvtune plan: the bytes and values of a step on meta tensors
+    "plan.autocast",
+    "plan.shapes",
     "plan.simulate",  # the full-size step on meta tensors (uses the trainer's step)
+    "plan.prediction",
+    "plan.report",
     "serve.server",  # the run page: reads what the run writes
     "testing.synth",  # the tiny stand-ins for tests and the demo
     "testing.tiny_model",
