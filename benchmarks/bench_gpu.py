@@ -52,9 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import (
-    PIPELINE_BYT5_MAX,
-    PIPELINE_IMAGE_TOKENS,
-    PIPELINE_QWEN_MAX,
+    PIPELINE_TEXT,
     RESOLUTIONS,
     RESULTS,
     SDPARecorder,
@@ -79,7 +77,6 @@ SMOKE_CONFIG = dict(TINY_TRANSFORMER_CONFIG, attention_head_dim=32, mlp_ratio=4.
 SMOKE_RESOLUTION = (5, 64, 96)  # -> latents (1, 32, 2, 4, 6): 48 video tokens
 SMOKE_TEXT = {"qwen_pad": 40, "byt5_pad": 8, "image": 9, "caption": 12}
 
-PIPELINE_TEXT = {"qwen_pad": PIPELINE_QWEN_MAX, "byt5_pad": PIPELINE_BYT5_MAX, "image": PIPELINE_IMAGE_TOKENS}
 DEFAULT_CAPTION_TOKENS = 120  # Qwen valid tokens incl. the 5 template tokens; bench_seqlen.py measures real captions
 
 

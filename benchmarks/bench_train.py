@@ -91,9 +91,13 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     add_lora(transformer, cfg)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
-    empty = text_entry(manifest, manifest.empty_prompt_key)
-    image_embed_shape = (0, transformer.config.image_embed_dim)  # as the trainer: no image tokens for t2v
-    schedule = schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None)
+    step_args = dict(
+        rank=0,
+        empty=text_entry(manifest, manifest.empty_prompt_key),
+        image_embed_shape=(0, transformer.config.image_embed_dim),  # as the trainer: no image tokens for t2v
+        device="cpu",
+        schedule=schedule_options(cfg, dict(load_scheduler(paths).config) if cfg.shift == 0 else None),
+    )
     times, losses, epoch = [], [], 0
     started = time.time()
     with step_accelerator(cfg.mixed_precision, cpu=True) as accelerator:
@@ -102,19 +106,7 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
             for index, items in enumerate(plan):
                 batch = load_batch(manifest, items)
                 loss = training_step(
-                    accelerator,
-                    transformer,
-                    optimizer,
-                    params,
-                    batch,
-                    cfg,
-                    epoch=epoch,
-                    index=index,
-                    rank=0,
-                    empty=empty,
-                    image_embed_shape=image_embed_shape,
-                    device="cpu",
-                    schedule=schedule,
+                    accelerator, transformer, optimizer, params, batch, cfg, epoch=epoch, index=index, **step_args
                 )
                 now = time.time()
                 times.append(now - started)

@@ -34,6 +34,7 @@ RESULTS = BENCHMARKS / "results"
 PIPELINE_QWEN_MAX = 1000
 PIPELINE_BYT5_MAX = 256
 PIPELINE_IMAGE_TOKENS = IMAGE_TOKENS  # SigLIP so400m patch14 at 384: 27 x 27
+PIPELINE_TEXT = {"qwen_pad": PIPELINE_QWEN_MAX, "byt5_pad": PIPELINE_BYT5_MAX, "image": PIPELINE_IMAGE_TOKENS}
 RESOLUTIONS = {"480p": (61, 480, 848), "720p": (121, 720, 1280)}  # frames, height, width
 
 # the trainer with nothing but training steps: validation off, no checkpoint within the run

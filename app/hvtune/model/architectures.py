@@ -42,19 +42,9 @@ TARGET_SIZE = {"480p": 640, "720p": 960}
 # The same architecture at a size a CPU runs in milliseconds: the transformer of the tiny test model
 # (`hvtune.testing.tiny_model`; its text encoders are 32 wide, its SigLIP 16) and, with wider heads, the GPU
 # benchmark's --cpu-smoke model.
-TINY_TRANSFORMER_CONFIG = dict(
-    TRANSFORMER_CONFIG,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_layers=2,
-    num_refiner_layers=1,
-    mlp_ratio=2.0,
-    text_embed_dim=32,
-    text_embed_2_dim=32,
-    image_embed_dim=16,
-    rope_axes_dim=(4, 6, 6),
-    target_size=64,
-)
+TINY_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, num_attention_heads=2, attention_head_dim=16, num_layers=2)
+TINY_TRANSFORMER_CONFIG.update(num_refiner_layers=1, mlp_ratio=2.0, rope_axes_dim=(4, 6, 6), target_size=64)
+TINY_TRANSFORMER_CONFIG.update(text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16)  # the encoders' widths
 LATENT_CHANNELS, VAE_SPATIAL, VAE_TEMPORAL = 32, 16, 4
 # SigLIP tokens per image (the i2v condition): 27 x 27 patches of 14 px at 384 px
 IMAGE_TOKENS = 729

@@ -136,7 +136,9 @@ def run_step(
     step_cfg, params, optimizer = prepare_step(transformer, cfg, device)
     accelerator = _accelerator(step_cfg)
     batch = _batch_for(shape, model_config)
-    image_embed_shape = (0, model_config["image_embed_dim"])
+    # the trainer's other arguments for one process; t2v's empty image-token shape; no cached empty prompt
+    step_args = dict(rank=0, empty=None, image_embed_shape=(0, model_config["image_embed_dim"]), device=device)
+    step_args["schedule"] = schedule_options(step_cfg)
     base = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
     memory = StepMemory(
         peak=0,
@@ -160,19 +162,7 @@ def run_step(
                 tracker.reset_peak()
             with tracker, autocast or contextlib.nullcontext():
                 loss = training_step(
-                    accelerator,
-                    transformer,
-                    optimizer,
-                    params,
-                    batch,
-                    step_cfg,
-                    epoch=0,
-                    index=i,
-                    rank=0,
-                    empty=None,
-                    image_embed_shape=image_embed_shape,
-                    device=device,
-                    schedule=schedule_options(step_cfg),
+                    accelerator, transformer, optimizer, params, batch, step_cfg, epoch=0, index=i, **step_args
                 )
             del loss
             tracker.adopt(_state_tensors(optimizer))
