@@ -22,11 +22,8 @@ GiB = 2**30
 
 # Allowances for what a meta execution cannot see (see docs/PERFORMANCE.md, "hvtune plan"):
 CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator, nvidia-smi's first ~500 MB
-
 FRAGMENTATION = 0.08  # the caching allocator's reserved-but-unused share at the peak (expandable_segments lowers it)
-
 ASSUMED_MFU = 0.35  # model FLOPs utilisation assumed for s/step (bench_gpu.py measures the real one on a card)
-
 HOST_RUNTIME_GIB = 4.0  # Python, torch, CUDA libraries, the loader's buffers
 
 
