@@ -347,76 +347,45 @@ def _verdict(value, budget, *, strict=False) -> str:
     return "met" if ok else "MISSED"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run for the test suite")
-    parser.add_argument("--out", default=str(RESULTS / "train.json"))
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=None, help="steps skipped at the start of each run")
-    parser.add_argument("--cache-clips", type=int, default=None)
-    parser.add_argument("--cache-first-limit", type=float, default=240.0, help="seconds for the first cache build")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    args = parser.parse_args(argv)
-    q = args.quick
-    rounds = args.rounds or (1 if q else 6)
-    steps = args.steps or (2 if q else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if q else 3)
-    cache_clips = args.cache_clips or (4 if q else 200)
+def measure_startups(config: Path, work: Path, runs: int) -> tuple[dict, list[dict]]:
+    """`runs` start-ups alternating with the import floor (so machine load hits both): the medians, and each run."""
+    startup_runs, floors = [], []
+    for i in range(runs):
+        startup_runs.append(measure_startup(config, work / f"startup-{i}", 3))
+        floors.append(measure_floor())
+    startup = dict(startup_runs[0])  # command and RSS method; every figure below is a median over the runs
+    for key in ("start_to_first_step_s", "before_loop_s", "first_step_own_s"):
+        startup[key] = round(statistics.median(r[key] for r in startup_runs), 2)
+        startup[f"{key}_runs"] = [r[key] for r in startup_runs]
+    beyond = [r["start_to_first_step_s"] - f for r, f in zip(startup_runs, floors, strict=True)]
+    startup["import_floor"] = {
+        "statement": FLOOR_IMPORTS,
+        "process_wall_s_runs": [round(f, 2) for f in floors],
+        "median_s": round(statistics.median(floors), 2),
+        # everything else up to the first step: hvtune's config/manifest/accelerate/LoRA setup, loading the
+        # weights and step 1 itself; run by run, so the spread shows how much of it is noise
+        "beyond_floor_s_runs": [round(b, 2) for b in beyond],
+        "beyond_floor_s_median": round(statistics.median(beyond), 2),
+    }
+    startup["peak_rss_gb"] = max(r["peak_rss_gb"] for r in startup_runs)
+    return startup, startup_runs
 
-    from hvtune.testing.demo import write_demo_project
 
-    started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="hvtune-bench-train-"))
-    try:
-        print(f"work dir {work}", flush=True)
-        t0 = time.perf_counter()
-        config = write_demo_project(work / "demo", clips=2 if q else 8, seed=0, steps=40)
-        project_s = time.perf_counter() - t0
-        cache_first, _ = run(hvtune_command("cache", "--config", str(config)))
-        setup = {"demo_project_s": round(project_s, 1), "demo_cache_first_s": round(cache_first, 1)}
-        print(f"demo project + cache: {setup}", flush=True)
+def measure_cache_for_200(work: Path, clips: int, first_limit: float, reruns: int) -> dict:
+    """`measure_cache` on the demo's model, with the rerun scaled to 200 clips."""
+    cache = measure_cache(work / "cache200", work / "demo" / "tiny-t2v-model", clips, first_limit, reruns)
+    n = cache["clips"]
+    # below 200 clips: scaled linearly from n clips, an upper bound (the process start-up is a fixed cost); not
+    # done from fewer than 20 clips (quick runs), where start-up is nearly all of it
+    per200 = cache["rerun_median_s"] * (200 / n if n < 200 else 1) if n >= 20 else None
+    cache["rerun_s_for_200"] = None if per200 is None else round(per200, 2)
+    cache["rerun_s_for_200_extrapolated"] = n != 200
+    return cache
 
-        print("1. step ratio (trainer vs bare loop, alternating)", flush=True)
-        ratio = measure_ratio(config, work, rounds, warmup, steps)
-        print("2-3. start-up and peak RSS of `hvtune train`", flush=True)
-        startup_runs, floors = [], []
-        for i in range(1 if q else 3):  # alternating, so machine load hits both
-            startup_runs.append(measure_startup(config, work / f"startup-{i}", 3))
-            floors.append(measure_floor())
-        startup = dict(startup_runs[0])  # command and RSS method; every figure below is a median over the runs
-        for key in ("start_to_first_step_s", "before_loop_s", "first_step_own_s"):
-            startup[key] = round(statistics.median(r[key] for r in startup_runs), 2)
-            startup[f"{key}_runs"] = [r[key] for r in startup_runs]
-        beyond = [r["start_to_first_step_s"] - f for r, f in zip(startup_runs, floors, strict=True)]
-        startup["import_floor"] = {
-            "statement": FLOOR_IMPORTS,
-            "process_wall_s_runs": [round(f, 2) for f in floors],
-            "median_s": round(statistics.median(floors), 2),
-            # everything else up to the first step: hvtune's config/manifest/accelerate/LoRA setup, loading the
-            # weights and step 1 itself; run by run, so the spread shows how much of it is noise
-            "beyond_floor_s_runs": [round(b, 2) for b in beyond],
-            "beyond_floor_s_median": round(statistics.median(beyond), 2),
-        }
-        startup["peak_rss_gb"] = max(r["peak_rss_gb"] for r in startup_runs)
-        imports = None
-        if not q or startup["start_to_first_step_s"] > BUDGETS["start_to_first_step_s"]:
-            imports = measure_imports()
-        print("4. fully cached `hvtune cache`", flush=True)
-        cache = measure_cache(
-            work / "cache200", work / "demo" / "tiny-t2v-model", cache_clips, args.cache_first_limit, 1 if q else 3
-        )
-        n = cache["clips"]
-        # below 200 clips: scaled linearly from n clips, an upper bound (the process start-up is a fixed cost); not
-        # done from fewer than 20 clips (quick runs), where start-up is nearly all of it
-        per200 = cache["rerun_median_s"] * (200 / n if n < 200 else 1) if n >= 20 else None
-        cache["rerun_s_for_200"] = None if per200 is None else round(per200, 2)
-        cache["rerun_s_for_200_extrapolated"] = n != 200
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
-    budgets = {
+def _budgets(ratio: dict, startup: dict, cache: dict) -> dict:
+    c200 = cache["rerun_s_for_200"]
+    return {
         "step_ratio": {
             "value": ratio["ratio"],
             "budget": "<= 1.10",
@@ -433,59 +402,42 @@ def main(argv: list[str] | None = None) -> int:
             "verdict": _verdict(startup["peak_rss_gb"], 1.0),
         },
         "cached_rerun_200_clips_s": {
-            "value": cache["rerun_s_for_200"],
+            "value": c200,
             "budget": "< 5 s",
-            "verdict": "not measured (too few clips)"
-            if cache["rerun_s_for_200"] is None
-            else _verdict(cache["rerun_s_for_200"], 5.0, strict=True),
+            "verdict": "not measured (too few clips)" if c200 is None else _verdict(c200, 5.0, strict=True),
             "extrapolated": cache["rerun_s_for_200_extrapolated"],
         },
     }
-    import torch
 
-    doc = {
-        "benchmark": "train",
-        "quick": q,
-        "command": "python benchmarks/bench_train.py" + (" --quick" if q else ""),
-        "machine": {**machine(), "torch": torch.__version__},
-        "budgets": budgets,
-        "setup": setup,
-        "step_ratio": ratio,
-        "startup": startup,
-        "startup_runs": startup_runs,
-        "imports": imports,
-        "cache_rerun": cache,
-        "total_s": round(time.perf_counter() - started, 1),
-    }
-    out = Path(args.out)
-    write_result(out, doc)
 
+def _print_budgets(doc: dict) -> None:
+    ratio, startup, cache, budgets = doc["step_ratio"], doc["startup"], doc["cache_rerun"], doc["budgets"]
     print()
     print(f"{'budget':34s} {'measured':>12s} {'target':>10s}  verdict")
     c200 = cache["rerun_s_for_200"]
+    extrapolated = " (extrap.)" if cache["rerun_s_for_200_extrapolated"] else ""
     rows = [
-        ("steady-state step / bare loop", f"{ratio['ratio']:.3f}x", "<= 1.10x", budgets["step_ratio"]["verdict"]),
+        ("steady-state step / bare loop", f"{ratio['ratio']:.3f}x", "<= 1.10x", "step_ratio"),
         (
             "start to first finished step",
             f"{startup['start_to_first_step_s']:.1f} s",
             "<= 10 s",
-            budgets["start_to_first_step_s"]["verdict"],
+            "start_to_first_step_s",
         ),
+        ("peak RSS, tiny training run", f"{startup['peak_rss_gb']:.2f} GB", "<= 1.0 GB", "peak_rss_gb"),
         (
-            "peak RSS, tiny training run",
-            f"{startup['peak_rss_gb']:.2f} GB",
-            "<= 1.0 GB",
-            budgets["peak_rss_gb"]["verdict"],
-        ),
-        (
-            f"cached `hvtune cache`, 200 clips{' (extrap.)' if cache['rerun_s_for_200_extrapolated'] else ''}",
+            f"cached `hvtune cache`, 200 clips{extrapolated}",
             "-" if c200 is None else f"{c200:.2f} s",
             "< 5 s",
-            budgets["cached_rerun_200_clips_s"]["verdict"],
+            "cached_rerun_200_clips_s",
         ),
     ]
-    for name, value, target, verdict in rows:
-        print(f"{name:34s} {value:>12s} {target:>10s}  {verdict}")
+    for name, value, target, key in rows:
+        print(f"{name:34s} {value:>12s} {target:>10s}  {budgets[key]['verdict']}")
+
+
+def _print_details(doc: dict) -> None:
+    ratio, startup, cache, imports = doc["step_ratio"], doc["startup"], doc["cache_rerun"], doc["imports"]
     print(
         f"\nmedian step: trainer {ratio['trainer_median_step_s']:.3f} s, bare {ratio['bare_median_step_s']:.3f} s "
         f"({ratio['rounds']} rounds x {ratio['timed_steps_per_run']} steps, {ratio['warmup_steps_skipped']} skipped)"
@@ -504,6 +456,80 @@ def main(argv: list[str] | None = None) -> int:
         f"cache rerun: {cache['clips']} clips in {cache['rerun_median_s']:.2f} s; "
         f"first build {cache['first_build_process_wall_s']:.0f} s ({state})"
     )
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run for the test suite")
+    parser.add_argument("--out", default=str(RESULTS / "train.json"))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=None, help="steps skipped at the start of each run")
+    parser.add_argument("--cache-clips", type=int, default=None)
+    parser.add_argument("--cache-first-limit", type=float, default=240.0, help="seconds for the first cache build")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    q = args.quick
+    args.rounds = args.rounds or (1 if q else 6)
+    args.steps = args.steps or (2 if q else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
+    args.cache_clips = args.cache_clips or (4 if q else 200)
+    return args
+
+
+def measure_all(work: Path, args: argparse.Namespace) -> dict:
+    """Every measurement, in the order of the module doc, in the temporary folder `work`."""
+    from hvtune.testing.demo import write_demo_project
+
+    q = args.quick
+    print(f"work dir {work}", flush=True)
+    t0 = time.perf_counter()
+    config = write_demo_project(work / "demo", clips=2 if q else 8, seed=0, steps=40)
+    project_s = time.perf_counter() - t0
+    cache_first, _ = run(hvtune_command("cache", "--config", str(config)))
+    setup = {"demo_project_s": round(project_s, 1), "demo_cache_first_s": round(cache_first, 1)}
+    print(f"demo project + cache: {setup}", flush=True)
+    print("1. step ratio (trainer vs bare loop, alternating)", flush=True)
+    ratio = measure_ratio(config, work, args.rounds, args.warmup, args.steps)
+    print("2-3. start-up and peak RSS of `hvtune train`", flush=True)
+    startup, startup_runs = measure_startups(config, work, 1 if q else 3)
+    imports = None
+    if not q or startup["start_to_first_step_s"] > BUDGETS["start_to_first_step_s"]:
+        imports = measure_imports()
+    print("4. fully cached `hvtune cache`", flush=True)
+    cache = measure_cache_for_200(work, args.cache_clips, args.cache_first_limit, 1 if q else 3)
+    return dict(setup=setup, ratio=ratio, startup=startup, startup_runs=startup_runs, imports=imports, cache=cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="hvtune-bench-train-"))
+    try:
+        m = measure_all(work, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    import torch
+
+    doc = {
+        "benchmark": "train",
+        "quick": args.quick,
+        "command": "python benchmarks/bench_train.py" + (" --quick" if args.quick else ""),
+        "machine": {**machine(), "torch": torch.__version__},
+        "budgets": _budgets(m["ratio"], m["startup"], m["cache"]),
+        "setup": m["setup"],
+        "step_ratio": m["ratio"],
+        "startup": m["startup"],
+        "startup_runs": m["startup_runs"],
+        "imports": m["imports"],
+        "cache_rerun": m["cache"],
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    out = Path(args.out)
+    write_result(out, doc)
+    _print_budgets(doc)
+    _print_details(doc)
     print(f"wrote {out} ({doc['total_s']:.0f} s)")
     return 0
 
