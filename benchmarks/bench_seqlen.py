@@ -369,30 +369,36 @@ def attention_path_demo(qwen_valid: int) -> dict:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def main(argv=None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--qwen-tokenizer", help="folder with a Qwen2/2.5 tokenizer.json (default: see module doc)")
     ap.add_argument("--captions", help="a file with one caption per line, or a folder of .txt captions")
     ap.add_argument("--smoke", action="store_true", help="smallest run (tests): built-in captions, tiny demo")
     ap.add_argument("--no-demo", action="store_true", help="skip the CPU attention-path demo")
     ap.add_argument("--out", default=str(RESULTS / "seqlen.json"))
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.time()
+    return ap.parse_args(argv)
 
-    qwen_dir, qwen_source = _qwen_tokenizer_dir(args.qwen_tokenizer)
+
+def _caption_counter(explicit: str | None) -> tuple[CaptionCounter, str]:
+    """The counter with the Qwen tokenizer found (or none), and where it came from; refuses a non-Qwen tokenizer."""
+    qwen_dir, qwen_source = _qwen_tokenizer_dir(explicit)
     counter = CaptionCounter(qwen_dir)
     if counter.qwen is not None and counter.template_prefix_tokens != counter.crop_start:
         raise SystemExit(
             f"{qwen_dir}: the pipeline's system prompt is {counter.template_prefix_tokens} tokens with this "
             f"tokenizer, not the pipeline's crop_start {counter.crop_start}: not a Qwen2/2.5 tokenizer"
         )
+    return counter, qwen_source
+
+
+def measure(args: argparse.Namespace, command: str) -> dict:
+    """Part 1 (tokens) and, unless --no-demo, part 2 (the attention path): the result document."""
+    started = time.time()
+    counter, qwen_source = _caption_counter(args.qwen_tokenizer)
     captions = _read_captions(args.captions) if args.captions else dict(SAMPLE_CAPTIONS)
     counts = measure_captions(counter, captions)
-    rows = savings_rows(counts)
-
     result = {
-        "command": "python benchmarks/bench_seqlen.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "tokenizer": {
             "qwen": qwen_source,
             "qwen_vocab_size": None if counter.qwen is None else len(counter.qwen),
@@ -411,23 +417,20 @@ def main(argv=None) -> int:
             for r, (f, h, w) in RESOLUTIONS.items()
         },
         "captions": counts,
-        "savings": rows,
+        "savings": savings_rows(counts),
         "flops_model": "see bench_gpu.forward_flops: per-token matmuls 2*(4+2*mlp_ratio)*d^2 per block and stream, "
         "attention 4*S^2*d per block, plus refiner/embedders",
     }
     if not args.no_demo:
-        qwen_demo = (
-            counts[next(iter(counts))]["qwen_median"]
-            if args.smoke
-            else counts.get("medium", next(iter(counts.values())))["qwen_median"]
-        )
-        result["attention_path_demo"] = attention_path_demo(qwen_demo)
+        median = counts[next(iter(counts))] if args.smoke else counts.get("medium", next(iter(counts.values())))
+        result["attention_path_demo"] = attention_path_demo(median["qwen_median"])
     result["seconds"] = round(time.time() - started, 1)
+    return result
 
-    out = Path(args.out)
-    write_result(out, result)
 
-    print(f"Qwen tokenizer: {qwen_source}")
+def print_tables(result: dict) -> None:
+    counts, rows = result["captions"], result["savings"]
+    print(f"Qwen tokenizer: {result['tokenizer']['qwen']}")
     print(
         table(
             [
@@ -492,6 +495,15 @@ def main(argv=None) -> int:
             )
         )
         print("max |diff|:", json.dumps(demo["max_abs_diff"]))
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = measure(args, "python benchmarks/bench_seqlen.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    out = Path(args.out)
+    write_result(out, result)
+    print_tables(result)
     print(f"\nwrote {out}")
     return 0
 
