@@ -102,24 +102,9 @@ def status_write_ms(work: Path, writes: int = 200) -> float:
     return 1000 * statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--steps", type=int, help="timed steps per run")
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--out", default=str(RESULTS / "page.json"))
-    args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 8)
-    steps = args.steps or (3 if args.quick else 30)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-
-    from hvtune.testing.demo import write_demo_project
-
-    started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="hvtune-bench-page-"))
-    config = write_demo_project(work / "demo", clips=2 if args.quick else 8, seed=0, steps=40)
-    run(hvtune_command("cache", "--config", str(config)))
+def measure_rounds(config: Path, work: Path, rounds: int, warmup: int, steps: int) -> tuple:
+    """Alternating rounds of plain and paged runs: (plain step times, paged step times, the runs, polls answered,
+    the page server's CPU shares)."""
     plain, paged, runs, polls, shares = [], [], [], 0, []
     for r in range(rounds):
         for mode in ("plain", "paged") if r % 2 == 0 else ("paged", "plain"):
@@ -138,6 +123,28 @@ def main(argv: list[str] | None = None) -> int:
             if share is not None:
                 runs[-1]["page_cpu_share"] = round(share, 4)
             print(f"  round {r} {mode:5s}: median step {median:.3f} s, {answered} polls", flush=True)
+    return plain, paged, runs, polls, shares
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--steps", type=int, help="timed steps per run")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--out", default=str(RESULTS / "page.json"))
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 8)
+    steps = args.steps or (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+
+    from hvtune.testing.demo import write_demo_project
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="hvtune-bench-page-"))
+    config = write_demo_project(work / "demo", clips=2 if args.quick else 8, seed=0, steps=40)
+    run(hvtune_command("cache", "--config", str(config)))
+    plain, paged, runs, polls, shares = measure_rounds(config, work, rounds, warmup, steps)
     ratio = statistics.median(paged) / statistics.median(plain)
     write_ms = status_write_ms(work)
     shutil.rmtree(work, ignore_errors=True)
