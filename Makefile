@@ -38,11 +38,12 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check app tests benchmarks
 
 # every benchmark prints its table and writes benchmarks/results/*.json; docs/PERFORMANCE.md quotes them (~15 min here)
+# (scripts, not a package: each imports benchmarks/common.py from its own folder, and hvtune from app/)
 bench: $(STAMP)
-	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_cache.py
-	$(PY) benchmarks/bench_seqlen.py
-	$(PY) benchmarks/bench_gpu.py $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')" 2>/dev/null),,--cpu-smoke)
+	PYTHONPATH=app $(PY) benchmarks/bench_train.py
+	PYTHONPATH=app $(PY) benchmarks/bench_cache.py
+	PYTHONPATH=app $(PY) benchmarks/bench_seqlen.py
+	PYTHONPATH=app $(PY) benchmarks/bench_gpu.py $(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')" 2>/dev/null),,--cpu-smoke)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo

@@ -1,8 +1,8 @@
 """Full-size GPU benchmark: the real 8.3B HunyuanVideo 1.5 transformer, random weights, LoRA rank 16.
 
-    python benchmarks/bench_gpu.py                         # every configuration, 480p and 720p
-    python benchmarks/bench_gpu.py --res 480p --configs plain,gc
-    python benchmarks/bench_gpu.py --cpu-smoke             # same code end to end on the CPU, tiny sizes, < 60 s
+    PYTHONPATH=app python benchmarks/bench_gpu.py                  # every configuration, 480p and 720p
+    PYTHONPATH=app python benchmarks/bench_gpu.py --res 480p --configs plain,gc
+    PYTHONPATH=app python benchmarks/bench_gpu.py --cpu-smoke      # same code end to end on the CPU, tiny sizes, < 60 s
 
 The model is built directly on the GPU in bf16 from the real architecture (no download): `REAL_CONFIG` is
 `hvtune.model.architectures.TRANSFORMER_CONFIG` (diffusers' own TRANSFORMER_CONFIGS; see that module), with target_size
@@ -10,10 +10,10 @@ The model is built directly on the GPU in bf16 from the real architecture (no do
 
 Each configuration runs in its own subprocess (an OOM or a hang in one does not take the rest down, and peak memory
 starts clean) through the trainer's own code: `hvtune.train.memory.prepare_base` (precision, int8-torchao, gradient
-checkpointing, group offload), `hvtune.train.memory.add_lora` (rank 16), `hvtune.train.memory.build_optimizer`,
-`hvtune.train.objective.training_loss` on an `hvtune.train.batches.Batch` of random tensors with the real shapes,
-then backward,
-grad clipping and the optimizer step, like `hvtune.trainer`.
+checkpointing, group offload), `hvtune.train.memory.add_lora` (rank 16), `hvtune.train.memory.build_optimizer`, then
+the trainer's own `hvtune.trainer.training_step` (the objective with `hvtune.train.objective.schedule_options`,
+backward, the configured grad clipping, the optimizer step) under an `accelerate.Accelerator`, on an
+`hvtune.train.batches.Batch` of random tensors with the real shapes.
 
 Reported per configuration: s/step (median of the timed steps after warm-up, torch.cuda.synchronize around each),
 peak VRAM (torch.cuda.max_memory_allocated, from after setup to the end of the timed steps), tokens/s and MFU.
@@ -39,6 +39,7 @@ configurations can be run in several invocations).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -50,37 +51,32 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-APP = HERE.parent / "app"
-
-# ------------------------------------------------------------------------------------------------- architecture
-
-sys.path.insert(0, str(APP))
-# The real architecture, the FLOP model and the cards' peaks live in the package (`hvtune plan` uses them too).
-from hvtune.model.architectures import TARGET_SIZE, forward_flops, latent_shape, peak_bf16_tflops  # noqa: E402
-from hvtune.model.architectures import TRANSFORMER_CONFIG as REAL_CONFIG  # noqa: E402
-
-RESOLUTIONS = {"480p": (61, 480, 848), "720p": (121, 720, 1280)}  # frames, height, width
-
-# --cpu-smoke: the same code on a model the CPU runs in seconds (2 blocks, hidden 64, fp32)
-SMOKE_CONFIG = dict(
-    REAL_CONFIG,
-    num_attention_heads=2,
-    attention_head_dim=32,
-    num_layers=2,
-    num_refiner_layers=1,
-    text_embed_dim=32,
-    text_embed_2_dim=32,
-    image_embed_dim=16,
-    rope_axes_dim=(8, 12, 12),
-    target_size=64,
+from common import (
+    PIPELINE_TEXT,
+    RESOLUTIONS,
+    RESULTS,
+    SDPARecorder,
+    step_accelerator,
+    subprocess_env,
+    table,
+    write_result,
 )
+
+# The real architecture, the FLOP model and the cards' peaks live in the package (`hvtune plan` uses them too).
+from hvtune.model.architectures import (
+    TARGET_SIZE,
+    TINY_TRANSFORMER_CONFIG,
+    forward_flops,
+    latent_shape,
+    peak_bf16_tflops,
+)
+from hvtune.model.architectures import TRANSFORMER_CONFIG as REAL_CONFIG
+
+# --cpu-smoke: the same code on a model the CPU runs in seconds (the tiny model's, hidden 64: 2 heads of 32, fp32)
+SMOKE_CONFIG = dict(TINY_TRANSFORMER_CONFIG, attention_head_dim=32, mlp_ratio=4.0, rope_axes_dim=(8, 12, 12))
 SMOKE_RESOLUTION = (5, 64, 96)  # -> latents (1, 32, 2, 4, 6): 48 video tokens
 SMOKE_TEXT = {"qwen_pad": 40, "byt5_pad": 8, "image": 9, "caption": 12}
 
-# Pipeline padding (diffusers HunyuanVideo15Pipeline): Qwen 1000 after the 108-token template crop, ByT5 256, and
-# 729 SigLIP tokens that the transformer appends for t2v as well (zeros, masked out).
-PIPELINE_TEXT = {"qwen_pad": 1000, "byt5_pad": 256, "image": 729}
 DEFAULT_CAPTION_TOKENS = 120  # Qwen valid tokens incl. the 5 template tokens; bench_seqlen.py measures real captions
 
 
@@ -262,30 +258,9 @@ def make_batch(model_cfg: dict, latents: tuple, text: dict, max_qwen: int, seed:
     )
 
 
-def run_config(spec: dict) -> dict:
-    """One configuration, in this (sub)process: build, prepare like the trainer, time training steps."""
-    import torch
-    from diffusers import HunyuanVideo15Transformer3DModel  # noqa: F401  (imported here: build_s is the build alone)
-
-    sys.path.insert(0, str(APP))
-    sys.path.insert(0, str(HERE))
+def _train_config(spec: dict, memory: str, smoke: bool) -> tuple[dict, object]:
+    """The configuration's trainer settings (as reported) and its TrainConfig (seed 0: the same draws in all)."""
     from hvtune.config.settings import TrainConfig
-    from hvtune.train.base_model import prepare_base
-    from hvtune.train.lora import add_lora
-    from hvtune.train.objective import training_loss
-    from hvtune.train.optim import build_optimizer
-
-    smoke = spec["smoke"]
-    device = torch.device("cpu" if smoke else "cuda")
-    dtype = torch.float32 if smoke else torch.bfloat16
-    memory, mode = parse_config(spec["config"])
-    model_cfg = dict(SMOKE_CONFIG if smoke else REAL_CONFIG)
-    if not smoke:
-        model_cfg["target_size"] = TARGET_SIZE[spec["res"]]
-    frames, height, width = SMOKE_RESOLUTION if smoke else RESOLUTIONS[spec["res"]]
-    latents = latent_shape(frames, height, width)
-    text = text_layout(mode, smoke, spec["caption_tokens"])
-    n_video = latents[1] * latents[2] * latents[3]
 
     settings = {
         "lora_rank": spec["rank"],
@@ -296,23 +271,14 @@ def run_config(spec: dict) -> dict:
     }
     if smoke and settings.get("group_offload_use_stream"):
         settings["group_offload_use_stream"] = False  # streams need an accelerator; same code otherwise
-    cfg = TrainConfig(**settings)
+    return settings, TrainConfig(**settings, seed=0)
 
-    result = {
-        "config": spec["config"],
-        "memory": memory,
-        "text_mode": mode,
-        "res": spec["res"],
-        "settings": {k: v for k, v in settings.items()},
-        "latents": [1, *latents],
-        "tokens": {"video": n_video, **text},
-    }
-    t0 = time.perf_counter()
-    torch.manual_seed(0)  # the same random weights in every configuration: their losses are comparable
-    transformer = build_transformer(model_cfg, device, dtype)
-    _sync(device)
-    result["build_s"] = round(time.perf_counter() - t0, 2)
-    result["params"] = sum(p.numel() for p in transformer.parameters())
+
+def _prepare(transformer, cfg, device, result: dict) -> tuple[list, object]:
+    """The trainer's set-up on `transformer`: base precision, checkpointing and offload, LoRA, the optimizer."""
+    import torch
+
+    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
 
     t0 = time.perf_counter()
     transformer.requires_grad_(False)
@@ -323,30 +289,13 @@ def run_config(spec: dict) -> dict:
     optimizer = build_optimizer(params, cfg)
     result["trainable_params"] = sum(p.numel() for p in params)
     result["prepare_s"] = round(time.perf_counter() - t0, 2)
+    return params, optimizer
 
-    batch = make_batch(model_cfg, latents, text, (SMOKE_TEXT if smoke else PIPELINE_TEXT)["qwen_pad"])
-    image_shape = (text["image"], model_cfg["image_embed_dim"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not smoke)
 
-    def step(i: int):
-        with autocast:
-            loss, _ = training_loss(
-                transformer,
-                batch,
-                seed=0,
-                epoch=0,
-                shift=cfg.shift,
-                mode=cfg.timestep_sampling,
-                caption_dropout_p=0.0,
-                empty_prompt=None,
-                image_embed_shape=image_shape,
-                device=device,
-            )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+def _time_steps(spec: dict, step, device, result: dict) -> float:
+    """Warm-up then timed steps (synchronised around each); records times, losses and peaks; returns the median
+    s/step."""
+    import torch
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -364,26 +313,76 @@ def run_config(spec: dict) -> dict:
         losses.append(float(loss.detach()))
     result.update(_peak(device))
     result["step_times_s"] = [round(t, 4) for t in times]
-    times = sorted(times)
-    s_step = times[len(times) // 2]
+    s_step = sorted(times)[len(times) // 2]
     result["s_per_step"] = round(s_step, 4)
     result["losses"] = [round(v, 5) for v in losses]
+    return s_step
+
+
+def _throughput(model_cfg: dict, n_video: int, text: dict, s_step: float, peak: float | None, params: int) -> dict:
+    """Tokens/s, FLOPs and MFU of a step of `s_step` seconds (the analytic FLOP model)."""
     flops = forward_flops(model_cfg, n_video, text["qwen"], text["byt5"], text["image"])
     train_flops = 3 * flops["total"]
-    result["seq_len"] = flops["seq_len"]
-    result["tokens_per_s"] = round(flops["seq_len"] / s_step, 1)
-    result["video_tokens_per_s"] = round(n_video / s_step, 1)
-    result["train_tflop_per_step"] = round(train_flops / 1e12, 2)
-    result["attention_share"] = round(flops["attention"] / flops["total"], 3)
-    result["naive_6NS_tflop"] = round(6 * result["params"] * flops["seq_len"] / 1e12, 2)
-    result["achieved_tflops"] = round(train_flops / s_step / 1e12, 2)
-    peak = spec.get("peak_tflops")
-    result["mfu"] = round(train_flops / s_step / (peak * 1e12), 4) if peak else None
+    return {
+        "seq_len": flops["seq_len"],
+        "tokens_per_s": round(flops["seq_len"] / s_step, 1),
+        "video_tokens_per_s": round(n_video / s_step, 1),
+        "train_tflop_per_step": round(train_flops / 1e12, 2),
+        "attention_share": round(flops["attention"] / flops["total"], 3),
+        "naive_6NS_tflop": round(6 * params * flops["seq_len"] / 1e12, 2),
+        "achieved_tflops": round(train_flops / s_step / 1e12, 2),
+        "mfu": round(train_flops / s_step / (peak * 1e12), 4) if peak else None,
+    }
 
-    if not smoke and mode == "maskfree":  # plan's prediction for the same step, beside the measurement
-        result.update(_plan_prediction(cfg, spec["res"], text, device))
-    if spec.get("backend_probe", True):
-        result["sdpa_in_model"] = _model_backend_probe(transformer, batch, training_loss, autocast, image_shape, device)
+
+def run_config(spec: dict) -> dict:
+    """One configuration, in this (sub)process: build, prepare like the trainer, time the trainer's training step."""
+    import torch
+    from diffusers import HunyuanVideo15Transformer3DModel  # noqa: F401  (imported here: build_s is the build alone)
+
+    from hvtune.train.objective import schedule_options
+    from hvtune.trainer import training_step
+
+    smoke = spec["smoke"]
+    device = torch.device("cpu" if smoke else "cuda")
+    memory, mode = parse_config(spec["config"])
+    model_cfg = dict(SMOKE_CONFIG if smoke else REAL_CONFIG)
+    if not smoke:
+        model_cfg["target_size"] = TARGET_SIZE[spec["res"]]
+    latents = latent_shape(*(SMOKE_RESOLUTION if smoke else RESOLUTIONS[spec["res"]]))
+    text = text_layout(mode, smoke, spec["caption_tokens"])
+    n_video = latents[1] * latents[2] * latents[3]
+    settings, cfg = _train_config(spec, memory, smoke)
+    result = {
+        "config": spec["config"],
+        "memory": memory,
+        "text_mode": mode,
+        "res": spec["res"],
+        "settings": dict(settings),
+        "latents": [1, *latents],
+        "tokens": {"video": n_video, **text},
+    }
+    t0 = time.perf_counter()
+    torch.manual_seed(0)  # the same random weights in every configuration: their losses are comparable
+    transformer = build_transformer(model_cfg, device, torch.float32 if smoke else torch.bfloat16)
+    _sync(device)
+    result["build_s"] = round(time.perf_counter() - t0, 2)
+    result["params"] = sum(p.numel() for p in transformer.parameters())
+    params, optimizer = _prepare(transformer, cfg, device, result)
+    batch = make_batch(model_cfg, latents, text, (SMOKE_TEXT if smoke else PIPELINE_TEXT)["qwen_pad"])
+    image_shape = (text["image"], model_cfg["image_embed_dim"])
+    step_args = dict(rank=0, empty=None, image_embed_shape=image_shape, device=device, schedule=schedule_options(cfg))
+    with step_accelerator(cfg.mixed_precision, cpu=smoke) as accelerator:
+
+        def step(i: int):
+            return training_step(accelerator, transformer, optimizer, params, batch, cfg, epoch=0, index=i, **step_args)
+
+        s_step = _time_steps(spec, step, device, result)
+        result.update(_throughput(model_cfg, n_video, text, s_step, spec.get("peak_tflops"), result["params"]))
+        if not smoke and mode == "maskfree":  # plan's prediction for the same step, beside the measurement
+            result.update(_plan_prediction(cfg, spec["res"], text, device))
+        if spec.get("backend_probe", True):
+            result["sdpa_in_model"] = _model_backend_probe(transformer, batch, cfg, accelerator, image_shape, device)
     return result
 
 
@@ -410,33 +409,26 @@ def _plan_prediction(cfg, res: str, text: dict, device) -> dict:
     }
 
 
-def _model_backend_probe(transformer, batch, training_loss, autocast, image_shape, device) -> dict:
+def _model_backend_probe(transformer, batch, cfg, accelerator, image_shape, device) -> dict:
     """One extra forward (grad enabled, not timed) under the profiler: which aten SDPA op the model runs, and what
     attn_mask the attention call gets."""
-    from bench_seqlen import SDPARecorder
     from torch.profiler import ProfilerActivity, profile
 
-    with SDPARecorder() as rec, profile(activities=[ProfilerActivity.CPU]) as prof, autocast:
+    from hvtune.train.objective import schedule_options, training_loss
+
+    with SDPARecorder() as rec, profile(activities=[ProfilerActivity.CPU]) as prof, accelerator.autocast():
         loss, _ = training_loss(
             transformer,
             batch,
             seed=0,
             epoch=0,
-            shift=5.0,
-            mode="sigmoid",
-            caption_dropout_p=0.0,
+            **schedule_options(cfg),
             empty_prompt=None,
             image_embed_shape=image_shape,
             device=device,
         )
     del loss
-    refiner = transformer.config.num_refiner_layers
-    blocks = rec.calls[refiner:]
-    return {
-        "ops": SDPARecorder.backends(prof),
-        "block_attn_mask": sorted({c["attn_mask"] or "None" for c in blocks}),
-        "block_mask_all_true": sorted({str(c["mask_all_true"]) for c in blocks}),
-    }
+    return {"ops": SDPARecorder.backends(prof), **rec.blocks(transformer.config.num_refiner_layers)}
 
 
 def run_sdpa(spec: dict) -> dict:
@@ -444,9 +436,6 @@ def run_sdpa(spec: dict) -> dict:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
-
-    sys.path.insert(0, str(HERE))
-    from bench_seqlen import SDPARecorder
 
     smoke = spec["smoke"]
     device = torch.device("cpu" if smoke else "cuda")
@@ -495,7 +484,7 @@ def run_sdpa(spec: dict) -> dict:
         for name, backend in backends:
             caught = []
             try:
-                ctx = sdpa_kernel([backend]) if backend is not None else _nullcontext()
+                ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
                 with ctx, warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -553,14 +542,6 @@ def _matmul_tflops(device, n: int = 8192, iters: int = 10) -> float:
     return round(2 * n**3 * iters / (time.perf_counter() - t0) / 1e12, 1)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def worker_main(task: str, spec_json: str, result_path: str) -> int:
     spec = json.loads(spec_json)
     try:
@@ -595,12 +576,9 @@ def _spawn(task: str, spec: dict, timeout: float, threads: int | None = None) ->
     with tempfile.TemporaryDirectory(prefix="hvtune-bench-") as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", task, json.dumps(spec), str(result_path)]
-        env = dict(os.environ)
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        env.setdefault("HF_HUB_OFFLINE", "1")
+        env = subprocess_env(PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
         if threads:  # smoke runs 2 workers on 2 cores: oversubscribed tiny ops run 20x slower
             env.setdefault("OMP_NUM_THREADS", str(threads))
-        env["PYTHONPATH"] = os.pathsep.join([str(APP), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -630,13 +608,6 @@ def _peak_tflops(name: str, override: float | None) -> float | None:
     if override:
         return override
     return peak_bf16_tflops(name)
-
-
-def _table(rows: list[list], header: list[str]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
 
 
 def _row(r: dict) -> list:
@@ -746,7 +717,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown resolution {r!r}; one of {', '.join(RESOLUTIONS)}")
 
     slug = "cpu-smoke" if smoke else _slug(device["name"])
-    out = Path(args.out) if args.out else HERE / "results" / f"gpu-{slug}.json"
+    out = Path(args.out) if args.out else RESULTS / f"gpu-{slug}.json"
     previous = json.loads(out.read_text()) if out.exists() and not smoke else {}
     results = {(r["res"], r["config"]): r for r in previous.get("results", [])}
     sdpa = {s["res"]: s for s in previous.get("sdpa", [])}
@@ -842,7 +813,7 @@ def main(argv=None) -> int:
                     ]
                 )
         print(f"\nbf16 8192^3 matmul on this card: {s.get('bf16_matmul_tflops')} TFLOP/s")
-        print(_table(rows, ["res", "SDPA case", "S", "allowed", "ran", "fwd+bwd ms", "TFLOP/s", "error"]))
+        print(table(rows, ["res", "SDPA case", "S", "allowed", "ran", "fwd+bwd ms", "TFLOP/s", "error"]))
 
     doc = {
         "command": "python benchmarks/bench_gpu.py " + " ".join(argv),
@@ -862,10 +833,7 @@ def main(argv=None) -> int:
         "results": sorted(results.values(), key=lambda r: (r["res"], r["config"])),
         "sdpa": sorted(sdpa.values(), key=lambda s: s["res"]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_result(out, doc)
     print(f"\nwrote {out} ({time.perf_counter() - started:.0f} s)")
     return 0
 

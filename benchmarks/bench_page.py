@@ -1,9 +1,9 @@
 """The run page's cost to training (issue 16): the step time of `hvtune train` with the page being polled every
 second, against without it (budget: within 2%).
 
-    python benchmarks/bench_page.py [--quick] [--rounds R] [--steps N] [--warmup W] [--out PATH]
+    PYTHONPATH=app python benchmarks/bench_page.py [--quick] [--rounds R] [--steps N] [--warmup W] [--out PATH]
 
-The same measurement as bench_train.py's step ratio (its `_trainer_run`: `hvtune.trainer.train` on the tiny demo
+The same measurement as bench_train.py's step ratio (`common.trainer_run`: `hvtune.trainer.train` on the tiny demo
 model, validation and checkpoints off, step times from `logs/loss.jsonl`, the first W steps of each run skipped),
 in alternating rounds (plain, paged; then paged, plain; ...) so machine load hits both. "Paged": a `hvtune serve`
 process on the run's output folder, and a client that does what the open page does each second: GET /api/state
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -29,10 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench_train import _env, _hvtune, _run, _trainer_run  # noqa: E402  (sets up sys.path for hvtune)
+from common import RESULTS, hvtune_command, machine, run, subprocess_env, trainer_run, write_result
 
 BUDGET = 1.02
 
@@ -42,11 +38,11 @@ class Poller:
 
     def __init__(self, out: Path):
         self.proc = subprocess.Popen(
-            _hvtune("serve", str(out), "--port", "0"),
+            hvtune_command("serve", str(out), "--port", "0"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_env(),
+            env=subprocess_env(),
         )
         line = self.proc.stdout.readline()
         while line and not line.startswith("run page:"):  # after the "does not exist yet" notice
@@ -106,31 +102,16 @@ def status_write_ms(work: Path, writes: int = 200) -> float:
     return 1000 * statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--steps", type=int, help="timed steps per run")
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--out", default=str(HERE / "results" / "page.json"))
-    args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 8)
-    steps = args.steps or (3 if args.quick else 30)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-
-    from hvtune.testing.demo import write_demo_project
-
-    started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="hvtune-bench-page-"))
-    config = write_demo_project(work / "demo", clips=2 if args.quick else 8, seed=0, steps=40)
-    _run(_hvtune("cache", "--config", str(config)))
+def measure_rounds(config: Path, work: Path, rounds: int, warmup: int, steps: int) -> tuple:
+    """Alternating rounds of plain and paged runs: (plain step times, paged step times, the runs, polls answered,
+    the page server's CPU shares)."""
     plain, paged, runs, polls, shares = [], [], [], 0, []
     for r in range(rounds):
         for mode in ("plain", "paged") if r % 2 == 0 else ("paged", "plain"):
             out = work / f"run-{r}-{mode}"
             poller = Poller(out) if mode == "paged" else None
             try:
-                times, _ = _trainer_run(config, out, warmup + steps)
+                times, _ = trainer_run(config, out, warmup + steps)
             finally:
                 answered, share = poller.close() if poller else (0, None)
             polls += answered
@@ -142,6 +123,28 @@ def main(argv: list[str] | None = None) -> int:
             if share is not None:
                 runs[-1]["page_cpu_share"] = round(share, 4)
             print(f"  round {r} {mode:5s}: median step {median:.3f} s, {answered} polls", flush=True)
+    return plain, paged, runs, polls, shares
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--steps", type=int, help="timed steps per run")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--out", default=str(RESULTS / "page.json"))
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 8)
+    steps = args.steps or (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+
+    from hvtune.testing.demo import write_demo_project
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="hvtune-bench-page-"))
+    config = write_demo_project(work / "demo", clips=2 if args.quick else 8, seed=0, steps=40)
+    run(hvtune_command("cache", "--config", str(config)))
+    plain, paged, runs, polls, shares = measure_rounds(config, work, rounds, warmup, steps)
     ratio = statistics.median(paged) / statistics.median(plain)
     write_ms = status_write_ms(work)
     shutil.rmtree(work, ignore_errors=True)
@@ -149,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "page",
         "command": " ".join(["python benchmarks/bench_page.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
-        | {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
         "rounds": rounds,
         "timed_steps_per_run": steps,
         "warmup_steps_skipped": warmup,
@@ -168,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": round(time.perf_counter() - started, 1),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(out, doc)
     print(
         f"\nstep with the page polled / without: {ratio:.4f} (budget <= {BUDGET}: {verdict}); median step "
         f"{doc['paged_median_step_s']:.3f} s vs {doc['plain_median_step_s']:.3f} s; {polls} polls answered"

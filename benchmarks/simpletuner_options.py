@@ -1,4 +1,4 @@
-"""Regenerate app/hvtune/simpletuner_options.json (every SimpleTuner option with its default) from an unpacked
+"""Regenerate app/hvtune/config/simpletuner_options.json (every SimpleTuner option with its default) from an unpacked
 SimpleTuner wheel: `pip download --no-deps simpletuner==4.10.1 --python-version 3.12 --only-binary=:all: -d /tmp/st`,
 unzip it, then `python benchmarks/simpletuner_options.py /tmp/st/simpletuner`. Reads the field registry's source
 (`simpletuner_sdk/server/services/field_registry/sections/*.py`, each `ConfigField(name=..., default_value=...)`), the
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "app" / "hvtune" / "simpletuner_options.json"
+OUT = Path(__file__).resolve().parents[1] / "app" / "hvtune" / "config" / "simpletuner_options.json"
 
 
 def read_fields(package: Path) -> dict[str, dict]:

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
-
-
-def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "app"), "HF_HUB_OFFLINE": "1"}
-    env.pop("HVTUNE_QWEN_TOKENIZER", None)
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
-    )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+from benchmark_run import run_benchmark
 
 
 @pytest.mark.slow
 def test_bench_gpu_cpu_smoke(tmp_path):
     out = tmp_path / "gpu-cpu-smoke.json"
-    proc = _run("bench_gpu.py", "--cpu-smoke", "--out", str(out))
+    proc = run_benchmark("bench_gpu.py", "--cpu-smoke", "--out", str(out), timeout=300)
     doc = json.loads(out.read_text())
     assert doc["device"]["device"] == "cpu"
     assert doc["model"]["config"]["num_layers"] == 2
@@ -69,7 +54,7 @@ def test_bench_gpu_cpu_smoke(tmp_path):
 @pytest.mark.slow
 def test_bench_seqlen_smoke(tmp_path):
     out = tmp_path / "seqlen.json"
-    proc = _run("bench_seqlen.py", "--smoke", "--out", str(out))
+    proc = run_benchmark("bench_seqlen.py", "--smoke", "--out", str(out), timeout=300)
     doc = json.loads(out.read_text())
     assert doc["pipeline_padding"] == {**doc["pipeline_padding"], "qwen": 1000, "byt5": 256, "image": 729}
     assert doc["resolutions"]["480p"]["latents"] == [32, 16, 30, 53]

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_run import run_benchmark
 
 
 @pytest.mark.slow
 def test_bench_train_quick(tmp_path):
     out = tmp_path / "train.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "app"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, f"bench_train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = run_benchmark("bench_train.py", "--quick", "--out", str(out), timeout=600)
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "train" and doc["quick"] is True
     assert set(doc["budgets"]) == {"step_ratio", "start_to_first_step_s", "peak_rss_gb", "cached_rerun_200_clips_s"}

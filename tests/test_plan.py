@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 
 from hvtune.cli import main
-from hvtune.config.schema import TrainConfig
-from hvtune.model.architectures import GPUS, UnknownArchitecture, find_gpu, transformer_config
-from hvtune.plan.simulate import (
-    GPU,
-    StepShape,
-    _plan,
-    build_meta_transformer,
-    compare_with_cpu,
-    how_to_fit,
-    prepare_step,
-    run_step,
-    simulate,
-)
+from hvtune.config.settings import TrainConfig
+from hvtune.model.architectures import GPU, GPUS, UnknownArchitecture, find_gpu, transformer_config
+from hvtune.plan.prediction import _plan, simulate
+from hvtune.plan.report import how_to_fit
+from hvtune.plan.shapes import StepShape
+from hvtune.plan.simulate import build_meta_transformer, compare_with_cpu, prepare_step, run_step
 
 SEED_PROJECT = Path(__file__).resolve().parents[1] / "examples" / "seed-project"
 FULL_PARAMS = 8_326_608_160
@@ -114,7 +107,7 @@ def _full(flavour: str, **settings):
 
 
 def _bytes(tensors) -> int:
-    from hvtune.plan.simulate import storage_bytes
+    from hvtune.plan.tracker import storage_bytes
 
     return storage_bytes(list(tensors), "meta")
 

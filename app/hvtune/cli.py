@@ -91,14 +91,14 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"    video.frame_rate {ds.video.frame_rate:g}: resampled (SimpleTuner 4.10.1 does not resample)")
     print("config OK")
     if detect_device() != "cpu":  # a GPU is visible: will the configured setting fit it (simulated, ~1 min)
-        from hvtune.plan.simulate import gpu_verdict
+        from hvtune.plan.report import gpu_verdict
 
         print(gpu_verdict(resolved))
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hvtune.plan.simulate import plan_report
+    from hvtune.plan.report import plan_report
 
     print(plan_report(_config(args), args.gpu, caption_tokens=args.caption_tokens, verdict_only=args.verdict))
     return EXIT_OK

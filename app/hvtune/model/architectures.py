@@ -1,7 +1,8 @@
 """The real full-size architecture of each flavour, the analytic FLOP model, and the GPUs hvtune knows.
 
 No weights here: the transformer's config is enough to build the 8.3B model on PyTorch's meta device (`hvtune plan`)
-or with random weights on a GPU (`benchmarks/bench_gpu.py`).
+or with random weights on a GPU (`benchmarks/bench_gpu.py`); `TINY_TRANSFORMER_CONFIG` is the same architecture shrunk
+for the tests, the demo and the benchmarks' CPU runs.
 
 `TRANSFORMER_CONFIG` is diffusers' own `TRANSFORMER_CONFIGS["480p_t2v"]` from huggingface/diffusers
 scripts/convert_hunyuan_video1_5_to_diffusers.py (also the class defaults of `HunyuanVideo15Transformer3DModel` in
@@ -38,6 +39,12 @@ TRANSFORMER_CONFIG = dict(
     task_type="t2v",
 )
 TARGET_SIZE = {"480p": 640, "720p": 960}
+# The same architecture at a size a CPU runs in milliseconds: the transformer of the tiny test model
+# (`hvtune.testing.tiny_model`; its text encoders are 32 wide, its SigLIP 16) and, with wider heads, the GPU
+# benchmark's --cpu-smoke model.
+TINY_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, num_attention_heads=2, attention_head_dim=16, num_layers=2)
+TINY_TRANSFORMER_CONFIG.update(num_refiner_layers=1, mlp_ratio=2.0, rope_axes_dim=(4, 6, 6), target_size=64)
+TINY_TRANSFORMER_CONFIG.update(text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16)  # the encoders' widths
 LATENT_CHANNELS, VAE_SPATIAL, VAE_TEMPORAL = 32, 16, 4
 # SigLIP tokens per image (the i2v condition): 27 x 27 patches of 14 px at 384 px
 IMAGE_TOKENS = 729

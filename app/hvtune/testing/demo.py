@@ -29,7 +29,16 @@ def write_demo_project(
     if not clips_dir.is_dir() or len(list(clips_dir.glob("*.mp4"))) < clips:
         write_synthetic_dataset(clips_dir, clips=clips, seed=seed, size=(160, 96), num_frames=17, fps=24)
     (root / "config").mkdir(exist_ok=True)
-    backends = [
+    backends = _demo_backends(root, clips_dir)
+    config = _demo_config(root, model, task=task, seed=seed, steps=steps)
+    for name, data in (("multidatabackend.json", backends), ("config.json", config)):
+        write_text_atomic(root / "config" / name, json.dumps(data, indent=2) + "\n")
+    return root / "config" / "config.json"
+
+
+def _demo_backends(root: Path, clips_dir: Path) -> list[dict]:
+    """multidatabackend.json: the synthetic clips, and the text embeds' cache."""
+    return [
         {
             "id": "synthetic-clips",
             "type": "local",
@@ -49,7 +58,11 @@ def write_demo_project(
             "cache_dir": str(root / "cache" / "text"),
         },
     ]
-    config = {
+
+
+def _demo_config(root: Path, model: Path, *, task: str, seed: int, steps: int) -> dict:
+    """config.json: SimpleTuner's keys, sized so the whole run takes minutes on a CPU."""
+    return {
         "model_type": "lora",
         "model_family": "hunyuanvideo",
         "pretrained_model_name_or_path": str(model),
@@ -76,6 +89,3 @@ def write_demo_project(
         "lora_rank": 8,
         "seed": seed or 42,  # SimpleTuner reads seed 0 as "a new seed from the clock": the demo must repeat
     }
-    for name, data in (("multidatabackend.json", backends), ("config.json", config)):
-        write_text_atomic(root / "config" / name, json.dumps(data, indent=2) + "\n")
-    return root / "config" / "config.json"

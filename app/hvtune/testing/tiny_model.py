@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 from hvtune.files import atomic_directory
+from hvtune.model.architectures import LATENT_CHANNELS, TINY_TRANSFORMER_CONFIG
 
-LATENT_CHANNELS = 32
-QWEN_HIDDEN = 32
-BYT5_HIDDEN = 32
-SIGLIP_HIDDEN = 16
+QWEN_HIDDEN = TINY_TRANSFORMER_CONFIG["text_embed_dim"]
+BYT5_HIDDEN = TINY_TRANSFORMER_CONFIG["text_embed_2_dim"]
+SIGLIP_HIDDEN = TINY_TRANSFORMER_CONFIG["image_embed_dim"]
 
 # Minimal Qwen2-style chat template (string content only, which is what the pipeline passes).
 QWEN_CHAT_TEMPLATE = (
@@ -40,75 +40,47 @@ def _qwen_tokenizer():
     return tok
 
 
-def build_components(task: Literal["t2v", "i2v"] = "t2v", seed: int = 0, num_layers: int = 2) -> dict:
-    import torch
-    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
-    from diffusers.guiders import ClassifierFreeGuidance
-    from transformers import (
-        ByT5Tokenizer,
-        Qwen2_5_VLTextConfig,
-        Qwen2_5_VLTextModel,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-        T5Config,
-        T5EncoderModel,
-    )
+def _text_encoder():
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
-    def seeded(offset: int):
-        torch.manual_seed(seed * 1000 + offset)
-
-    seeded(1)
-    text_encoder = Qwen2_5_VLTextModel(
-        Qwen2_5_VLTextConfig(
-            vocab_size=300,
-            hidden_size=QWEN_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
-            rope_theta=1000000.0,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-    ).eval()
-    seeded(2)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=384,  # ByT5: 3 special + 256 bytes + 125 extra ids
-            d_model=BYT5_HIDDEN,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            use_cache=False,
-        )
-    ).eval()
-    seeded(3)
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=2 * LATENT_CHANNELS + 1,  # noisy latents + condition latents + mask
-        out_channels=LATENT_CHANNELS,
+    config = Qwen2_5_VLTextConfig(
+        vocab_size=300,
+        hidden_size=QWEN_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=3,
         num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=num_layers,
-        num_refiner_layers=1,
-        mlp_ratio=2.0,
-        patch_size=1,
-        patch_size_t=1,
-        text_embed_dim=QWEN_HIDDEN,
-        text_embed_2_dim=BYT5_HIDDEN,
-        image_embed_dim=SIGLIP_HIDDEN,
-        rope_axes_dim=(4, 6, 6),
-        target_size=64,
-        task_type=task,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_scaling={"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+        rope_theta=1000000.0,
+        bos_token_id=None,
+        eos_token_id=None,
     )
-    seeded(4)
-    vae = AutoencoderKLHunyuanVideo15(
+    return Qwen2_5_VLTextModel(config).eval()
+
+
+def _text_encoder_2():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=384,  # ByT5: 3 special + 256 bytes + 125 extra ids
+        d_model=BYT5_HIDDEN,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    return AutoencoderKLHunyuanVideo15(
         in_channels=3,
         out_channels=3,
         latent_channels=LATENT_CHANNELS,
@@ -119,6 +91,42 @@ def build_components(task: Literal["t2v", "i2v"] = "t2v", seed: int = 0, num_lay
         downsample_match_channel=True,
         upsample_match_channel=True,
     ).eval()
+
+
+def _image_encoder():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=SIGLIP_HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    return SiglipVisionModel(config).eval()
+
+
+def build_components(task: Literal["t2v", "i2v"] = "t2v", seed: int = 0, num_layers: int = 2) -> dict:
+    """The pipeline's components; each model's weights drawn from the global RNG seeded `seed * 1000 + its number`."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, SiglipImageProcessor
+
+    def seeded(offset: int, build):
+        torch.manual_seed(seed * 1000 + offset)
+        return build()
+
+    text_encoder = seeded(1, _text_encoder)
+    text_encoder_2 = seeded(2, _text_encoder_2)
+    transformer = seeded(
+        3,
+        lambda: HunyuanVideo15Transformer3DModel(
+            **dict(TINY_TRANSFORMER_CONFIG, num_layers=num_layers, task_type=task)
+        ),
+    )
+    vae = seeded(4, _vae)
     components = dict(
         transformer=transformer,
         vae=vae,
@@ -130,17 +138,7 @@ def build_components(task: Literal["t2v", "i2v"] = "t2v", seed: int = 0, num_lay
         guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )
     if task == "i2v":
-        seeded(5)
-        components["image_encoder"] = SiglipVisionModel(
-            SiglipVisionConfig(
-                hidden_size=SIGLIP_HIDDEN,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=8,
-            )
-        ).eval()
+        components["image_encoder"] = seeded(5, _image_encoder)
         components["feature_extractor"] = SiglipImageProcessor(size={"height": 32, "width": 32})
     return components
 
