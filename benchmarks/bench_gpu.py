@@ -9,9 +9,9 @@ The model is built directly on the GPU in bf16 from the real architecture (no do
 640 (480p) / 960 (720p). 8,326,608,160 parameters.
 
 Each configuration runs in its own subprocess (an OOM or a hang in one does not take the rest down, and peak memory
-starts clean) through the trainer's own code: `hvtune.train.memory.prepare_base` (precision, int8-torchao, gradient
-checkpointing, group offload), `hvtune.train.memory.add_lora` (rank 16), `hvtune.train.memory.build_optimizer`, then
-the trainer's own `hvtune.trainer.training_step` (the objective with `hvtune.train.objective.schedule_options`,
+starts clean) through the trainer's own code: `hvtune.train.base_model.prepare_base` (precision, int8-torchao, gradient
+checkpointing, group offload), `hvtune.train.lora.add_lora` (rank 16), `hvtune.train.optim.build_optimizer`, then
+the trainer's own `hvtune.train.step.training_step` (the objective with `hvtune.train.objective.schedule_options`,
 backward, the configured grad clipping, the optimizer step) under an `accelerate.Accelerator`, on an
 `hvtune.train.batches.Batch` of random tensors with the real shapes.
 
@@ -95,7 +95,7 @@ MEMORY = {
     ),
     "plain+int8": dict(gradient_checkpointing=False, base_model_precision="int8-torchao"),
 }
-# Every configuration runs hvtune.train.memory.prepare_base, so the blocks use
+# Every configuration runs hvtune.train.base_model.prepare_base, so the blocks use
 # hvtune.model.attention.KeyPaddingAttnProcessor: a
 # (B, 1, 1, S) key mask when a token is padded, no mask otherwise.
 # padded: the pipeline's layout (1000 + 256 + 729): padding, key mask
@@ -278,7 +278,9 @@ def _prepare(transformer, cfg, device, result: dict) -> tuple[list, object]:
     """The trainer's set-up on `transformer`: base precision, checkpointing and offload, LoRA, the optimizer."""
     import torch
 
-    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
+    from hvtune.train.base_model import prepare_base
+    from hvtune.train.lora import add_lora
+    from hvtune.train.optim import build_optimizer
 
     t0 = time.perf_counter()
     transformer.requires_grad_(False)
@@ -341,7 +343,7 @@ def run_config(spec: dict) -> dict:
     from diffusers import HunyuanVideo15Transformer3DModel  # noqa: F401  (imported here: build_s is the build alone)
 
     from hvtune.train.objective import schedule_options
-    from hvtune.trainer import training_step
+    from hvtune.train.step import training_step
 
     smoke = spec["smoke"]
     device = torch.device("cpu" if smoke else "cuda")
@@ -392,7 +394,8 @@ def _plan_prediction(cfg, res: str, text: dict, device) -> dict:
     import torch
 
     from hvtune.model.architectures import find_gpu
-    from hvtune.plan.simulate import GiB, StepShape, simulate
+    from hvtune.plan.prediction import GiB, simulate
+    from hvtune.plan.simulate import StepShape
 
     frames, height, width = RESOLUTIONS[res]
     shape = StepShape(1, frames, width, height, "t2v", qwen_tokens=text["qwen"], byt5_tokens=text["byt5"])

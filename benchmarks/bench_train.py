@@ -10,7 +10,7 @@ is built once with `hvtune cache`. Training uses the demo config with validation
 1. Steady-state step ratio. `hvtune.trainer.train` (the loop of `hvtune train`: accelerate's prepared model and
    optimizer, LR schedule, loss log, TensorBoard, progress bar, status) against a bare loop around the trainer's own
    `training_step` on the same batches: transformer from `hvtune.model.registry`, base prep + LoRA + optimizer from
-   `hvtune.train.memory`, batches from `hvtune.train.batches.plan_epoch`/`load_batch`, the schedule from
+   `hvtune.train.base_model`, `.lora`, `.optim`, batches from `hvtune.train.batches.plan_epoch`/`load_batch`, the schedule from
    `hvtune.train.objective.schedule_options`, under a plain `accelerate.Accelerator`; no LR schedule, no logging, no
    checkpointing. Both run in this one process, alternating in rounds (A B, then B A,
    ...) so machine load hits both; the first W steps of every run are skipped; trainer step times are the `seconds` of
@@ -75,10 +75,12 @@ def _bare_run(config: Path, steps: int) -> tuple[list[float], list[float]]:
     from hvtune.cache.manifest import load_manifest
     from hvtune.config.settings import load_config
     from hvtune.model.registry import load_scheduler, load_transformer, resolve_model
+    from hvtune.train.base_model import base_dtype, prepare_base
     from hvtune.train.batches import load_batch, plan_epoch, text_entry
-    from hvtune.train.memory import add_lora, base_dtype, build_optimizer, prepare_base
+    from hvtune.train.lora import add_lora
     from hvtune.train.objective import counter_seed, schedule_options
-    from hvtune.trainer import training_step
+    from hvtune.train.optim import build_optimizer
+    from hvtune.train.step import training_step
 
     resolved = load_config(config, env={}, argv=[*NO_SIDE_WORK, f"--max_train_steps={steps}"])
     cfg = resolved.train

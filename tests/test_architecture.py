@@ -63,7 +63,12 @@ STAGES = [
     "output.progress",
     "output.status",
     "trainer",  # the loop: wires the stages
-    "plan.simulate",  # the full-size step on meta tensors (calls the training step)
+    "plan.autocast",  # the full-size step on meta tensors (calls the training step)
+    "plan.shapes",
+    "plan.tracker",
+    "plan.simulate",
+    "plan.prediction",
+    "plan.report",
     "serve.run_folder",  # the run page: reads what a run writes
     "serve.server",
     "testing.synth",  # the tiny stand-ins for tests and the demo

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from hvtune.cli import main
-from hvtune.config.settings import UserError
+from hvtune.errors import UserError
 from hvtune.output.compare import EXIT_DIFFERENT, EXIT_EQUIVALENT, EXIT_IDENTICAL, Tolerances, compare_runs
 from hvtune.run_files import RunFiles
 

@@ -3,7 +3,7 @@
 SimpleTuner (helpers/training/trainer.py, the `lycoris` branch) reads the file, takes `multiplier` (default 1),
 `linear_dim` (default 4) and `linear_alpha` (default 1), hands `apply_preset` to `LycorisNetwork.apply_preset` and the
 remaining keys to `lycoris.create_lycoris` as algorithm arguments. hvtune trains the same adapters with peft's LoKr and
-LoHa layers (`memory.add_lycoris`), reproducing LyCORIS' per-layer rules:
+LoHa layers (`hvtune.train.lora.add_lycoris`), reproducing LyCORIS' per-layer rules:
 
 - LoKr: each targeted Linear (out x in) is factorised with `factor` (-1: the most square split) into
   ((out_l, out_k), (in_m, in_n)); `lokr_w1` (out_l x in_m) is split into `w1_a @ w1_b` only with `decompose_both` and

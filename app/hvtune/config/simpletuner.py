@@ -98,7 +98,7 @@ NEAREST_OPTIMIZER: dict[str, str] = {
 
 # SimpleTuner's lr_scheduler names (helpers/training/custom_schedule.py get_lr_scheduler). constant,
 # constant_with_warmup, linear and polynomial are diffusers' schedules there too; cosine, cosine_with_restarts and
-# sine are SimpleTuner's own classes, whose period is lr_warmup_steps (memory.build_lr_scheduler restates them).
+# sine are SimpleTuner's own classes, whose period is lr_warmup_steps (train.optim.build_lr_scheduler restates them).
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "polynomial", "cosine", "cosine_with_restarts", "sine")
 NEEDS_WARMUP_PERIOD = ("cosine_with_restarts", "sine")  # SimpleTuner raises for T_0 = lr_warmup_steps = 0
 

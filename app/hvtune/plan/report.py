@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from hvtune.config.settings import ResolvedConfig, UserError
+from hvtune.config.settings import ResolvedConfig
+from hvtune.errors import UserError
 from hvtune.model.architectures import GPU, GPUS, find_gpu
 from hvtune.plan.prediction import ASSUMED_MFU, MEMORY_KNOBS, GiB, Plan, configured, simulate, sweep
 from hvtune.plan.shapes import CAPTION_TOKENS, shape_for

@@ -46,7 +46,8 @@ class StepShape:
 def largest_bucket(resolved: ResolvedConfig) -> tuple[int, int, int]:
     """(W, H, F) of the largest bucket the datasets can produce: the most pixels over the aspect buckets of each
     dataset's `resolution` (the data's own aspects are not read: the worst case), at its longest frame count."""
-    from hvtune.data.datasets import crop_size_list, dataset_resolution, interval_frames, media_datasets
+    from hvtune.data.buckets import interval_frames
+    from hvtune.data.datasets import crop_size_list, dataset_resolution, media_datasets
 
     best = None
     for ds in media_datasets(resolved):

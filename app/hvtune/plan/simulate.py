@@ -1,9 +1,9 @@
 """The full-size training step run on tensors that hold no memory, to predict what a GPU needs.
 
 The transformer is built from the flavour's real architecture (`architectures.transformer_config`) on PyTorch's
-meta device (8.3B parameters, no bytes), then goes through the trainer's own code: `memory.prepare_base` (attention
-processor, base precision incl. torchao int8, gradient checkpointing), `memory.add_lora`, `memory.build_optimizer`
-and `trainer.training_step` (the objective, backward, clipping, optimizer step), after the optimizer's state has been
+meta device (8.3B parameters, no bytes), then goes through the trainer's own code: `train.base_model.prepare_base` (attention
+processor, base precision incl. torchao int8, gradient checkpointing), `train.lora.add_lora`, `train.optim.build_optimizer`
+and `train.step.training_step` (the objective, backward, clipping, optimizer step), after the optimizer's state has been
 allocated by its own first step, so the measured step is a steady-state one. `plan.tracker.TensorTracker` counts the
 bytes and supplies the values meta tensors lack; `plan.autocast.MetaAutocast` gives them the GPU's dtypes and
 attention kernels. `compare_with_cpu` runs the same step for real on the CPU, which is how the prediction is
@@ -106,8 +106,10 @@ def prepare_step(transformer, cfg: TrainConfig, device: str):
     offload is left out and `offload_resident` accounts for it; a real run keeps it (on the CPU it moves nothing)."""
     import torch
 
-    from hvtune.train.memory import add_lora, build_optimizer, prepare_base
+    from hvtune.train.base_model import prepare_base
+    from hvtune.train.lora import add_lora
     from hvtune.train.objective import counter_seed
+    from hvtune.train.optim import build_optimizer
 
     meta = device == "meta"
     offload = {"enable_group_offload": False, "group_offload_use_stream": False} if meta else {}
@@ -125,10 +127,10 @@ def prepare_step(transformer, cfg: TrainConfig, device: str):
 def run_step(
     transformer, cfg: TrainConfig, shape: StepShape, *, device: str, autocast_device: str = "cuda", steps: int = 1
 ) -> StepMemory:
-    """`prepare_step`, then `steps` x trainer.training_step on `transformer` (already built on `device`) under a
+    """`prepare_step`, then `steps` x train.step.training_step on `transformer` (already built on `device`) under a
     TensorTracker for `device`; the peak is the last step's."""
     from hvtune.train.objective import schedule_options
-    from hvtune.trainer import training_step
+    from hvtune.train.step import training_step
 
     started = time.perf_counter()
     meta = device == "meta"
