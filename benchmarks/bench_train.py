@@ -10,7 +10,8 @@ is built once with `hvtune cache`. Training uses the demo config with validation
 1. Steady-state step ratio. `hvtune.trainer.train` (the loop of `hvtune train`: accelerate's prepared model and
    optimizer, LR schedule, loss log, TensorBoard, progress bar, status) against a bare loop around the trainer's own
    `training_step` on the same batches: transformer from `hvtune.model.registry`, base prep + LoRA + optimizer from
-   `hvtune.train.base_model`, `.lora`, `.optim`, batches from `hvtune.train.batches.plan_epoch`/`load_batch`, the schedule from
+   `hvtune.train.base_model`, `.lora`, `.optim`, batches from `hvtune.train.batches.plan_epoch`/`load_batch`, the
+   schedule from
    `hvtune.train.objective.schedule_options`, under a plain `accelerate.Accelerator`; no LR schedule, no logging, no
    checkpointing. Both run in this one process, alternating in rounds (A B, then B A,
    ...) so machine load hits both; the first W steps of every run are skipped; trainer step times are the `seconds` of

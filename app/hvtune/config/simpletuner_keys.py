@@ -117,9 +117,7 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "lr_end": _same("final lr of polynomial"),
     "max_train_steps": _same("0 or absent: use num_train_epochs", CMD_ARGS),
     "num_train_epochs": _same("0: use max_train_steps", CMD_ARGS),
-    "optimizer": _same(
-        "SimpleTuner's names, mapped in train.optim.OPTIMIZER_FACTORIES (see docs/SIMPLETUNER.md)", OPTIMIZER_PARAM
-    ),
+    "optimizer": _same("SimpleTuner's names, mapped in train.optim (see docs/SIMPLETUNER.md)", OPTIMIZER_PARAM),
     "optimizer_config": _same("comma list key=value passed to the optimizer, as SimpleTuner does", OPTIMIZER_PARAM),
     "optimizer_beta1": _same("overrides the optimizer's beta1 (with optimizer_beta2)", OPTIMIZER_PARAM),
     "optimizer_beta2": _same("overrides the optimizer's beta2 (with optimizer_beta1)", OPTIMIZER_PARAM),

@@ -1,10 +1,11 @@
 """The full-size training step run on tensors that hold no memory, to predict what a GPU needs.
 
 The transformer is built from the flavour's real architecture (`architectures.transformer_config`) on PyTorch's
-meta device (8.3B parameters, no bytes), then goes through the trainer's own code: `train.base_model.prepare_base` (attention
-processor, base precision incl. torchao int8, gradient checkpointing), `train.lora.add_lora`, `train.optim.build_optimizer`
-and `train.step.training_step` (the objective, backward, clipping, optimizer step), after the optimizer's state has been
-allocated by its own first step, so the measured step is a steady-state one. `plan.tracker.TensorTracker` counts the
+meta device (8.3B parameters, no bytes), then goes through the trainer's own code:
+`train.base_model.prepare_base` (attention processor, base precision incl. torchao int8, gradient checkpointing),
+`train.lora.add_lora`, `train.optim.build_optimizer` and `train.step.training_step` (the objective, backward,
+clipping, optimizer step), after the optimizer's state has been allocated by its own first step, so the measured step
+is a steady-state one. `plan.tracker.TensorTracker` counts the
 bytes and supplies the values meta tensors lack; `plan.autocast.MetaAutocast` gives them the GPU's dtypes and
 attention kernels. `compare_with_cpu` runs the same step for real on the CPU, which is how the prediction is
 validated.
