@@ -62,9 +62,10 @@ from common import (
     write_result,
 )
 
+from hvtune.flavours import FLAVOURS
+
 # The real architecture, the FLOP model and the cards' peaks live in the package (`hvtune plan` uses them too).
 from hvtune.model.architectures import (
-    TARGET_SIZE,
     TINY_TRANSFORMER_CONFIG,
     forward_flops,
     latent_shape,
@@ -350,7 +351,7 @@ def run_config(spec: dict) -> dict:
     memory, mode = parse_config(spec["config"])
     model_cfg = dict(SMOKE_CONFIG if smoke else REAL_CONFIG)
     if not smoke:
-        model_cfg["target_size"] = TARGET_SIZE[spec["res"]]
+        model_cfg["target_size"] = FLAVOURS[f"t2v-{spec['res']}"].target_size
     latents = latent_shape(*(SMOKE_RESOLUTION if smoke else RESOLUTIONS[spec["res"]]))
     text = text_layout(mode, smoke, spec["caption_tokens"])
     n_video = latents[1] * latents[2] * latents[3]
@@ -825,7 +826,7 @@ def main(argv=None) -> int:
             "source": "huggingface/diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py "
             "TRANSFORMER_CONFIGS (480p_t2v, 720p_t2v)",
             "config": SMOKE_CONFIG if smoke else REAL_CONFIG,
-            "target_size": TARGET_SIZE,
+            "target_size": {res: FLAVOURS[f"t2v-{res}"].target_size for res in RESOLUTIONS},
             "resolutions": {"smoke": SMOKE_RESOLUTION} if smoke else RESOLUTIONS,
         },
         "flops_formula": "forward = sum over blocks of 24*d^2 per token (each token through its stream's q,k,v,out,"

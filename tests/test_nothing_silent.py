@@ -341,7 +341,7 @@ def test_a_failed_final_export_keeps_the_last_step_and_a_rerun_exports_without_t
     out = tmp_path / "run"
     args = _train_args(out, max_train_steps=3, checkpointing_steps=2, resume_from_checkpoint="latest")
     with monkeypatch.context() as m:
-        m.setattr(trainer, "_export", no_room)
+        m.setattr(trainer, "save_run_lora", no_room)
         with pytest.raises(TrainError, match="disk full while writing the final LoRA export") as failed:
             train(_resolved(demo_project, **args))
     assert f"Step 3 is kept in {out / 'checkpoints' / 'checkpoint-000003'}" in str(failed.value)

@@ -217,3 +217,22 @@ def test_a_setting_that_does_not_fit_says_by_how_much_and_which_knob():
     assert message.startswith("does not fit")
     assert "more than the" in message and "tiny card" in message
     assert "num_frames 17 ->" in message or "resolution x" in message
+
+
+def test_the_planned_bucket_is_the_largest_the_seed_datasets_give_usual_clips():
+    """The seed's own config (resolution 480, SimpleTuner's default pixel_area): the plan runs at the bucket a 16:9
+    clip gets, the largest of the usual shapes, at the dataset's 61 frames."""
+    from hvtune.config.settings import load_config
+    from hvtune.data.buckets import dataset_bucket_rule, simpletuner_bucket
+    from hvtune.data.datasets import media_datasets
+    from hvtune.plan.shapes import largest_bucket, shape_for
+
+    seed = Path(__file__).resolve().parents[1] / "examples" / "seed-project" / "config" / "config.json"
+    resolved = load_config(seed, env={})
+    [dataset] = media_datasets(resolved)
+    rule = dataset_bucket_rule(dataset, resolved)
+    wide, four_three = simpletuner_bucket(1920, 1080, rule), simpletuner_bucket(1440, 1080, rule)
+    assert wide[0] * wide[1] > four_three[0] * four_three[1]
+    assert largest_bucket(resolved) == (*wide, 61)
+    shape = shape_for(resolved)
+    assert (shape.width, shape.height, shape.frames) == (*wide, 61)

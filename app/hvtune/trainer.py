@@ -34,12 +34,9 @@ from hvtune.output.checkpoints import (
 )
 from hvtune.output.comfyui import to_comfyui
 from hvtune.output.export import (
-    adapter_config,
     adapter_scales,
     lora_state_dict,
-    lycoris_metadata,
-    save_comfyui_lora,
-    save_diffusers_lora,
+    save_run_lora,
 )
 from hvtune.output.progress import TrainProgress, start_trackers, trackers
 from hvtune.output.record import LossLog, apply_determinism, plot_losses
@@ -365,10 +362,10 @@ def _export_all(run: _Run) -> Path:
     room = run.room
     try:
         room.check(room.export, "the final LoRA export")
-        lora_path = room.write("the final LoRA export", _export, run.cfg, run.model, run.out)
+        lora_path = room.write("the final LoRA export", save_run_lora, run.cfg, run.model, run.out)
         if run.ema is not None:
             with run.ema.applied():
-                room.write("the EMA LoRA export", _export, run.cfg, run.model, run.out / lora_ema.EXPORT_DIR)
+                room.write("the EMA LoRA export", save_run_lora, run.cfg, run.model, run.out / lora_ema.EXPORT_DIR)
     except (TrainError, OSError, RuntimeError) as e:  # keep the steps since the last checkpoint
         raise TrainError(f"{e}. {_keep_last_step(run)}") from e
     return lora_path
@@ -385,17 +382,3 @@ def _keep_last_step(run: _Run) -> str:
         f"Step {step} is kept in {path}: once the disk has room, run again with "
         "resume_from_checkpoint=latest (it exports without training)"
     )
-
-
-def _export(cfg, model, out: Path) -> Path:
-    """The run's LoRA in both formats in `out`; returns the diffusers-format file."""
-    state_dict = lora_state_dict(model)
-    meta = {
-        "hvtune.flavour": cfg.model_flavour,
-        "hvtune.rank": str(cfg.lora_rank),
-        "hvtune.alpha": str(lora_alpha(cfg)),
-    }
-    meta.update(lycoris_metadata(cfg))
-    path = save_diffusers_lora(state_dict, out, meta, adapter_config(model))
-    save_comfyui_lora(state_dict, RunFiles(out).comfyui, float(lora_alpha(cfg)), scales=adapter_scales(model))
-    return path

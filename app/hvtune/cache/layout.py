@@ -15,7 +15,8 @@ from typing import Any
 
 from hvtune.cache.keys import FORMAT
 from hvtune.config.settings import ResolvedConfig
-from hvtune.data.datasets import dataset_resolution, media_datasets
+from hvtune.data.buckets import dataset_bucket_rule
+from hvtune.data.datasets import media_datasets
 
 
 class CacheLayout:
@@ -75,7 +76,7 @@ def cache_settings(resolved: ResolvedConfig) -> dict[str, Any]:
     t = resolved.train
     datasets = []
     for ds in media_datasets(resolved):
-        res = dataset_resolution(ds, resolved)
+        res = dataset_bucket_rule(ds, resolved)
         entry: dict[str, Any] = {
             "id": ds.id,
             "dataset_type": ds.dataset_type,

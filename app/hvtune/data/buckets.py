@@ -137,10 +137,6 @@ def meets_minimum(width: int, height: int, rule: BucketRule) -> bool:
     return area <= width * height
 
 
-def dataset_resolution(ds: DatasetConfig, resolved: ResolvedConfig) -> BucketRule:
-    return dataset_bucket_rule(ds, resolved)
-
-
 def round_to_4n1(n: int) -> int:
     return (n - 1) // 4 * 4 + 1 if n >= 1 else 0
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtune.config.settings import DatasetConfig, ResolvedConfig
-from hvtune.data.buckets import BucketRule, bucket_frames, dataset_resolution, meets_minimum, simpletuner_bucket
+from hvtune.data.buckets import BucketRule, bucket_frames, dataset_bucket_rule, meets_minimum, simpletuner_bucket
 from hvtune.data.captions import Captions
 from hvtune.data.issues import DatasetError, Issue, notice_issue
 from hvtune.data.probe import ProbeIndex, file_sha256, image_meta, video_info, video_meta
@@ -149,7 +149,7 @@ def _scan_dataset(
         result.metadata_files.append(captions.metadata_path)
     for notice in captions.notices:
         result.issues.append(Issue(ds.id, str(root), "used", "metadata_line_ignored", notice))
-    resolution = dataset_resolution(ds, resolved)
+    resolution = dataset_bucket_rule(ds, resolved)
     meta_name = Path(ds.metadata_file).name if ds.metadata_file else None
     links: list[tuple[Path, str, str]] = []
     files = [

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvtune.flavours import FLAVOURS as FLAVOUR_DEFAULTS
+from hvtune.flavours import FLAVOURS
 
 TRANSFORMER_CONFIG = dict(
     in_channels=65,  # noisy latents 32 + condition latents 32 + mask 1
@@ -38,7 +38,6 @@ TRANSFORMER_CONFIG = dict(
     target_size=640,
     task_type="t2v",
 )
-TARGET_SIZE = {"480p": 640, "720p": 960}
 # The same architecture at a size a CPU runs in milliseconds: the transformer of the tiny test model
 # (`hvtune.testing.tiny_model`; its text encoders are 32 wide, its SigLIP 16) and, with wider heads, the GPU
 # benchmark's --cpu-smoke model.
@@ -56,12 +55,10 @@ class UnknownArchitecture(ValueError):
 
 def transformer_config(flavour: str) -> dict:
     """The diffusers config of the flavour's transformer (kwargs of `HunyuanVideo15Transformer3DModel`)."""
-    if flavour not in FLAVOUR_DEFAULTS:
-        raise UnknownArchitecture(
-            f"no known architecture for model_flavour {flavour!r}; one of {sorted(FLAVOUR_DEFAULTS)}"
-        )
-    task, res = flavour.split("-")
-    return dict(TRANSFORMER_CONFIG, target_size=TARGET_SIZE[res], task_type=task)
+    if flavour not in FLAVOURS:
+        raise UnknownArchitecture(f"no known architecture for model_flavour {flavour!r}; one of {sorted(FLAVOURS)}")
+    spec = FLAVOURS[flavour]
+    return dict(TRANSFORMER_CONFIG, target_size=spec.target_size, task_type=spec.task)
 
 
 def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -30,6 +30,7 @@ import torch
 from hvtune.files import write_bytes_atomic
 from hvtune.output.comfyui import to_comfyui
 from hvtune.run_files import RunFiles
+from hvtune.train.lora import lora_alpha
 
 COMFYUI_FORMAT = "comfyui-hunyuanvideo15"
 
@@ -160,17 +161,12 @@ def lycoris_metadata(cfg) -> dict[str, str]:
     return {"hvtune.lora_type": "lycoris", "hvtune.config.lycoris": read_lycoris_config(cfg.lycoris_config).to_json()}
 
 
-def _configured_alpha(cfg) -> float | int:
-    """The adapter's alpha as the config gives it: `lora_alpha`, or the rank when it is unset (or 0)."""
-    return cfg.lora_alpha or cfg.lora_rank
-
-
 def run_lora_metadata(cfg) -> dict[str, str]:
     """The metadata a trained run's diffusers-format LoRA carries beside the adapter config: the flavour, rank and
     alpha as configured and, for LyCORIS, its spec."""
     return {
         "hvtune.flavour": cfg.model_flavour,
-        **rank_alpha_metadata(cfg.lora_rank, _configured_alpha(cfg)),
+        **rank_alpha_metadata(cfg.lora_rank, lora_alpha(cfg)),
         **lycoris_metadata(cfg),
     }
 
@@ -180,7 +176,7 @@ def save_run_lora(cfg, transformer, out_dir: Path) -> Path:
     `transformer`; returns the diffusers-format file."""
     state_dict = lora_state_dict(transformer)
     path = save_diffusers_lora(state_dict, out_dir, run_lora_metadata(cfg), adapter_config(transformer))
-    alpha = float(_configured_alpha(cfg))
+    alpha = float(lora_alpha(cfg))
     save_comfyui_lora(state_dict, RunFiles(out_dir).comfyui, alpha, scales=adapter_scales(transformer))
     return path
 

@@ -43,18 +43,21 @@ class StepShape:
         return f"{self.width}x{self.height}x{self.frames}f, batch {self.batch}"
 
 
+# the clip shapes a plan assumes: it does not read the data, so it takes the largest bucket of the usual ones
+PLANNED_ASPECTS = ((16, 9), (9, 16), (4, 3), (3, 4), (1, 1))
+
+
 def largest_bucket(resolved: ResolvedConfig) -> tuple[int, int, int]:
-    """(W, H, F) of the largest bucket the datasets can produce: the most pixels over the aspect buckets of each
-    dataset's `resolution` (the data's own aspects are not read: the worst case), at its longest frame count."""
-    from hvtune.data.buckets import interval_frames
-    from hvtune.data.datasets import crop_size_list, dataset_resolution, media_datasets
+    """(W, H, F) of the largest bucket the datasets can produce: the most pixels over the buckets SimpleTuner's rule
+    gives each dataset for clips of the PLANNED_ASPECTS (the data's own aspects are not read), at its longest frame
+    count."""
+    from hvtune.data.buckets import dataset_bucket_rule, interval_frames, simpletuner_bucket
+    from hvtune.data.datasets import media_datasets
 
     best = None
     for ds in media_datasets(resolved):
-        resolution = dataset_resolution(ds, resolved)
-        sizes = (
-            [resolution] if isinstance(resolution, tuple) else [(w, h) for h, w in crop_size_list(resolution * 4 / 3)]
-        )
+        rule = dataset_bucket_rule(ds, resolved)
+        sizes = {simpletuner_bucket(120 * w, 120 * h, rule) for w, h in PLANNED_ASPECTS}
         v = ds.video
         frames = 1 if ds.dataset_type == "image" else v.num_frames
         if ds.dataset_type == "video" and v.bucket_strategy == "resolution_frames":

@@ -90,13 +90,13 @@ def _set_precision(transformer, cfg: TrainConfig) -> None:
 
 
 def check_offload(cfg: TrainConfig, device: torch.device) -> None:
-    """The offload settings that cannot work together or on this device (config.settings checks them too)."""
-    if cfg.enable_group_offload and cfg.enable_model_cpu_offload:
-        raise UserError("enable_model_cpu_offload cannot be combined with enable_group_offload; choose one")
-    if cfg.group_offload_use_stream and not cfg.enable_group_offload:
-        raise UserError("group_offload_use_stream needs enable_group_offload: true")
-    if cfg.enable_group_offload and cfg.group_offload_use_stream and device.type != "cuda":
-        raise UserError(f"group_offload_use_stream needs a CUDA device (training device: {device}); set it to false")
+    """Refuse the offload settings that cannot work together or on this device: config's one rule
+    (`config.rules.offload_conflicts`), asked again for a config that did not come through `load_config`."""
+    from hvtune.config.rules import offload_conflicts
+
+    conflicts = offload_conflicts(cfg, device.type)
+    if conflicts:
+        raise UserError("; ".join(f"{key}: {why}" for key, why in conflicts))
 
 
 def _group_offload(transformer, cfg: TrainConfig, device: torch.device) -> None:
