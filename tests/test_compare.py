@@ -39,7 +39,8 @@ def _run(root: Path, *, lora: dict | None = None, losses: list[float] = LOSSES, 
 
 
 def _cli(capsys, a: Path, b: Path, *extra: str) -> tuple[int, str]:
-    code = main(["compare", str(a), str(b), *extra])
+    plot = () if any(x.startswith("--plot") for x in extra) else ("--plot", str(a.parent / "compare_loss.png"))
+    code = main(["compare", str(a), str(b), *plot, *extra])
     return code, capsys.readouterr().out
 
 

@@ -24,7 +24,8 @@ def _train(config: Path, out: Path, *extra: str) -> None:
 
 
 def _compare(a: Path, b: Path, *flags: str, cwd: Path | None = None):
-    return run_hvtune("compare", str(a), str(b), *flags, cwd=cwd)
+    """`hvtune compare` in `cwd` (default: b's folder, so its loss plot never lands in the repository)."""
+    return run_hvtune("compare", str(a), str(b), *flags, cwd=cwd or b.parent)
 
 
 @pytest.fixture(scope="module")
