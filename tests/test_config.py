@@ -168,3 +168,15 @@ def test_check_command_exit_codes(project):
     )
     assert bad.returncode == 2 and "validation_num_video_frames = 62" in bad.stderr
     assert not list(project.glob("output*"))  # nothing written
+
+
+def test_a_dataset_without_an_id_is_one_problem_naming_the_file_and_entry(project):
+    backends = project / "config" / "multidatabackend.json"
+    entries = json.loads(backends.read_text())
+    del entries[0]["id"]
+    backends.write_text(json.dumps(entries))
+    with pytest.raises(ConfigError) as refused:
+        load_config(project / "config" / "config.json", env={})
+    assert [str(p) for p in refused.value.problems if p.key.endswith(".id")] == [
+        "config/multidatabackend.json: [0].id = None: required, but missing"
+    ]

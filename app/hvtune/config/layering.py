@@ -125,12 +125,21 @@ def validate_section(model: type, raw: dict[str, Any], where, problems: list[Pro
         try:
             return model.model_validate(raw)
         except ValidationError as e:
+            before = len(raw)
             for err in e.errors():
                 key = ".".join(str(p) for p in err["loc"]) or "(object)"
                 top = str(err["loc"][0]) if err["loc"] else ""
-                problems.append(Problem(where(top), key, err.get("input"), err["msg"]))
+                if err["type"] == "missing":
+                    problems.append(Problem(where(top), key, None, "required, but missing"))
+                else:
+                    problems.append(Problem(where(top), key, err.get("input"), err["msg"]))
                 raw.pop(top, None)
-    return model.model_validate({})
+            if len(raw) == before:  # a required key is missing: dropping keys cannot help
+                break
+    try:
+        return model.model_validate({})
+    except ValidationError:  # the section has required keys; its problems are recorded, the caller skips it
+        return None
 
 
 def resolve_keys(
