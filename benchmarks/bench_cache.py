@@ -1,6 +1,6 @@
 """Cache prebuild performance: decode+resize throughput, peak memory as the dataset grows, fully cached rerun speed.
 
-    python benchmarks/bench_cache.py [--quick] [--out PATH]
+    PYTHONPATH=app python benchmarks/bench_cache.py [--quick] [--out PATH]
 
 1. Decode + resize (media.read_video, PyAV + torch bicubic): 480p (848x480) h264 clips, frames per second for the
    native 848x480 bucket (decode + RGB conversion only) and for the 624x368 bucket (resolution 360: decode + resize +
@@ -34,7 +34,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 APP = HERE.parent / "app"
-sys.path.insert(0, str(APP))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
