@@ -58,7 +58,6 @@ STAGES = [
     "output.comfyui",
     "output.export",
     "output.record",
-    "output.run_record",
     "output.compare",
     "output.progress",
     "output.status",

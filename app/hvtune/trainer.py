@@ -39,9 +39,8 @@ from hvtune.output.export import (
     save_run_lora,
 )
 from hvtune.output.progress import TrainProgress, start_trackers, trackers
-from hvtune.output.record import LossLog, apply_determinism, plot_losses
+from hvtune.output.record import LossLog, apply_determinism, plot_losses, run_record
 from hvtune.output.run_dir import DiskRoom, check_output_dir
-from hvtune.output.run_record import run_record
 from hvtune.output.status import RunStatus
 from hvtune.output.validation import render_validation, validation_due
 from hvtune.run_files import RunFiles
