@@ -11,6 +11,7 @@ import torch
 
 from hvtune.testing.tiny_model import build_components
 from hvtune.train.objective import (
+    TimestepSampling,
     caption_dropout_mask,
     counter_generator,
     sample_noise,
@@ -66,15 +67,15 @@ def test_shift_formula_and_sampling_modes():
     torch.testing.assert_close(shift_sigmas(torch.tensor([0.5]), 3.0), torch.tensor([0.75]))
     torch.testing.assert_close(shift_sigmas(s, 1.0), s)  # shift 1 is the identity
     draws = list(range(2000))
-    sig = sample_sigmas(draws, seed=0, epoch=0, shift=1.0, mode="sigmoid")
-    uni = sample_sigmas(draws, seed=0, epoch=0, shift=1.0, mode="uniform")
+    sig = sample_sigmas(draws, seed=0, epoch=0, shift=1.0, sampling=TimestepSampling("sigmoid"))
+    uni = sample_sigmas(draws, seed=0, epoch=0, shift=1.0, sampling=TimestepSampling("uniform"))
     assert 0.45 < sig.mean() < 0.55 and sig.std() < uni.std()  # logit-normal concentrates around the middle
     assert 0.45 < uni.mean() < 0.55 and 0.27 < uni.std() < 0.31  # U(0, 1): std 0.289
     shifted = sample_sigmas(draws, seed=0, epoch=0, shift=5.0)
     torch.testing.assert_close(shifted, shift_sigmas(sig, 5.0))  # same draws, then shifted
     assert shifted.mean() > sig.mean()  # shift > 1 pushes towards noise
     with pytest.raises(ValueError, match="timestep_sampling"):
-        sample_sigmas([0], seed=0, epoch=0, shift=1.0, mode="lognormal")
+        sample_sigmas([0], seed=0, epoch=0, shift=1.0, sampling=TimestepSampling("lognormal"))
 
 
 def test_caption_dropout_rate():

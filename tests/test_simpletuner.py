@@ -271,11 +271,11 @@ def test_gradient_clipping_methods(method):
 def test_flow_schedule_keys():
     import torch
 
-    from hvtune.train.objective import counter_generator, sample_sigmas
+    from hvtune.train.objective import TimestepSampling, counter_generator, sample_sigmas
 
     assert _cfg(flow_schedule_shift=0).shift == 1.0  # 0: no shift (custom_schedule.apply_flow_schedule_shift)
     assert _cfg(flow_use_uniform_schedule=True).timestep_mode == "uniform"
-    scaled = sample_sigmas([0, 1], seed=3, epoch=0, shift=1.0, sigmoid_scale=2.0)
+    scaled = sample_sigmas([0, 1], seed=3, epoch=0, shift=1.0, sampling=TimestepSampling(sigmoid_scale=2.0))
     draws = [torch.randn((), generator=counter_generator(3, 0, d, purpose="timestep")) for d in (0, 1)]
     assert scaled.tolist() == pytest.approx([float(torch.sigmoid(2.0 * x)) for x in draws])
 
@@ -374,7 +374,7 @@ def test_auto_shift_and_beta_schedule():
 
     import numpy as np
 
-    from hvtune.train.objective import auto_shift, counter_seed, sample_sigmas
+    from hvtune.train.objective import TimestepSampling, auto_shift, counter_seed, sample_sigmas
 
     cfg = _cfg(flow_schedule_shift=0, flow_schedule_auto_shift=True)
     assert cfg.shift == 0.0 and _cfg(flow_schedule_shift=0).shift == 1.0 and _cfg().shift == 3.0
@@ -385,7 +385,7 @@ def test_auto_shift_and_beta_schedule():
     assert auto_shift((1, 32, 16, 30, 53), {}) == pytest.approx(expected)
     assert _cfg(flow_use_beta_schedule=True).timestep_mode == "beta"
     assert _cfg(flow_use_beta_schedule=True, flow_use_uniform_schedule=True).timestep_mode == "uniform"
-    sigmas = sample_sigmas([0, 1, 2], seed=5, epoch=1, shift=1.0, mode="beta", beta=(3.0, 1.5))
+    sigmas = sample_sigmas([0, 1, 2], seed=5, epoch=1, shift=1.0, sampling=TimestepSampling("beta", beta=(3.0, 1.5)))
     rng = [np.random.default_rng(counter_seed(5, 1, d, purpose="timestep")) for d in (0, 1, 2)]
     assert sigmas.tolist() == pytest.approx([r.beta(3.0, 1.5) for r in rng], rel=1e-6)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,14 +37,24 @@ import torch
 TIMESTEP_MODES = ("sigmoid", "uniform", "beta")
 
 
+@dataclass(frozen=True)
+class TimestepSampling:
+    """How a step's sigmas are drawn before the shift (SimpleTuner's flow_* keys): `mode` sigmoid (of
+    `sigmoid_scale` x N(0, 1)), uniform, or beta (Beta(*`beta`))."""
+
+    mode: str = "sigmoid"
+    sigmoid_scale: float = 1.0
+    beta: tuple[float, float] = (2.0, 2.0)
+
+
 def schedule_options(cfg, scheduler_config: dict | None = None) -> dict[str, Any]:
     """`training_loss` keyword arguments for a TrainConfig's timestep schedule (SimpleTuner's flow_* keys) and the
     caption dropout. `scheduler_config` (the model's noise scheduler config) is needed for auto shift only."""
     return dict(
         shift=cfg.shift,
-        mode=cfg.timestep_mode,
-        sigmoid_scale=cfg.flow_sigmoid_scale,
-        beta=(cfg.flow_beta_schedule_alpha, cfg.flow_beta_schedule_beta),
+        sampling=TimestepSampling(
+            cfg.timestep_mode, cfg.flow_sigmoid_scale, (cfg.flow_beta_schedule_alpha, cfg.flow_beta_schedule_beta)
+        ),
         scheduler_config=scheduler_config,
         caption_dropout_p=cfg.caption_dropout_probability,
     )
@@ -91,11 +102,10 @@ def sample_sigmas(
     seed: int,
     epoch: int,
     shift: float,
-    mode: str = "sigmoid",
-    sigmoid_scale: float = 1.0,
-    beta: tuple[float, float] = (2.0, 2.0),
+    sampling: TimestepSampling = TimestepSampling(),
 ) -> torch.Tensor:
     """(len(draws),) float32 sigmas in [0, 1] on the CPU, each from its draw's own generator, then shifted."""
+    mode, sigmoid_scale, beta = sampling.mode, sampling.sigmoid_scale, sampling.beta
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"unknown timestep_sampling {mode!r}; one of {', '.join(TIMESTEP_MODES)}")
     values = []
@@ -234,9 +244,7 @@ def training_loss(
     seed: int,
     epoch: int,
     shift: float,
-    mode: str = "sigmoid",
-    sigmoid_scale: float = 1.0,
-    beta: tuple[float, float] = (2.0, 2.0),
+    sampling: TimestepSampling = TimestepSampling(),
     scheduler_config: dict | None = None,
     caption_dropout_p: float = 0.0,
     empty_prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -262,9 +270,7 @@ def training_loss(
     draws = list(batch.draws)
     if shift <= 0:  # 0: flow_schedule_auto_shift from the latent size with the scheduler's config
         shift = auto_shift(tuple(x0.shape), scheduler_config or {})
-    sigmas = sample_sigmas(
-        draws, seed=seed, epoch=epoch, shift=shift, mode=mode, sigmoid_scale=sigmoid_scale, beta=beta
-    )
+    sigmas = sample_sigmas(draws, seed=seed, epoch=epoch, shift=shift, sampling=sampling)
     sigmas = sigmas.to(device)
     noise = sample_noise(tuple(x0.shape[1:]), draws, seed=seed, epoch=epoch, device=device)
     s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
