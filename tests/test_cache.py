@@ -1,5 +1,5 @@
-"""cache.py and batches.py on real clips with the tiny model as encoders: entries, keys, reruns, kill -9, manifest
-checks, the epoch plan and batch loading."""
+"""The cache stage and train.batches on real clips with the tiny model as encoders: entries, keys, reruns, kill -9,
+manifest checks, the epoch plan and batch loading."""
 
 from __future__ import annotations
 

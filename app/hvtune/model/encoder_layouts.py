@@ -108,7 +108,7 @@ def text_layout(root: str | Path) -> Layout:
 def text_component_dirs(root: str | Path, layout: Layout | None = None) -> dict[str, Path]:
     """Folder of each text component. For Tencent's layout: text_encoder and tokenizer -> llm/, text_encoder_2 ->
     Glyph-SDXL-v2/ (the weights and the token lists), tokenizer_2 -> byt5-small/ (the base model): together the four
-    folders cover every file the load reads, so a hash over them (cache_store.component_identity) sees any change, and
+    folders cover every file the load reads, so a hash over them (cache.keys.component_identity) sees any change, and
     `text_encoder`'s parent is the Tencent text root again (what `text_layout` needs to recognise it)."""
     root = Path(root).expanduser()
     layout = layout or text_layout(root)
