@@ -15,6 +15,7 @@ COMFYUI_NAME = "comfyui_lora.safetensors"
 RECORD_NAME = "run.json"
 STATUS_NAME = "status.json"
 LOSS_PLOT_NAME = "loss.png"
+EMA_NAME = "ema"  # use_ema: the EMA weights' LoRA files, same names, in this subfolder
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class RunFiles:
     @property
     def loss_plot(self) -> Path:
         return self.root / LOSS_PLOT_NAME
+
+    @property
+    def ema(self) -> RunFiles:
+        """The EMA weights' LoRA files (`use_ema`): the same names in the `ema/` subfolder."""
+        return RunFiles(self.root / EMA_NAME)
 
     @property
     def logs(self) -> Path:

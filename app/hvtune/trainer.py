@@ -364,7 +364,7 @@ def _export_all(run: _Run) -> Path:
         lora_path = room.write("the final LoRA export", save_run_lora, run.cfg, run.model, run.out)
         if run.ema is not None:
             with run.ema.applied():
-                room.write("the EMA LoRA export", save_run_lora, run.cfg, run.model, run.out / lora_ema.EXPORT_DIR)
+                room.write("the EMA LoRA export", save_run_lora, run.cfg, run.model, RunFiles(run.out).ema.root)
     except (TrainError, OSError, RuntimeError) as e:  # keep the steps since the last checkpoint
         raise TrainError(f"{e}. {_keep_last_step(run)}") from e
     return lora_path

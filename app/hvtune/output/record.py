@@ -21,7 +21,6 @@ from typing import Any
 from hvtune.files import atomic_path, write_text_atomic
 from hvtune.output.checkpoints import LoopState
 from hvtune.run_files import RunFiles
-from hvtune.train.ema import EXPORT_DIR as EMA_EXPORT_DIR
 
 PACKAGES = (
     "torch",
@@ -189,7 +188,7 @@ def run_record(
     outputs. `lora_path`: the exported LoRA (None when the run stopped before exporting); `started`: time.time() at
     its start."""
     lora_sha = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
-    ema_path = lora_path.parent / EMA_EXPORT_DIR / lora_path.name if lora_path else None  # use_ema's copy
+    ema_path = RunFiles(lora_path.parent).ema.lora if lora_path else None  # use_ema's copy
     record = resolved.to_record()
     out = Path(resolved.train.output_dir)
     return {

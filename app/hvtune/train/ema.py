@@ -33,7 +33,6 @@ from hvtune.config.schema import TrainConfig
 from hvtune.errors import UserError
 
 CHECKPOINT_FILE = "ema.safetensors"
-EXPORT_DIR = "ema"
 
 
 class LoraEMA:
