@@ -25,6 +25,7 @@ STAGES = [
     "cache.store",  # cache
     "cache.manifest",
     "cache.encoders",
+    "cache.shard",  # the split of `hvtune cache` between processes
     "cache.build",
     "train.batches",  # batches and the training step
     "train.objective",

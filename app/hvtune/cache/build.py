@@ -38,6 +38,7 @@ from hvtune.cache.encoders import (
     to_pil,
 )
 from hvtune.cache.manifest import ManifestSample, manifest_path, parse_manifest, repair_hint, rerun_hint, source_stats
+from hvtune.cache.shard import Shard
 from hvtune.cache.store import (
     FORMAT,
     PIXELS,
@@ -173,7 +174,8 @@ def _lock(root: Path):
 def _write_report(build: _Build, result: ScanResult, report: Path) -> None:
     """`cache_report.jsonl`: every skipped or converted sample and why. Raises when a dataset has nothing usable."""
     lines = "".join(json.dumps(i.to_json(), ensure_ascii=False) + "\n" for i in result.issues)
-    build.stats.bytes += write_text_atomic(report, lines)
+    if build.shard.main:  # SHARD HOOK: one process writes the report
+        build.stats.bytes += write_text_atomic(report, lines)
     if result.empty_datasets():
         raise _empty_error(result, report)
 
@@ -212,9 +214,10 @@ class _Build:
     roots it writes and their indexes, the counts, the samples that failed to decode, and the (bytes, sha256) of every
     entry it wrote (so the indexes need not rehash them)."""
 
-    def __init__(self, resolved: ResolvedConfig, root: Path, progress: bool):
+    def __init__(self, resolved: ResolvedConfig, root: Path, progress: bool, shard: Shard):
         from hvtune.model.registry import resolve_model
 
+        self.shard = shard  # SHARD HOOK: this process's place among the cache processes
         self.resolved = resolved
         self.root = root
         self.progress = progress
@@ -249,19 +252,27 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
     """Scan the datasets, encode whatever the caches lack, write indexes, the report and the manifest."""
     started = time.time()
     root = cache_dir(resolved)
-    lock = _lock(root)
+    shard = Shard.start(root)  # SHARD HOOK
+    lock = _lock(root) if shard.main else None  # SHARD HOOK: the main process holds the lock for all
     try:
-        build = _Build(resolved, root, progress)
+        build = _Build(resolved, root, progress, shard)
         report = Path(report_path) if report_path else root / "cache_report.jsonl"
-        result = _scan(build, report)
+        with shard.main_first():  # SHARD HOOK: the others read the main process's probe index
+            result = _scan(build, report)
         plans, validation = _plan_keys(build, result)
         _open_roots(build, plans)
         captions = _captions(build, plans)
+        shard.sync(build, plans)  # SHARD HOOK: every process sees the same misses
         _encode_text(build, captions)
+        shard.sync(build, plans)  # SHARD HOOK
         siglip_jobs, siglip_hits = _missing(resolved, plans, "image_key") if build.i2v else ([], 0)
         _encode_latents(build, plans, validation, {p.image_key for p in siglip_jobs})
+        shard.sync(build, plans)  # SHARD HOOK: the VAE phase's decode failures, on every process
         if build.i2v:
             _encode_siglip(build, siglip_jobs, siglip_hits, validation)
+        shard.sync(build, plans, final=True)  # SHARD HOOK: all finished; failures, written entries, bytes merged
+        if not shard.main:  # SHARD HOOK: one process writes the report, the indexes and the manifest
+            return _summary(build, result, report, manifest_path(resolved), started)
         plans = _drop_failed(build, result, plans)
         _report_cut_captions(build, result, plans)
         _write_report(build, result, report)
@@ -277,14 +288,16 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
         fix = f"free space there or point cache_dir at a bigger disk, then {rerun_hint(resolved)} (entries already "
         raise CacheError(disk_full_message(root, "the cache", fix + "written are kept)")) from e
     finally:
-        lock.close()
+        if lock is not None:  # SHARD HOOK
+            lock.close()
 
 
 def _scan(build: _Build, report: Path) -> ScanResult:
     """The datasets' samples (probing only files the probe index does not know), and the report."""
     probe = ProbeIndex(build.root / "probe_index.json")
     result = scan(build.resolved, probe_index=probe, progress=build.progress)
-    probe.save()
+    if build.shard.main:  # SHARD HOOK: the others read the main process's probe index
+        probe.save()
     _write_report(build, result, report)
     return result
 
@@ -321,7 +334,8 @@ def _open_roots(build: _Build, plans: list[_Plan]) -> None:
     """Every root this run writes to: the temp files a killed run left removed, its index read."""
     roots = {build.text_root, build.validation_root, *(vae_root(build.resolved, p.sample.dataset) for p in plans)}
     for r in roots:
-        remove_temp_files(r)
+        if build.shard.main:  # SHARD HOOK: before any process writes (the sync after the plan)
+            remove_temp_files(r)
     build.indexes = {r: RootIndex(r) for r in roots}
     build.written = {r: {} for r in roots}
 
@@ -343,17 +357,16 @@ def _encode_text(build: _Build, captions: dict[str, str]) -> None:
     text_misses = [k for k in captions if not entry_intact(entry_path(build.text_root, k))]
     build.stats.hits["text"] = len(captions) - len(text_misses)
     build.stats.misses["text"] = len(text_misses)
+    total, text_misses = len(text_misses), build.shard.share(text_misses, "text", show=build.progress)  # SHARD HOOK
     if not text_misses:
         return
-    from tqdm import tqdm
-
     from hvtune.model.registry import load_text_encoders
 
     device, dtype = device_and_dtype(build.dtype_name)
     encoders = load_text_encoders(build.paths, dtype=dtype)
     for name in ("text_encoder", "text_encoder_2"):
         encoders[name].to(device)
-    for k in tqdm(text_misses, desc="text", unit="caption", disable=not build.progress, dynamic_ncols=True):
+    for k in build.shard.progress(text_misses, total, desc="text", unit="caption", disable=not build.progress):
         tensors = encode_caption(encoders, captions[k], device)
         build.store(build.text_root, k, tensors, {"kind": "text"})
     del encoders
@@ -371,19 +384,19 @@ def _encode_latents(
     val_latent_miss = validation is not None and not entry_intact(
         entry_path(build.validation_root, validation.latent_key)
     )
+    total = len(vae_jobs)  # SHARD HOOK: this process's share; the validation latent is the main process's
+    vae_jobs = build.shard.share(vae_jobs, "vae", lambda p: p.latent_key, show=build.progress)
+    val_latent_miss = val_latent_miss and build.shard.main
     if not (vae_jobs or val_latent_miss):
         return
-    from tqdm import tqdm
-
     device, dtype = device_and_dtype(build.dtype_name)
     vae = load_vae_for_cache(resolved, build.paths, device, dtype)
-    for p, frames in tqdm(
+    for p, frames in build.shard.progress(  # SHARD HOOK: tqdm with every process's total
         _decoded(vae_jobs, resolved.train.seed, build.failed),
-        total=len(vae_jobs),
+        total=total,
         desc="vae",
         unit="clip",
         disable=not build.progress,
-        dynamic_ncols=True,
     ):
         tensors = {"latents": encode_video_latents(vae, frames, device, dtype)}
         if build.i2v:
@@ -411,15 +424,16 @@ def _encode_siglip(build: _Build, jobs: list[_Plan], hits: int, validation: _Val
     val_image_miss = validation is not None and not entry_intact(
         entry_path(build.validation_root, validation.image_key)
     )
+    total = len(jobs)  # SHARD HOOK: this process's share; the validation image is the main process's
+    jobs = build.shard.share(jobs, "siglip", lambda p: p.image_key, show=build.progress)
+    val_image_miss = val_image_miss and build.shard.main
     if jobs or val_image_miss:
-        from tqdm import tqdm
-
         from hvtune.model.registry import load_vision_encoder
 
         device, dtype = device_and_dtype(build.dtype_name)
         vision = load_vision_encoder(build.paths, dtype=dtype)
         vision["image_encoder"].to(device)
-        for p in tqdm(jobs, desc="siglip", unit="clip", disable=not build.progress, dynamic_ncols=True):
+        for p in build.shard.progress(jobs, total, desc="siglip", unit="clip", disable=not build.progress):
             image = _load_pending(build.pending, p.image_key)
             if image is None:
                 try:
@@ -434,7 +448,8 @@ def _encode_siglip(build: _Build, jobs: list[_Plan], hits: int, validation: _Val
             build.store(build.validation_root, validation.image_key, {"image_embeds": embeds}, {"kind": "validation"})
         del vision
         free_memory()
-    if build.pending.is_dir():
+    build.shard.wait()  # SHARD HOOK: every process is done with the kept first frames; the main one removes them
+    if build.pending.is_dir() and build.shard.main:
         for f in build.pending.iterdir():
             f.unlink(missing_ok=True)
         build.pending.rmdir()
