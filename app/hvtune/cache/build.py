@@ -295,7 +295,7 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
 def _scan(build: _Build, report: Path) -> ScanResult:
     """The datasets' samples (probing only files the probe index does not know), and the report."""
     probe = ProbeIndex(build.root / "probe_index.json")
-    result = scan(build.resolved, probe_index=probe, progress=build.progress)
+    result = scan(build.resolved, probe_index=probe, progress=build.progress and build.shard.main)  # SHARD HOOK
     if build.shard.main:  # SHARD HOOK: the others read the main process's probe index
         probe.save()
     _write_report(build, result, report)

@@ -48,9 +48,11 @@ class Shard:
         """From the launcher's environment: accelerate's process group when WORLD_SIZE > 1, else a single process."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls(root)
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()  # the process group (NCCL on GPUs, gloo on CPUs), and this process's GPU
+        # the process group (NCCL on GPUs, gloo on CPUs, as the trainer's Accelerator), and this process's GPU
+        state = PartialState(cpu=not torch.cuda.is_available())
         return cls(root, state.process_index, state.num_processes, state)
 
     @property
