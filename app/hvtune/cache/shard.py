@@ -65,13 +65,11 @@ class Shard:
             self.state.wait_for_everyone()
 
     def main_first(self):
-        """The main process runs the block first (probing the files, removing the last run's progress counts), then
-        the others."""
-        if self.world == 1:
-            return nullcontext()
+        """The main process runs the block first (probing the files), then the others. The counts a killed sharded
+        run left are removed first (whatever N this run has)."""
         if self.main:
             shutil.rmtree(self.progress_dir, ignore_errors=True)
-        return self.state.main_process_first()
+        return nullcontext() if self.world == 1 else self.state.main_process_first()
 
     # ---------------------------------------------------------------------------------------------------- the split
 
