@@ -5,7 +5,8 @@ prompts - and the manifest.
 A build runs in stages: scan the datasets, plan every entry's key (plan.py), encode what the text, VAE and SigLIP
 entries lack (encode_missing.py), drop the samples that failed to decode, then write the report (report.py), the
 roots' indexes and the manifest. What a key holds: keys.py; where entries lie: layout.py and store.py; what each
-entry holds and how it is encoded: encoders.py; what training reads: manifest.py; the rehash: verify.py.
+entry holds and how it is encoded: encoders.py; what training reads: manifest.py; the rehash: verify.py. On N processes
+(`accelerate launch`): shard.py, hooked in at the lines marked `SHARD HOOK`.
 
 Memory. Encoders are loaded one group at a time - the text encoders, then the VAE, then SigLIP - each only when it
 has misses, and freed before the next. Clips are decoded one at a time (one decoded ahead on a helper thread) and
