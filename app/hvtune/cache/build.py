@@ -76,6 +76,7 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
     finally:
         if lock is not None:  # SHARD HOOK
             lock.close()
+        shard.close()  # SHARD HOOK
 
 
 def _lock(root: Path):

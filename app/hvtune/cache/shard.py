@@ -64,6 +64,12 @@ class Shard:
         if self.world > 1:
             self.state.wait_for_everyone()
 
+    def close(self) -> None:
+        """This process leaves the process group, so that it exits cleanly whichever process ends first (a process
+        whose gloo group is still open when the others go can abort: `terminate called without an active exception`)."""
+        if self.world > 1:
+            self.state.destroy_process_group()
+
     def main_first(self):
         """The main process runs the block first (probing the files), then the others. The counts a killed sharded
         run left are removed first (whatever N this run has)."""
