@@ -193,3 +193,34 @@ hv_gpu_count() {
     *) echo 0 ;;
   esac
 }
+
+# `hvtune COMMAND ARGS...`, exec'd (SIGTERM reaches it), under `accelerate launch` when NUM_PROCESSES > 1 (one process
+# per GPU). SCOPE `all`: NUM_PROCESSES counts every process on every machine, as accelerate does, and all machines
+# join one launch (train). SCOPE `local`: only this machine's NUM_PROCESSES / NUM_MACHINES processes, launched here
+# alone (cache: each machine builds its own cache, its processes sharing the one cache_dir).
+hv_launch() {
+  local scope=$1 n=${NUM_PROCESSES:-1} machines=${NUM_MACHINES:-1} per_machine
+  shift
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || hv_die "NUM_PROCESSES=$n is not a positive integer"
+  [[ "$machines" =~ ^[1-9][0-9]*$ ]] || hv_die "NUM_MACHINES=$machines is not a positive integer"
+  [ $((n % machines)) -eq 0 ] || hv_die "NUM_PROCESSES=$n is not a multiple of NUM_MACHINES=$machines"
+  per_machine=$((n / machines))
+  if [ "$scope" = local ]; then n=$per_machine machines=1; fi
+  if [ "$n" -le 1 ] && [ "$machines" -le 1 ]; then exec hvtune "$@"; fi
+  if [ "${HVTUNE_VENDOR:-cpu}" != cpu ] && [ "${HVTUNE_SKIP_GPU_CHECK:-0}" != 1 ]; then
+    local gpus
+    gpus=$(hv_gpu_count)
+    [ "$gpus" -ge "$per_machine" ] || \
+      hv_die "NUM_PROCESSES=${NUM_PROCESSES:-1} on ${NUM_MACHINES:-1} machine(s) needs $per_machine GPU(s) here but $gpus are visible: lower NUM_PROCESSES or expose more GPUs"
+  fi
+  local launch=(--num_processes "$n" --num_machines "$machines" --multi_gpu --mixed_precision no --dynamo_backend no
+                --main_process_port "${MAIN_PROCESS_PORT:-29500}")
+  if [ "$machines" -gt 1 ]; then
+    [ -n "${MAIN_PROCESS_IP:-}" ] || hv_die "NUM_MACHINES=$machines needs MAIN_PROCESS_IP (the address of machine rank 0)"
+    [[ "${MACHINE_RANK:-}" =~ ^[0-9]+$ ]] && [ "$MACHINE_RANK" -lt "$machines" ] || \
+      hv_die "NUM_MACHINES=$machines needs MACHINE_RANK between 0 and $((machines - 1)) on each machine"
+    launch+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP")
+  fi
+  hv_log "with accelerate launch: $n processes on $machines machine(s)"
+  exec accelerate launch "${launch[@]}" -m hvtune "$@"
+}

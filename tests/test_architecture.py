@@ -39,6 +39,7 @@ STAGES = [
     "cache.layout",
     "cache.manifest",
     "cache.encoders",
+    "cache.shard",
     "cache.report",
     "cache.plan",
     "cache.encode_missing",

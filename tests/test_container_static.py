@@ -118,7 +118,10 @@ def test_entrypoints_are_strict_executable_and_exec_the_final_process():
         assert text.startswith("#!/usr/bin/env bash"), path
         assert "set -euo pipefail" in text, path
         last = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")][-1]
-        assert "exec " in last, f"{path} must exec its final process (SIGTERM reaches training): {last}"
+        # hv_launch (lib.sh) execs hvtune, or accelerate launch when NUM_PROCESSES > 1
+        assert "exec " in last or last.startswith("hv_launch "), f"{path} must exec its final process: {last}"
+    launch = (ROOT / "entrypoints" / "lib.sh").read_text().split("\nhv_launch() {\n")[1].split("\n}\n")[0]
+    assert 'exec hvtune "$@"' in launch and 'exec accelerate launch "${launch[@]}" -m hvtune "$@"' in launch
 
 
 # ------------------------------------------------------------------------------------------------------------- compose

@@ -5,7 +5,8 @@ prompts - and the manifest.
 A build runs in stages: scan the datasets, plan every entry's key (plan.py), encode what the text, VAE and SigLIP
 entries lack (encode_missing.py), drop the samples that failed to decode, then write the report (report.py), the
 roots' indexes and the manifest. What a key holds: keys.py; where entries lie: layout.py and store.py; what each
-entry holds and how it is encoded: encoders.py; what training reads: manifest.py; the rehash: verify.py.
+entry holds and how it is encoded: encoders.py; what training reads: manifest.py; the rehash: verify.py. On N processes
+(`accelerate launch`): shard.py, hooked in at the lines marked `SHARD HOOK`.
 
 Memory. Encoders are loaded one group at a time - the text encoders, then the VAE, then SigLIP - each only when it
 has misses, and freed before the next. Clips are decoded one at a time (one decoded ahead on a helper thread) and
@@ -25,6 +26,7 @@ from hvtune.cache.layout import CacheLayout
 from hvtune.cache.manifest import ManifestSample, source_stats
 from hvtune.cache.plan import Build, EntryPlan, ValidationPlan, missing, plan_captions, plan_keys
 from hvtune.cache.report import CacheSummary, summarize, write_report
+from hvtune.cache.shard import Shard
 from hvtune.cache.store import CacheError, RootIndex, entry_intact, entry_path, remove_temp_files, text_cut
 from hvtune.config.settings import ResolvedConfig
 from hvtune.data.datasets import Issue, ProbeIndex, ScanResult, scan
@@ -35,25 +37,33 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
     """Scan the datasets, encode whatever the caches lack, write the report, indexes and the manifest."""
     started = time.time()
     layout = CacheLayout(resolved)
-    lock = _lock(layout.root)
+    shard = Shard.start(layout.root)  # SHARD HOOK
+    lock = _lock(layout.root) if shard.main else None  # SHARD HOOK: the main process holds the lock for all
     try:
-        build = Build(layout, progress)
+        build = Build(layout, progress, shard)
         report = Path(report_path) if report_path else layout.report_path
-        result = _scan(build, report)
+        with shard.main_first():  # SHARD HOOK: the others read the main process's probe index
+            result = _scan(build, report)
         plans, validation = plan_keys(build, result)
         _open_roots(build, plans)
         captions = plan_captions(build, plans)
+        shard.sync(build, plans)  # SHARD HOOK: every process sees the same misses
         encode_text(build, captions)
+        shard.sync(build, plans)  # SHARD HOOK
         siglip_jobs, siglip_hits = missing(build, plans, "image_key") if build.i2v else ([], 0)
         encode_latents(build, plans, validation, {p.image_key for p in siglip_jobs})
+        shard.sync(build, plans)  # SHARD HOOK: the VAE phase's decode failures, on every process
         if build.i2v:
             encode_siglip(build, siglip_jobs, siglip_hits, validation)
+        shard.sync(build, plans, final=True)  # SHARD HOOK: all finished; failures, written entries, bytes merged
+        batch_size = resolved.train.train_batch_size
+        if not shard.main:  # SHARD HOOK: one process writes the report, the indexes and the manifest
+            return summarize(result, build.stats, batch_size, report, layout.manifest_path, time.time() - started)
         plans = _drop_failed(build, result, plans)
         _report_cut_captions(build, result, plans)
         build.stats.bytes += write_report(result, report)
         _write_indexes(build, captions, plans, validation)
         mpath = _write_manifest(build, result, plans, validation)
-        batch_size = resolved.train.train_batch_size
         summary = summarize(result, build.stats, batch_size, report, mpath, time.time() - started)
         if progress:
             print(summary.format())
@@ -64,7 +74,9 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
         fix = f"free space there or point cache_dir at a bigger disk, then {layout.rerun_hint} (entries already "
         raise CacheError(disk_full_message(layout.root, "the cache", fix + "written are kept)")) from e
     finally:
-        lock.close()
+        if lock is not None:  # SHARD HOOK
+            lock.close()
+        shard.close()  # SHARD HOOK
 
 
 def _lock(root: Path):
@@ -84,10 +96,11 @@ def _scan(build: Build, report: Path) -> ScanResult:
     """The datasets' samples (probing only files the probe index does not know). A dataset with nothing usable stops
     the build here, before any encoder loads, with the report written."""
     probe = ProbeIndex(build.layout.probe_index_path)
-    result = scan(build.resolved, probe_index=probe, progress=build.progress)
-    probe.save()
+    result = scan(build.resolved, probe_index=probe, progress=build.progress and build.shard.main)  # SHARD HOOK
+    if build.shard.main:  # SHARD HOOK: the others read the main process's probe index
+        probe.save()
     if result.empty_datasets():
-        write_report(result, report)  # raises, naming the datasets
+        write_report(result, report, write=build.shard.main)  # raises, naming the datasets; SHARD HOOK: one writes
     return result
 
 
@@ -95,7 +108,8 @@ def _open_roots(build: Build, plans: list[EntryPlan]) -> None:
     """Every root this run writes to: the temp files a killed run left removed, its index read."""
     roots = {build.layout.text_root, build.layout.validation_root, *(build.vae_root(p) for p in plans)}
     for r in roots:
-        remove_temp_files(r)
+        if build.shard.main:  # SHARD HOOK: before any process writes (the sync after the plan)
+            remove_temp_files(r)
     build.indexes = {r: RootIndex(r) for r in roots}
     build.written = {r: {} for r in roots}
 

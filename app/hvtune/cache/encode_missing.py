@@ -32,17 +32,16 @@ def encode_text(build: Build, captions: dict[str, str]) -> None:
     text_misses = [k for k in captions if not entry_intact(entry_path(build.layout.text_root, k))]
     build.stats.hits["text"] = len(captions) - len(text_misses)
     build.stats.misses["text"] = len(text_misses)
+    total, text_misses = len(text_misses), build.shard.share(text_misses, "text", show=build.progress)  # SHARD HOOK
     if not text_misses:
         return
-    from tqdm import tqdm
-
     from hvtune.model.registry import load_text_encoders
 
     device, dtype = device_and_dtype(build.dtype_name)
     encoders = load_text_encoders(build.paths, dtype=dtype)
     for name in ("text_encoder", "text_encoder_2"):
         encoders[name].to(device)
-    for k in tqdm(text_misses, desc="text", unit="caption", disable=not build.progress, dynamic_ncols=True):
+    for k in build.shard.progress(text_misses, total, desc="text", unit="caption", disable=not build.progress):
         tensors = encode_caption(encoders, captions[k], device)
         build.store(build.layout.text_root, k, tensors, {"kind": "text"})
     del encoders
@@ -58,19 +57,19 @@ def encode_latents(
     vae_jobs, build.stats.hits["latent"] = missing(build, plans, "latent_key")
     build.stats.misses["latent"] = len(vae_jobs)
     val_latent_miss = validation is not None and build.validation_missing(validation.latent_key)
+    total = len(vae_jobs)  # SHARD HOOK: this process's share; the validation latent is the main process's
+    vae_jobs = build.shard.share(vae_jobs, "vae", lambda p: p.latent_key, show=build.progress)
+    val_latent_miss = val_latent_miss and build.shard.main
     if not (vae_jobs or val_latent_miss):
         return
-    from tqdm import tqdm
-
     device, dtype = device_and_dtype(build.dtype_name)
     vae = load_vae_for_cache(resolved, build.paths, device, dtype)
-    for p, frames in tqdm(
+    for p, frames in build.shard.progress(  # SHARD HOOK: tqdm with every process's total
         _decoded(vae_jobs, resolved.train.seed, build.failed),
-        total=len(vae_jobs),
+        total=total,
         desc="vae",
         unit="clip",
         disable=not build.progress,
-        dynamic_ncols=True,
     ):
         tensors = {"latents": encode_video_latents(vae, frames, device, dtype)}
         if build.i2v:
@@ -96,15 +95,16 @@ def encode_siglip(build: Build, jobs: list[EntryPlan], hits: int, validation: Va
     build.stats.hits["siglip"] = hits
     build.stats.misses["siglip"] = len(jobs)
     val_image_miss = validation is not None and build.validation_missing(validation.image_key)
+    total = len(jobs)  # SHARD HOOK: this process's share; the validation image is the main process's
+    jobs = build.shard.share(jobs, "siglip", lambda p: p.image_key, show=build.progress)
+    val_image_miss = val_image_miss and build.shard.main
     if jobs or val_image_miss:
-        from tqdm import tqdm
-
         from hvtune.model.registry import load_vision_encoder
 
         device, dtype = device_and_dtype(build.dtype_name)
         vision = load_vision_encoder(build.paths, dtype=dtype)
         vision["image_encoder"].to(device)
-        for p in tqdm(jobs, desc="siglip", unit="clip", disable=not build.progress, dynamic_ncols=True):
+        for p in build.shard.progress(jobs, total, desc="siglip", unit="clip", disable=not build.progress):
             image = _load_pending(build.pending, p.image_key)
             if image is None:
                 try:
@@ -121,7 +121,8 @@ def encode_siglip(build: Build, jobs: list[EntryPlan], hits: int, validation: Va
             )
         del vision
         free_memory()
-    if build.pending.is_dir():
+    build.shard.wait()  # SHARD HOOK: every process is done with the kept first frames; the main one removes them
+    if build.pending.is_dir() and build.shard.main:
         for f in build.pending.iterdir():
             f.unlink(missing_ok=True)
         build.pending.rmdir()

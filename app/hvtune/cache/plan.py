@@ -24,6 +24,7 @@ from hvtune.cache.keys import (
 )
 from hvtune.cache.layout import CacheLayout
 from hvtune.cache.report import BuildCounts
+from hvtune.cache.shard import Shard
 from hvtune.cache.store import CacheError, RootIndex, entry_intact, entry_path, write_entry
 from hvtune.config.settings import ResolvedConfig
 from hvtune.data.datasets import Issue, Sample, ScanResult
@@ -61,10 +62,11 @@ class Build:
     options, the roots it writes and their indexes, the counts, the samples that failed to decode, and the
     (bytes, sha256) of every entry it wrote (so the indexes need not rehash them)."""
 
-    def __init__(self, layout: CacheLayout, progress: bool):
+    def __init__(self, layout: CacheLayout, progress: bool, shard: Shard):
         from hvtune.model.registry import resolve_model
 
         resolved = layout.resolved
+        self.shard = shard  # SHARD HOOK: this process's place among the cache processes
         self.layout = layout
         self.resolved = resolved
         self.progress = progress

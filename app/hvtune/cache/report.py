@@ -72,11 +72,11 @@ class BuildCounts:
         self.bytes = 0
 
 
-def write_report(result: ScanResult, report: Path) -> int:
+def write_report(result: ScanResult, report: Path, *, write: bool = True) -> int:
     """`cache_report.jsonl`: every skipped or converted sample and why; the bytes written. Raises when a dataset has
-    nothing usable."""
+    nothing usable (also when `write` is false: a sharded build's other processes, whose main process writes it)."""
     lines = "".join(json.dumps(i.to_json(), ensure_ascii=False) + "\n" for i in result.issues)
-    nbytes = write_text_atomic(report, lines)
+    nbytes = write_text_atomic(report, lines) if write else 0  # SHARD HOOK
     if result.empty_datasets():
         raise _empty_error(result, report)
     return nbytes

@@ -1,0 +1,250 @@
+"""Issue 17: `hvtune cache` on N processes builds the same cache as one process, and survives a killed process.
+
+Real processes: two of them under `accelerate launch` (gloo on this CPU), through the container's `cache` entrypoint
+(NUM_PROCESSES=2) and through `accelerate launch -m hvtune cache` as a user outside a container runs it. Every build
+here runs one torch thread per process (torchrun's default for each launched process): on a CPU the VAE's float sums
+depend on the thread count, so a 2-thread process and a 1-thread process encode different bits whatever the split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_hvtune
+from hvtune.cache.shard import Shard
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+TRAIN = ["--max_train_steps=4", "--validation_disable=true", "--checkpointing_steps=2"]
+
+
+# ------------------------------------------------------------------------------------------------------- the split
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_each_missing_entry_has_exactly_one_process_balanced_and_the_same_for_the_same_misses(tmp_path, world):
+    keys = [f"{i:03d}{'abcdef'[i % 6]}" for i in range(50)]
+    shares = [Shard(tmp_path, rank, world).share(keys, "text") for rank in range(world)]
+    assert sorted(k for share in shares for k in share) == sorted(keys)  # every entry once
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    for share in shares:
+        assert share == [k for k in keys if k in share]  # in the phase's own order
+    # the owner depends on the keys, not on the order the phase met them in
+    assert [set(Shard(tmp_path, rank, world).share(keys[::-1], "text")) for rank in range(world)] == list(
+        map(set, shares)
+    )
+    assert Shard(tmp_path).share(keys, "text") == keys  # one process: all of it
+
+
+# --------------------------------------------------------------------------------------------------- the processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        **CACHE_ENV,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT / "app"),
+        **extra,
+    }
+
+
+def _launch(config: Path) -> list[str]:
+    """`accelerate launch` with 2 processes, as a user outside a container runs a sharded cache."""
+    return [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--multi_gpu",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={_free_port()}",
+        "-m",
+        "hvtune",
+        "cache",
+        "--config",
+        str(config),
+    ]
+
+
+def _entrypoint_cache(config: Path, data_root: Path) -> subprocess.CompletedProcess:
+    """The container's `cache` service with NUM_PROCESSES=2."""
+    data_root.mkdir(exist_ok=True)
+    (data_root / "datasets").symlink_to(config.parent.parent / "datasets" / "clips")
+    env = _env(
+        HVTUNE_DATA_ROOT=str(data_root),
+        HVTUNE_CONFIG=str(config),
+        HVTUNE_SKIP_FETCH="1",
+        NUM_PROCESSES="2",
+        MAIN_PROCESS_PORT=str(_free_port()),
+    )
+    return subprocess.run(["bash", str(ROOT / "entrypoints" / "cache")], capture_output=True, text=True, env=env)
+
+
+def _one_process_cache(config: Path) -> subprocess.CompletedProcess:
+    return run_hvtune("cache", "--config", str(config), env=CACHE_ENV)
+
+
+def _files(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache but the other libraries' log (timestamps)."""
+    return {
+        p.relative_to(cache).as_posix(): p.read_bytes()
+        for p in sorted(cache.rglob("*"))
+        if p.is_file() and p.name != "libraries.log"
+    }
+
+
+def _counts(stdout: str) -> dict[str, tuple[int, int]]:
+    """The summary's `name  hits hit  misses encoded` lines."""
+    return {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^  (\w+)\s+(\d+) hit\s+(\d+) encoded$", stdout, re.M)}
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_t2v_cache_of_one_byte_for_byte_and_train_identically(tmp_path):
+    from hvtune.testing.demo import write_demo_project
+
+    config = write_demo_project(tmp_path / "demo", task="t2v", steps=4)
+    cache = tmp_path / "demo" / "cache"
+
+    sharded = _entrypoint_cache(config, tmp_path / "data")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "with accelerate launch: 2 processes on 1 machine(s)" in sharded.stderr
+    assert _counts(sharded.stdout) == {"text": (0, 10), "latent": (0, 8)}  # the totals of both processes
+    assert "vae: 100%" in sharded.stderr and "8/8" in sharded.stderr  # the main process's bar counts both
+    assert not (cache / ".shard_progress").exists()
+    r = run_hvtune("train", "--config", str(config), f"--output_dir={tmp_path / 'run-2'}", *TRAIN)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cache.rename(tmp_path / "cache-2")
+
+    single = _one_process_cache(config)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert _counts(single.stdout) == _counts(sharded.stdout)
+    r = run_hvtune("train", "--config", str(config), f"--output_dir={tmp_path / 'run-1'}", *TRAIN)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    one, two = _files(cache), _files(tmp_path / "cache-2")
+    assert sorted(one) == sorted(two)
+    assert [name for name in one if one[name] != two[name]] == []
+    assert {"manifest.json", "cache_report.jsonl", "text/index.json"} <= set(one)
+    c = run_hvtune("compare", str(tmp_path / "run-1"), str(tmp_path / "run-2"), cwd=tmp_path)
+    assert c.returncode == 0 and "verdict: IDENTICAL" in c.stdout, c.stdout + c.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_i2v_cache_of_one_byte_for_byte(tmp_path):
+    from hvtune.testing.demo import write_demo_project
+
+    config = write_demo_project(tmp_path / "demo", task="i2v", clips=4, steps=4)
+    cache = tmp_path / "demo" / "cache"
+    sharded = subprocess.run(_launch(config), capture_output=True, text=True, env=_env())
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert _counts(sharded.stdout) == {"text": (0, 6), "latent": (0, 4), "siglip": (0, 4)}
+    cache.rename(tmp_path / "cache-2")
+    single = _one_process_cache(config)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one, two = _files(cache), _files(tmp_path / "cache-2")
+    assert sorted(one) == sorted(two)
+    assert [name for name in one if one[name] != two[name]] == []
+    assert "validation/index.json" in one  # the i2v validation conditions, written by the main process
+
+
+def _whole_entries(root: Path) -> dict[Path, tuple[int, int]]:
+    """Every whole entry under `root` -> (inode, mtime): an entry written again gets a new inode."""
+    from hvtune.cache.store import entry_intact
+
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*.safetensors") if entry_intact(p)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rerun_processes", [1, 2])
+def test_a_process_killed_mid_phase_leaves_whole_entries_and_a_rerun_encodes_only_the_rest(tmp_path, rerun_processes):
+    from hvtune.testing.demo import write_demo_project
+
+    clips = 16
+    config = write_demo_project(tmp_path / "demo", task="t2v", clips=clips, steps=4)
+    cache = tmp_path / "demo" / "cache"
+    vae = cache / "vae" / "synthetic-clips"
+    log = (tmp_path / "killed.log").open("w")  # a file, not a pipe: nobody reads it while the processes run
+    launcher = subprocess.Popen(_launch(config), stdout=log, stderr=subprocess.STDOUT, env=_env())
+    killed = None
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and launcher.poll() is None:
+            if len(list(vae.rglob("*.safetensors"))) >= 3:  # mid-way through the VAE phase
+                killed = _rank_pid(launcher.pid, rank=1)
+                if killed:
+                    os.kill(killed, signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        launcher.wait(timeout=120)
+    finally:
+        log.close()
+        for pid in [*_descendants(launcher.pid), launcher.pid]:  # only when the test itself failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert killed, "rank 1 was not found mid-phase"
+    assert launcher.returncode != 0, (tmp_path / "killed.log").read_text()[-3000:]
+    whole = _whole_entries(cache)
+    whole_latents = len([p for p in whole if vae in p.parents])
+    assert whole_latents < clips, "the kill came after the VAE phase"
+    assert not (cache / "manifest.json").exists()  # nothing pretends the cache is complete
+
+    if rerun_processes == 1:
+        rerun = _one_process_cache(config)
+    else:
+        rerun = subprocess.run(_launch(config), capture_output=True, text=True, env=_env())
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert _counts(rerun.stdout)["latent"] == (whole_latents, clips - whole_latents), rerun.stdout
+    assert _counts(rerun.stdout)["text"][1] == 0  # the text phase had finished before the kill
+    after = _whole_entries(cache)
+    assert {p: after.get(p) for p in whole} == whole, "an entry that was whole was encoded again"
+    verify = run_hvtune("cache", "verify", "--config", str(config))
+    assert verify.returncode == 0 and "every entry intact" in verify.stdout, verify.stdout + verify.stderr
+    assert not list(cache.rglob("*.tmp")) and not (cache / ".shard_progress").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each worker in a session of its own, so not by session)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if proc.name.isdigit():
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the launched process with RANK=`rank`."""
+    for pid in _descendants(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None
