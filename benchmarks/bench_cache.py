@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_cache_project
+
 HERE = Path(__file__).resolve().parent
 APP = HERE.parent / "app"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,31 +55,6 @@ def _encodable(model: Path) -> Path:
     shutil.rmtree(model / "vae")
     AutoencoderKLHunyuanVideo15(**kwargs).eval().save_pretrained(model / "vae")
     return model
-
-
-def _project(root: Path, model: Path, clips: Path, cache: Path) -> Path:
-    backends = [
-        {
-            "id": "clips",
-            "type": "local",
-            "dataset_type": "video",
-            "instance_data_dir": str(clips),
-            "caption_strategy": "instanceprompt",
-            "instance_prompt": "a shape moving over a background",
-            "resolution": 80,
-            "video": {"num_frames": 9},
-        },
-        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
-    ]
-    (root / "mdb.json").write_text(json.dumps(backends))
-    config = {
-        "pretrained_model_name_or_path": str(model),
-        "model_flavour": "t2v-480p",
-        "cache_dir": str(cache),
-        "data_backend_config": str(root / "mdb.json"),
-    }
-    (root / "config.json").write_text(json.dumps(config))
-    return root / "config.json"
 
 
 # --------------------------------------------------------------------------------------------------------- child
@@ -160,7 +137,12 @@ def bench_build(work: Path, model: Path, small: int, large: int) -> dict:
             os.link(p.with_suffix(".txt"), clips / p.with_suffix(".txt").name)
         root = work / f"project_{n}"
         root.mkdir()
-        config = _project(root, model, clips, root / "cache")
+        config = write_cache_project(
+            root,
+            model,
+            clips,
+            dataset={"caption_strategy": "instanceprompt", "instance_prompt": "a shape moving over a background"},
+        )
         runs[n] = _run_child(config)
         runs[n]["config"] = config
     big = runs[large]

@@ -28,33 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_cache_project
+
 HERE = Path(__file__).resolve().parent
 APP = HERE.parent / "app"
 BIN = Path(sys.executable).parent
-
-
-def _project(root: Path, model: Path, clips: Path) -> Path:
-    backends = [
-        {
-            "id": "clips",
-            "type": "local",
-            "dataset_type": "video",
-            "instance_data_dir": str(clips),
-            "caption_strategy": "textfile",
-            "resolution": 80,
-            "video": {"num_frames": 9},
-        },
-        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
-    ]
-    (root / "mdb.json").write_text(json.dumps(backends))
-    config = {
-        "pretrained_model_name_or_path": str(model),
-        "model_flavour": "t2v-480p",
-        "cache_dir": str(root / "cache"),
-        "data_backend_config": str(root / "mdb.json"),
-    }
-    (root / "config.json").write_text(json.dumps(config))
-    return root / "config.json"
 
 
 def _free_port() -> int:
@@ -92,7 +70,7 @@ def bench(work: Path, clips: int, repeats: int) -> dict:
 
     model = write_tiny_model(work / "tiny-t2v", task="t2v", seed=0)
     write_synthetic_dataset(work / "clips", clips=clips, seed=1, size=(128, 80), num_frames=9, fps=24)
-    config = _project(work, model, work / "clips")
+    config = write_cache_project(work, model, work / "clips")
     one, two = [], []
     for _ in range(repeats):
         one.append(_build(config, processes=1, threads=2))

@@ -35,7 +35,6 @@ Writes benchmarks/results/train.json (or --out) and prints a table. `--quick`: t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -57,6 +56,7 @@ from common import (
     step_accelerator,
     subprocess_env,
     trainer_run,
+    write_cache_project,
     write_result,
 )
 
@@ -262,33 +262,6 @@ def measure_imports(top: int = 12) -> dict:
 # -------------------------------------------------------------------------------------------------- 4. cached rerun
 
 
-def _cache_project(root: Path, model: Path, clips: Path) -> Path:
-    backends = [
-        {
-            "id": "clips",
-            "type": "local",
-            "dataset_type": "video",
-            "instance_data_dir": str(clips),
-            "caption_strategy": "textfile",
-            "resolution": 48,
-            "resolution_type": "pixel",  # 64x48 clips train at 64x48 (with alignment 16)
-            "video": {"num_frames": 9, "min_frames": 9},
-        },
-        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
-    ]
-    (root / "mdb.json").write_text(json.dumps(backends))
-    config = {
-        "pretrained_model_name_or_path": str(model),
-        "model_flavour": "t2v-480p",
-        "cache_dir": str(root / "cache"),
-        "output_dir": str(root / "output"),
-        "data_backend_config": str(root / "mdb.json"),
-        "aspect_bucket_alignment": 16,
-    }
-    (root / "config.json").write_text(json.dumps(config))
-    return root / "config.json"
-
-
 def _latents_cached(root: Path) -> int:
     vae = root / "cache" / "vae"
     return sum(1 for _ in vae.rglob("*.safetensors")) if vae.exists() else 0
@@ -301,7 +274,15 @@ def measure_cache(root: Path, model: Path, clips: int, first_limit: float, rerun
     t0 = time.perf_counter()
     write_synthetic_dataset(clips_dir, clips=clips, seed=1, size=(64, 48), num_frames=9, fps=24)
     synth_s = time.perf_counter() - t0
-    config = _cache_project(root, model, clips_dir)
+    config = write_cache_project(
+        root,
+        model,
+        clips_dir,
+        # 64x48 clips train at 64x48 (with alignment 16)
+        dataset={"resolution": 48, "resolution_type": "pixel", "video": {"num_frames": 9, "min_frames": 9}},
+        output_dir=str(root / "output"),
+        aspect_bucket_alignment=16,
+    )
     cmd = hvtune_command("cache", "--config", str(config))
     t0 = time.perf_counter()
     completed = True

@@ -185,3 +185,32 @@ def write_result(out: Path, doc: dict) -> None:
     from hvtune.files import write_json_atomic
 
     write_json_atomic(out, doc, sort_keys=False, default=None)
+
+
+def write_cache_project(
+    root: Path, model: Path, clips: Path, *, cache: Path | None = None, dataset: dict | None = None, **train: Any
+) -> Path:
+    """A tiny one-dataset project for the cache and training benchmarks: `clips` (9-frame video, resolution 80,
+    captions from .txt files unless `dataset` says otherwise) with the text cache default, `model` as t2v-480p,
+    the cache in `cache` (default root/cache); `train` adds config keys. Returns root/config.json."""
+    clip_dataset = {
+        "id": "clips",
+        "type": "local",
+        "dataset_type": "video",
+        "instance_data_dir": str(clips),
+        "caption_strategy": "textfile",
+        "resolution": 80,
+        "video": {"num_frames": 9},
+        **(dataset or {}),
+    }
+    backends = [clip_dataset, {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True}]
+    (root / "mdb.json").write_text(json.dumps(backends))
+    config = {
+        "pretrained_model_name_or_path": str(model),
+        "model_flavour": "t2v-480p",
+        "cache_dir": str(cache or root / "cache"),
+        **train,
+        "data_backend_config": str(root / "mdb.json"),
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    return root / "config.json"
