@@ -50,6 +50,31 @@ def test_blank_lines_in_the_loss_log_are_skipped(tmp_path):
     assert [r["step"] for r in read_loss_log(path)] == [1, 2]
 
 
+def test_a_line_torn_by_a_kill_does_not_block_the_resume_and_is_reported(tmp_path):
+    path = tmp_path / "loss.jsonl"
+    log = LossLog(path)
+    for step in range(1, 6):
+        log.write(step=step, loss=1.0 / step)
+    log.close()
+    with path.open("a") as f:  # killed while writing step 6: half a line, no newline
+        f.write('{"step": 6, "loss": 0.1')
+    said: list[str] = []
+    resumed = LossLog(path, resume_from_step=5, say=said.append)
+    resumed.write(step=6, loss=0.15)
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_loss_log(path)] == [(s, 1.0 / s) for s in range(1, 6)] + [(6, 0.15)]
+    assert len(said) == 1 and "line 6" in said[0] and str(path) in said[0]
+
+
+def test_a_damaged_line_is_skipped_with_a_notice_naming_it(tmp_path):
+    path = tmp_path / "loss.jsonl"
+    # a full disk can leave a block of NUL bytes; an editor or a foreign tool a row without a loss
+    path.write_bytes(b'{"step": 1, "loss": 0.5}\n\x00\x00\x00\n{"step": 2}\n{"step": 3, "loss": 0.4}\n')
+    said: list[str] = []
+    assert [r["step"] for r in read_loss_log(path, say=said.append)] == [1, 3]
+    assert said == [f"{path}: skipped 2 damaged line(s) (line 2, 3): cut short by a kill or a full disk"]
+
+
 def test_the_config_fingerprint_ignores_key_order_and_sees_every_value():
     config = {"lora_rank": 16, "seed": 42, "nested": {"a": 1, "b": [1, 2]}}
     reordered = {"nested": {"b": [1, 2], "a": 1}, "seed": 42, "lora_rank": 16}

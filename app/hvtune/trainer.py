@@ -232,7 +232,7 @@ def _trainable(cfg, paths, accelerator, out: Path, total_steps: int) -> dict[str
 def _open_loop(run: _Run) -> None:
     """The loss log, the stop flag (SIGTERM, Ctrl-C), the progress bar and what every step passes to the objective."""
     cfg, step = run.cfg, run.state.global_step
-    run.loss_log = LossLog(RunFiles(run.out).loss_log, resume_from_step=step) if run.main else None
+    run.loss_log = LossLog(RunFiles(run.out).loss_log, step, run.accelerator.print) if run.main else None
     run.stop = StopFlag(run.accelerator.print)
     run.bar = TrainProgress(run.total_steps, step, enabled=run.main)
     accelerator = run.accelerator

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -125,14 +126,12 @@ def _driver_version() -> str | None:
 class LossLog:
     """Append-only per-step log (`loss.jsonl`); survives a crash up to the last flushed step."""
 
-    def __init__(self, path: Path, resume_from_step: int = 0):
+    def __init__(self, path: Path, resume_from_step: int = 0, say: Callable[[str], None] = print):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a resumed run keeps the steps before its checkpoint and redoes the rest
-            kept = [
-                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_from_step
-            ]
-            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_loss_log(path, say) if row["step"] <= resume_from_step]
+            write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = path.open("a")
 
     def write(self, **row: Any) -> None:
@@ -143,8 +142,24 @@ class LossLog:
         self._file.close()
 
 
-def read_loss_log(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_loss_log(path: Path, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The rows of a loss log. A line a kill or a full disk cut short cannot be read: it is skipped, and `say` tells
+    which, so a resume or a comparison goes on with every step that was written whole."""
+    rows, damaged = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            int(row["step"]), float(row["loss"])
+        except (ValueError, KeyError, TypeError):
+            damaged.append(number)
+            continue
+        rows.append(row)
+    if damaged:
+        lines = ", ".join(map(str, damaged[:5])) + (" ..." if len(damaged) > 5 else "")
+        say(f"{path}: skipped {len(damaged)} damaged line(s) (line {lines}): cut short by a kill or a full disk")
+    return rows
 
 
 def plot_losses(path: Path, curves: dict[str, list[tuple[int, float]]], title: str) -> None:
