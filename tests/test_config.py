@@ -180,3 +180,13 @@ def test_a_dataset_without_an_id_is_one_problem_naming_the_file_and_entry(projec
     assert [str(p) for p in refused.value.problems if p.key.endswith(".id")] == [
         "config/multidatabackend.json: [0].id = None: required, but missing"
     ]
+
+
+def test_lora_alpha_zero_is_refused_not_trained_as_a_lora_that_learns_nothing(project):
+    # peft scales the LoRA by alpha / rank: at 0 it adds nothing and its gradients are 0
+    cfg = json.loads((project / "config/config.json").read_text())
+    write(project / "config/config.json", {**cfg, "lora_alpha": 0})
+    (msg,) = problems_of("config/config.json")
+    assert "config/config.json: lora_alpha = 0" in msg and "greater than 0" in msg
+    r = load_config("config/config.json", env={}, argv=["--lora_alpha=8"])
+    assert r.train.lora_alpha == 8

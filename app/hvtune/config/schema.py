@@ -96,7 +96,7 @@ class TrainConfig(_Section):
     caption_strategy: CaptionStrategy = "filename"  # each dataset's default, as SimpleTuner
     # LoRA
     lora_rank: int = Field(16, ge=1)
-    lora_alpha: float | None = None
+    lora_alpha: float | None = Field(None, gt=0)  # 0 would scale the LoRA to nothing: nothing would train
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # SimpleTuner 0.1; see simpletuner.KEPT_DEFAULTS
     lora_init_type: Literal["default", "gaussian"] = "default"
     lora_target_modules: list[str] | None = None

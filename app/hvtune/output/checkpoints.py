@@ -151,7 +151,8 @@ ANNOUNCED = (
 def run_identity(config: dict[str, Any], dataset_hash: str | None) -> dict[str, Any]:
     """The settings that decide whether a checkpoint can be continued, from a config dump (`model_dump`)."""
     identity = {k: config.get(k) for k in MUST_MATCH + ANNOUNCED if k != "dataset"}
-    identity["lora_alpha"] = identity["lora_alpha"] or identity["lora_rank"]  # unset alpha means alpha = rank
+    if identity["lora_alpha"] is None:  # unset alpha means alpha = rank
+        identity["lora_alpha"] = identity["lora_rank"]
     identity["dataset"] = dataset_hash
     return identity
 

@@ -27,9 +27,9 @@ LAST_BLOCK_DEAD = ("attn.to_add_out", "attn.add_q_proj", "ff_context.net.0.proj"
 
 
 def lora_alpha(cfg: TrainConfig) -> float:
-    """The LoRA alpha of the exported files: `lora_alpha`, or the rank when it is unset (or 0). peft's LoraConfig
-    gets `lora_config`'s alpha, which differs only for lora_alpha 0 (kept as it was: see there)."""
-    return cfg.lora_alpha or cfg.lora_rank
+    """The LoRA alpha peft trains with and the exported files say: `lora_alpha`, or the rank when it is unset (the
+    config refuses 0)."""
+    return cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
 
 
 def default_target_modules() -> str:
@@ -53,8 +53,7 @@ def lora_config(transformer, cfg: TrainConfig):
     targets = cfg.lora_target_modules or default_target_modules()
     config = LoraConfig(
         r=cfg.lora_rank,
-        # not lora_alpha(cfg): lora_alpha 0 (the config accepts it) trains at alpha 0 here but exports at the rank
-        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
+        lora_alpha=lora_alpha(cfg),
         lora_dropout=cfg.lora_dropout,
         init_lora_weights="gaussian" if cfg.lora_init_type == "gaussian" else True,
         target_modules=targets,
