@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,9 +126,7 @@ class CaptionTokens:
         self._system = None
 
     def __call__(self, caption: str) -> tuple[int, int]:
-        from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
-
-        glyph = extract_glyph_texts(caption)
+        glyph = glyph_text(caption)
         byt5 = 0 if glyph is None else min(len(glyph.encode("utf-8")) + 1, TEXT_2_MAX_LENGTH)
         return self.qwen(caption), byt5
 
@@ -146,6 +145,14 @@ class CaptionTokens:
         )  # fmt: skip
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return max(len(ids) - TEXT_CROP_START, 0)
+
+
+def glyph_text(caption: str) -> str | None:
+    """The text ByT5 reads: the pipeline's `extract_glyph_texts` (diffusers 0.42.1), copied so that a plan without a
+    tokenizer need not import the pipeline (13 s on 2 cores); tests/test_plan_data.py checks they agree."""
+    found = [a or b for a, b in re.findall(r"\"(.*?)\"|“(.*?)”", caption)]
+    found = list(dict.fromkeys(found)) if len(found) > 1 else found
+    return ". ".join(f'Text "{text}"' for text in found) + ". " if found else None
 
 
 def _local_tokenizer(resolved: ResolvedConfig):
