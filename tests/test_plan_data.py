@@ -4,6 +4,7 @@ prediction matches a real tiny build, and without clips it says so and falls bac
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -98,16 +99,21 @@ def i2v_model(tiny_i2v, tmp_path_factory) -> Path:
 
 def test_the_planned_bucket_is_the_largest_the_cache_build_assigns(tmp_path, t2v_model):
     config = write_project(tmp_path, t2v_model)
-    write_clips(tmp_path / "clips")
+    clips = write_clips(tmp_path / "clips")
+    (clips / "empty.mp4").write_bytes(b"")  # files a build skips: the plan's scan skips them too
+    (clips / "noise.mp4").write_bytes(random.Random(0).randbytes(4096))
+    for name in ("empty.txt", "noise.txt"):
+        (clips / name).write_text("x")
     resolved = load_config(config, env={})
 
     shape = shape_for(resolved)
-    build_cache(resolved, progress=False)
+    summary = build_cache(resolved, progress=False)
 
     built = {s.bucket for s in load_manifest(resolved).samples}
     assert len(built) == 3  # the test's premise: several buckets, of two aspects and two lengths
     assert (shape.width, shape.height, shape.frames) == max(built, key=tokens_of) == (32, 48, 9)
-    assert shape.source == f"the largest bucket of 4 clip(s) in {tmp_path / 'clips'}"
+    assert summary.skipped == {"zero_byte": 1, "corrupt": 1}
+    assert shape.source == f"the largest bucket of 4 clip(s) in {clips}, 2 file(s) a build would skip"
     assert not (tmp_path / "cache" / "probe_index.json").read_text().count("not hashed")  # plan wrote nothing
 
 
