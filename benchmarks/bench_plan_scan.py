@@ -48,7 +48,9 @@ def write_noise_clip(path: Path, frames: int, size: tuple[int, int]) -> Path:
         stream.options = {"crf": "20", "preset": "ultrafast"}
         for i in range(frames):
             small = field[i : i + height // 8, i : i + width // 8]
-            frame = np.repeat(np.repeat(small, 8, axis=0), 8, axis=1) | rng.integers(0, 32, (height, width, 3), np.uint8)
+            frame = np.repeat(np.repeat(small, 8, axis=0), 8, axis=1) | rng.integers(
+                0, 32, (height, width, 3), np.uint8
+            )
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode(None))
     return path

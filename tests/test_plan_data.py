@@ -160,6 +160,13 @@ def test_a_built_cache_gives_the_longest_caption_and_stands_in_for_absent_clips(
     assert data.origin == "manifest"
     assert data.largest_bucket == (32, 48, 9)
     assert "cache manifest" in shape_for(unchecked, data=data).source
+    (clips / "c_tall.txt").write_text("an edited caption")  # the cache no longer matches: neither source counts
+
+    outdated = shape_for(unchecked)
+
+    assert outdated.source.startswith("no clips found at")
+    assert outdated.qwen_tokens == CAPTION_TOKENS
+    assert "does not match the config: " in outdated.tokens_source and "c_tall.txt" in outdated.tokens_source
 
 
 @pytest.mark.parametrize("make_folder", [False, True], ids=["missing", "empty"])

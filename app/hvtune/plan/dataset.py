@@ -136,6 +136,10 @@ def data_folders(resolved: ResolvedConfig) -> list[str]:
     return [d.instance_data_dir or "(no instance_data_dir)" for d in media_datasets(resolved)]
 
 
+def _shown(folders: list[str]) -> str:
+    return ", ".join(str(Path(f).expanduser().absolute()) for f in folders)
+
+
 def scan_clips(resolved: ResolvedConfig) -> PlannedData:
     """The samples the cache build's scan makes of the datasets' folders (metadata only, nothing written)."""
     resolved = with_data_dirs_resolved(resolved)
@@ -145,25 +149,34 @@ def scan_clips(resolved: ResolvedConfig) -> PlannedData:
     samples = [
         PlannedSample(s.id, s.dataset, s.kind, s.bucket, tuple(s.captions)) for s in result.samples
     ]  # fmt: skip
-    return PlannedData(samples, "clips", ", ".join(data_folders(resolved)), len(result.skipped))
+    return PlannedData(samples, "clips", _shown(data_folders(resolved)), len(result.skipped))
 
 
-def manifest_samples(resolved: ResolvedConfig) -> PlannedData | None:
-    """The samples of a built cache that still matches the config, or None (no cache, or an outdated one)."""
+def matching_manifest(resolved: ResolvedConfig):
+    """(the built cache's manifest, or None; why not, as the plan prints it). Only a cache that still matches the
+    config counts (`load_manifest`'s checks, less the encoders': a planning machine need not hold them)."""
     from hvtune.cache.manifest import load_manifest
 
     layout = CacheLayout(resolved)
     if not layout.manifest_path.is_file():
-        return None
+        return None, f"no built cache at {layout.root.expanduser().absolute()}"
     try:
-        manifest = load_manifest(resolved, check_encoders=False)
-    except CacheError:
+        return load_manifest(resolved, check_encoders=False), ""
+    except CacheError as e:
+        first = (str(e).splitlines()[1:2] or [str(e)])[0].strip(" -")
+        return None, f"the cache at {layout.root.expanduser().absolute()} does not match the config: {first}"
+
+
+def manifest_samples(resolved: ResolvedConfig) -> PlannedData | None:
+    """The samples of a built cache that still matches the config, or None (no cache, or an outdated one)."""
+    manifest, _ = matching_manifest(resolved)
+    if manifest is None:
         return None
     samples = [
         PlannedSample(s.id, s.dataset, "video" if s.bucket[2] > 1 else "image", s.bucket, tuple(s.captions))
         for s in manifest.samples
     ]
-    return PlannedData(samples, "manifest", str(layout.manifest_path))
+    return PlannedData(samples, "manifest", str(manifest.path))
 
 
 def planned_data(resolved: ResolvedConfig) -> PlannedData:
@@ -175,28 +188,21 @@ def planned_data(resolved: ResolvedConfig) -> PlannedData:
     if cached is not None and cached.samples:
         return cached
     folders = data_folders(with_data_dirs_resolved(resolved))
-    return PlannedData([], "none", ", ".join(folders) or "(no video or image dataset)", clips.skipped)
+    return PlannedData([], "none", _shown(folders) or "(no video or image dataset)", clips.skipped)
 
 
-def cached_caption_tokens(resolved: ResolvedConfig) -> tuple[int, int, str] | None:
+def cached_caption_tokens(resolved: ResolvedConfig) -> tuple[int, int, str]:
     """(longest Qwen tokens, longest ByT5 tokens, where) of the training captions of a built cache that still
-    matches the config, read from its text entries' headers; None without one. The two are maxima over all captions:
-    a batch pads each to its longest."""
+    matches the config, read from its text entries' headers; (0, 0, why not) without one. The two are maxima over
+    all captions: a batch pads each to its longest."""
     from safetensors import safe_open
 
-    from hvtune.cache.manifest import load_manifest
-
-    if not CacheLayout(resolved).manifest_path.is_file():
-        return None
-    try:
-        manifest = load_manifest(resolved, check_encoders=False)
-    except CacheError:
-        return None
+    manifest, why = matching_manifest(resolved)
+    if manifest is None or not manifest.samples:
+        return 0, 0, why or f"the cache at {CacheLayout(resolved).root} holds no samples"
     qwen = byt5 = 0
     for key in {k for s in manifest.samples for k in s.text_keys}:
         with safe_open(manifest.text_path(key), framework="numpy") as f:
             qwen = max(qwen, f.get_slice("prompt_embeds").get_shape()[0])
             byt5 = max(byt5, f.get_slice("prompt_embeds_2").get_shape()[0])
-    if not manifest.samples:
-        return None
     return qwen, byt5, f"the longest text entry of the cache at {manifest.path.parent}"

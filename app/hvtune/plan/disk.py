@@ -276,9 +276,9 @@ def disk_lines(resolved: ResolvedConfig, data: PlannedData, shape: StepShape, di
             f"  cache disk ({dtype}): {gb(one)} per clip at {shape.width}x{shape.height}x{shape.frames}f with one "
             f"caption of {CAPTION_TOKENS} tokens; {gb(need)} per 1,000 clips"
         ]
-    root = CacheLayout(resolved).root
+    root = CacheLayout(resolved).root.expanduser().absolute()
     probe, free = free_space(root)
-    where = f"cache_dir {root}" if probe == root.expanduser().absolute() else f"{probe} (cache_dir {root} is not made)"
+    where = f"cache_dir {root}" if probe == root else f"{probe} (cache_dir {root} is not made yet)"
     verdict = "fits" if free >= need else f"DOES NOT FIT: {gb(need - free)} short"
     lines.append(f"    {where}: {gb(free)} free: {verdict}")
     return lines

@@ -83,11 +83,10 @@ def caption_tokens_for(resolved: ResolvedConfig, caption_tokens: int | None) -> 
     text entry, else CAPTION_TOKENS."""
     if caption_tokens is not None:
         return caption_tokens, 0, f"{caption_tokens} caption tokens as given"
-    cached = cached_caption_tokens(resolved)
-    if cached is not None:
-        qwen, byt5, where = cached
+    qwen, byt5, where = cached_caption_tokens(resolved)
+    if qwen:
         return qwen, byt5, f"{qwen} Qwen + {byt5} ByT5 caption tokens: {where}"
-    return CAPTION_TOKENS, 0, f"{CAPTION_TOKENS} caption tokens assumed (no built cache for this config)"
+    return CAPTION_TOKENS, 0, f"{CAPTION_TOKENS} caption tokens assumed ({where})"
 
 
 def shape_for(
