@@ -97,7 +97,11 @@ def i2v_model(tiny_i2v, tmp_path_factory) -> Path:
     return encodable(tiny_i2v, tmp_path_factory.mktemp("enc"))
 
 
-def test_the_planned_bucket_is_the_largest_the_cache_build_assigns(tmp_path, t2v_model):
+def test_the_planned_bucket_is_the_largest_the_cache_build_assigns(tmp_path, t2v_model, monkeypatch):
+    import hvtune.plan.dataset as dataset
+
+    probed = []
+    monkeypatch.setattr(dataset, "_probe", lambda path, probe=dataset._probe: probed.append(path) or probe(path))
     config = write_project(tmp_path, t2v_model)
     clips = write_clips(tmp_path / "clips")
     (clips / "empty.mp4").write_bytes(b"")  # files a build skips: the plan's scan skips them too
@@ -113,6 +117,7 @@ def test_the_planned_bucket_is_the_largest_the_cache_build_assigns(tmp_path, t2v
     assert len(built) == 3  # the test's premise: several buckets, of two aspects and two lengths
     assert (shape.width, shape.height, shape.frames) == max(built, key=tokens_of) == (32, 48, 9)
     assert summary.skipped == {"zero_byte": 1, "corrupt": 1}
+    assert sorted(probed) == sorted(clips.glob("*.mp4"))  # each file probed once, on the prefetch threads
     assert shape.source == f"the largest bucket of 4 clip(s) in {clips}, 2 file(s) a build would skip"
     assert not (tmp_path / "cache" / "probe_index.json").read_text().count("not hashed")  # plan wrote nothing
 
