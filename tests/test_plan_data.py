@@ -227,4 +227,4 @@ def test_a_cache_that_does_not_fit_says_so(tmp_path, t2v_model, monkeypatch):
     lines = disk_lines(resolved, data, shape_for(resolved, data=data))
 
     assert "for 4 sample(s)" in lines[0] and "counted with the config's tokenizer" in lines[0]
-    assert "DOES NOT FIT" in lines[1]
+    assert "the cache DOES NOT FIT: " in lines[1]

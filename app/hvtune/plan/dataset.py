@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class PlannedData:
     origin: str  # "clips" | "manifest" | "none"
     where: str  # the folders scanned, or the cache read
     skipped: int = 0  # files the scan found but a build would skip
-    notes: list[str] = field(default_factory=list)
 
     @property
     def largest_bucket(self) -> tuple[int, int, int] | None:

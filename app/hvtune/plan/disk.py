@@ -26,7 +26,7 @@ import math
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hvtune.cache.keys import FORMAT, TEXT_2_MAX_LENGTH, TEXT_CROP_START, TEXT_MAX_LENGTH
@@ -151,7 +151,7 @@ class CaptionTokens:
 
 def glyph_text(caption: str) -> str | None:
     """The text ByT5 reads: the pipeline's `extract_glyph_texts` (diffusers 0.42.1), copied so that a plan without a
-    tokenizer need not import the pipeline (13 s on 2 cores); tests/test_plan_data.py checks they agree."""
+    tokenizer need not import the pipeline (seconds: torch, transformers); tests/test_plan_data.py checks they agree."""
     found = [a or b for a, b in re.findall(r"\"(.*?)\"|“(.*?)”", caption)]
     found = list(dict.fromkeys(found)) if len(found) > 1 else found
     return ". ".join(f'Text "{text}"' for text in found) + ". " if found else None
@@ -177,8 +177,7 @@ class CachePrediction:
     parts: dict[str, int]  # text / latent / siglip / validation / files -> bytes
     entries: dict[str, int]  # text / latent / siglip -> entry files
     dtype: str
-    exact_tokens: bool
-    notes: list[str] = field(default_factory=list)
+    exact_tokens: bool  # captions counted with the tokenizer, not estimated
 
     @property
     def total(self) -> int:
@@ -279,6 +278,7 @@ def disk_lines(resolved: ResolvedConfig, data: PlannedData, shape: StepShape, di
     root = CacheLayout(resolved).root.expanduser().absolute()
     probe, free = free_space(root)
     where = f"cache_dir {root}" if probe == root else f"{probe} (cache_dir {root} is not made yet)"
-    verdict = "fits" if free >= need else f"DOES NOT FIT: {gb(need - free)} short"
+    what = "the cache" if data.samples else "1,000 clips"
+    verdict = f"{what} fits" if free >= need else f"{what} DOES NOT FIT: {gb(need - free)} short"
     lines.append(f"    {where}: {gb(free)} free: {verdict}")
     return lines
