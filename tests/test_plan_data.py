@@ -15,7 +15,7 @@ from hvtune.cache.manifest import load_manifest
 from hvtune.config.settings import load_config
 from hvtune.model.architectures import TINY_TRANSFORMER_CONFIG
 from hvtune.plan.dataset import planned_data
-from hvtune.plan.disk import CacheDims, CaptionTokens, disk_lines, glyph_text, predict_cache_bytes
+from hvtune.plan.disk import CacheDims, CaptionTokens, disk_lines, glyph_text, gpu_cache_dtype, predict_cache_bytes
 from hvtune.plan.shapes import CAPTION_TOKENS, largest_bucket, shape_for
 from test_cache import encodable
 
@@ -122,17 +122,26 @@ def test_the_planned_bucket_is_the_largest_the_cache_build_assigns(tmp_path, t2v
     assert not (tmp_path / "cache" / "probe_index.json").read_text().count("not hashed")  # plan wrote nothing
 
 
-@pytest.mark.parametrize("task", ["t2v", "i2v"])
-def test_the_disk_prediction_matches_a_real_tiny_cache_build(tmp_path, task, request):
+@pytest.mark.parametrize(
+    ("task", "dtype"), [("t2v", "float32"), ("i2v", "float32"), ("i2v", "bfloat16")], ids=["t2v", "i2v", "i2v-bf16"]
+)
+def test_the_disk_prediction_matches_a_real_tiny_cache_build(tmp_path, task, dtype, request, monkeypatch):
+    """float32 is what this CPU encodes in; bfloat16 is what a GPU box does (mixed_precision bf16): the build is made
+    to take the GPU's choice, and its encoders really run in bfloat16."""
+    import hvtune.cache.plan
+
     model = request.getfixturevalue(f"{task}_model")
     config = write_project(tmp_path, model, flavour=f"{task}-480p")
     write_clips(tmp_path / "clips")
     resolved = load_config(config, env={})
     tokens = CaptionTokens(resolved)
     assert tokens.exact  # the tiny model's tokenizer is on this machine: counted, not estimated
+    if dtype == "bfloat16":
+        assert gpu_cache_dtype(resolved) == dtype
+        monkeypatch.setattr(hvtune.cache.plan, "encoder_dtype_name", lambda resolved: "bfloat16")
 
-    predicted = predict_cache_bytes(resolved, planned_data(resolved).samples, tiny_dims(model), "float32", tokens)
-    build_cache(resolved, progress=False)  # on this CPU the cache is float32
+    predicted = predict_cache_bytes(resolved, planned_data(resolved).samples, tiny_dims(model), dtype, tokens)
+    build_cache(resolved, progress=False)
 
     actual = files_by_part(tmp_path / "cache")
     # the entries are predicted to the byte; the files beside them (indexes, manifest, probe index) approximately
