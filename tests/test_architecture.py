@@ -64,7 +64,9 @@ STAGES = [
     "output.status",
     "trainer",  # the loop: wires the stages
     "plan.autocast",  # the full-size step on meta tensors (calls the training step)
+    "plan.dataset",
     "plan.shapes",
+    "plan.disk",
     "plan.tracker",
     "plan.simulate",
     "plan.prediction",

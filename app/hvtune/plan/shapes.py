@@ -1,4 +1,8 @@
-"""The training batch `hvtune plan` simulates: its shape as the transformer sees it, from the config's datasets."""
+"""The training batch `hvtune plan` simulates: its shape as the transformer sees it, from the config's datasets.
+
+The bucket is the largest the user's clips give (plan/dataset.py says where those come from); without clips, the
+largest bucket the datasets give the usual aspects. The caption length is the longest text entry of a built cache
+that matches the config; without one, `CAPTION_TOKENS` (or what the caller names)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from dataclasses import dataclass
 
 from hvtune.config.settings import ResolvedConfig
 from hvtune.model.architectures import IMAGE_TOKENS, latent_shape
+from hvtune.plan.dataset import PlannedData, cached_caption_tokens, planned_data
 
 CAPTION_TOKENS = 256  # Qwen tokens per caption assumed when no cache says otherwise (template + a long caption)
 
@@ -21,6 +26,8 @@ class StepShape:
     task: str
     qwen_tokens: int = CAPTION_TOKENS
     byt5_tokens: int = 0
+    source: str = ""  # where the bucket came from, as the plan prints it
+    tokens_source: str = ""  # where the caption length came from
 
     @property
     def latents(self) -> tuple[int, int, int, int]:
@@ -48,8 +55,8 @@ PLANNED_ASPECTS = ((16, 9), (9, 16), (4, 3), (3, 4), (1, 1))
 
 
 def largest_bucket(resolved: ResolvedConfig) -> tuple[int, int, int]:
-    """(W, H, F) of the largest bucket the datasets can produce: the most pixels over the buckets SimpleTuner's rule
-    gives each dataset for clips of the PLANNED_ASPECTS (the data's own aspects are not read), at its longest frame
+    """(W, H, F) of the largest bucket the datasets can produce for clips of the PLANNED_ASPECTS (the fallback when
+    no clips are found): the most pixels over the buckets SimpleTuner's rule gives each dataset, at its longest frame
     count."""
     from hvtune.data.buckets import dataset_bucket_rule, interval_frames, simpletuner_bucket
     from hvtune.data.datasets import media_datasets
@@ -71,13 +78,39 @@ def largest_bucket(resolved: ResolvedConfig) -> tuple[int, int, int]:
     return best[1], best[2], best[3]
 
 
-def shape_for(resolved: ResolvedConfig, caption_tokens: int = CAPTION_TOKENS) -> StepShape:
-    w, h, f = largest_bucket(resolved)
+def caption_tokens_for(resolved: ResolvedConfig, caption_tokens: int | None) -> tuple[int, int, str]:
+    """(Qwen tokens, ByT5 tokens, where from): the caller's number when given, else a matching cache's longest
+    text entry, else CAPTION_TOKENS."""
+    if caption_tokens is not None:
+        return caption_tokens, 0, f"{caption_tokens} caption tokens as given"
+    qwen, byt5, where = cached_caption_tokens(resolved)
+    if qwen:
+        return qwen, byt5, f"{qwen} Qwen + {byt5} ByT5 caption tokens: {where}"
+    return CAPTION_TOKENS, 0, f"{CAPTION_TOKENS} caption tokens assumed ({where})"
+
+
+def shape_for(
+    resolved: ResolvedConfig, caption_tokens: int | None = None, data: PlannedData | None = None
+) -> StepShape:
+    """The largest batch training will meet: the largest bucket of the user's data (`data`, read when not given),
+    with the longest caption (`caption_tokens` when given)."""
+    data = data if data is not None else planned_data(resolved)
+    bucket = data.largest_bucket
+    w, h, f = bucket if bucket is not None else largest_bucket(resolved)
+    qwen, byt5, tokens_source = caption_tokens_for(resolved, caption_tokens)
     return StepShape(
         batch=resolved.train.train_batch_size,
         frames=f,
         width=w,
         height=h,
         task=resolved.task,
-        qwen_tokens=caption_tokens,
+        qwen_tokens=qwen,
+        byt5_tokens=byt5,
+        source=data.describe(),
+        tokens_source=tokens_source,
     )
+
+
+def shape_lines(shape: StepShape) -> list[str]:
+    """What the plan prints under its first line: where the bucket and the caption length came from."""
+    return [f"  bucket {shape.width}x{shape.height}x{shape.frames}f: {shape.source}", f"  {shape.tokens_source}"]
