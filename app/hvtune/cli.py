@@ -35,7 +35,8 @@ LIBRARY_LOGS: dict[str, Callable[[ResolvedConfig], Path]] = {
 def _config(args: argparse.Namespace) -> ResolvedConfig:
     from hvtune.library_logs import route_library_output
 
-    resolved = load_config(args.config, argv=args.overrides)
+    # plan answers before the clips are uploaded: a missing dataset folder is not an error there
+    resolved = load_config(args.config, argv=args.overrides, check_paths=args.command != "plan")
     log = LIBRARY_LOGS.get(args.command)
     route_library_output(log(resolved) if log else None, verbose=args.verbose)
     for notice in resolved.notices:
@@ -233,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("check", cmd_check, "Validate the config and show every resolved value with its source.")
     p = with_config("plan", cmd_plan, "Predict GPU memory, host RAM and s/step: the full-size step on meta tensors.")
     p.add_argument("--gpu", help="a card (RTX 4090, A100 80, H100, ...), a size (24GB) or auto: list what fits")
-    p.add_argument("--caption-tokens", type=int, default=256, help="Qwen tokens per caption (default 256)")
+    p.add_argument(
+        "--caption-tokens", type=int, help="Qwen tokens per caption (default: the longest in a built cache, else 256)"
+    )
     p.add_argument("--verdict", action="store_true", help="one line: does the configured setting fit the card")
     with_config("fetch", cmd_fetch, "Resolve or download every model component the flavour needs.")
     p = with_config("cache", cmd_cache, "Encode text, video latents and i2v conditions once (or verify the cache).")
