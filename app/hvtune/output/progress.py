@@ -54,10 +54,6 @@ class TrainProgress(ProgressLines):
         )  # fmt: skip
         self._loss, self._lr = 0.0, 0.0
 
-    @property
-    def step(self) -> int:
-        return self.done
-
     def update(self, loss: float, lr: float, seconds: float) -> None:
         """One optimiser step done: its loss, learning rate and wall time."""
         self._loss, self._lr = loss, lr
