@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_hvtune
-from hvtune.cache.shard import Shard
+from hvtune.cache.shard import BUILDS_FILE, Shard
 
 ROOT = Path(__file__).resolve().parents[1]
 # a progress line whenever the count moves: even the tiny phases here show their interval lines
@@ -51,6 +51,17 @@ def test_each_missing_entry_has_exactly_one_process_balanced_and_the_same_for_th
         map(set, shares)
     )
     assert Shard(tmp_path).share(keys, "text") == keys  # one process: all of it
+
+
+def test_a_build_records_where_it_encoded_next_to_the_cache(demo_project):
+    """One line per build that encoded: the misses, and this process's device and torch thread count - what the
+    encoders' last bits depend on (docs/REPRODUCIBILITY.md); the keys do not change with them."""
+    import torch
+
+    [build] = _builds(demo_project.parent.parent / "cache")
+    assert build["misses"] == {"text": 10, "latent": 8} and build["torch"] == torch.__version__
+    cpu = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    assert build["processes"] == [{"device": cpu, "threads": torch.get_num_threads()}]  # the fixture's build: here
 
 
 # --------------------------------------------------------------------------------------------------- the processes
@@ -110,12 +121,17 @@ def _one_process_cache(config: Path) -> subprocess.CompletedProcess:
 
 
 def _files(cache: Path) -> dict[str, bytes]:
-    """Every file of a cache but the other libraries' log (timestamps)."""
+    """Every file of a cache but the other libraries' log (timestamps) and `builds.jsonl`, the record of where each
+    build encoded (it names the process count and the time: telling builds apart is its point; `_builds` reads it)."""
     return {
         p.relative_to(cache).as_posix(): p.read_bytes()
         for p in sorted(cache.rglob("*"))
-        if p.is_file() and p.name != "libraries.log"
+        if p.is_file() and p.name not in ("libraries.log", BUILDS_FILE)
     }
+
+
+def _builds(cache: Path) -> list[dict]:
+    return [json.loads(line) for line in (cache / BUILDS_FILE).read_text().splitlines()]
 
 
 def _progress_counts(log: str, phase: str, unit: str, total: int) -> list[int]:
@@ -165,6 +181,16 @@ def test_two_processes_build_the_t2v_cache_of_one_byte_for_byte_and_train_identi
     assert sorted(one) == sorted(two)
     assert [name for name in one if one[name] != two[name]] == []
     assert {"manifest.json", "cache_report.jsonl", "text/index.json"} <= set(one)
+    # where each build encoded: the same misses and dtype; 2 processes of 1 thread vs 1 of 1 thread, on this CPU
+    [sharded_build], [single_build] = _builds(tmp_path / "cache-2"), _builds(cache)
+    assert sharded_build["misses"] == single_build["misses"] == {"text": 10, "latent": 8}
+    assert sharded_build["dtype"] == single_build["dtype"] == "float32"
+    cpu = {"device": single_build["processes"][0]["device"], "threads": 1}
+    assert cpu["device"].startswith("cpu ")
+    assert single_build["processes"] == [cpu] and sharded_build["processes"] == [cpu, cpu]
+    again = _one_process_cache(config)  # every entry a hit: nothing encoded, no line added
+    assert again.returncode == 0 and _counts(again.stdout)["latent"] == (8, 0), again.stderr[-3000:]
+    assert _builds(cache) == [single_build]
     c = run_hvtune("compare", str(tmp_path / "run-1"), str(tmp_path / "run-2"), cwd=tmp_path)
     assert c.returncode == 0 and "verdict: IDENTICAL" in c.stdout, c.stdout + c.stderr
 

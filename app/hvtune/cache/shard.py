@@ -12,22 +12,25 @@ encodes exactly what is missing.
 What one process does for all. The main process holds the cache's lock, probes the files first (the others then read
 its probe index), removes a killed run's temp files, and - after every process has finished and the decode failures
 and written entries of all of them are merged, in the order one process would have met them - writes the report, the
-indexes and the manifest. Progress: the main process alone shows each phase's progress (progress_lines.py: a bar on a
-terminal, else one complete line per interval and a last one) with the total across processes and its ETA (each
-process writes its count to `<cache_dir>/.shard_progress/<phase>.<rank>` at most once a second).
+indexes and the manifest, and records every process's device and thread count in `builds.jsonl` (`record_where`).
+Progress: the main process alone shows each phase's progress (progress_lines.py: a bar on a terminal, else one
+complete line per interval and a last one) with the total across processes and its ETA (each process writes its count
+to `<cache_dir>/.shard_progress/<phase>.<rank>` at most once a second).
 
-One process (no launcher, or WORLD_SIZE 1): every method here is what `build_cache` did before - the same
-progress, no barrier, no accelerate import. Sharding needs every process to see the same cache_dir (one machine, or a
-shared disk).
+One process (no launcher, or WORLD_SIZE 1): every method here is what `build_cache` did before (and the record of
+where it encoded) - the same progress, no barrier, no accelerate import. Sharding needs every process to see the same
+cache_dir (one machine, or a shared disk).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +38,7 @@ from hvtune.files import write_text_atomic
 from hvtune.progress_lines import ProgressLines
 
 T = TypeVar("T")
+BUILDS_FILE = "builds.jsonl"  # in the cache's root: where each build that encoded entries ran (record_where)
 PROGRESS_INTERVAL_S = 1.0  # how often a process writes its count, and the main process redraws its bar
 
 
@@ -153,9 +157,14 @@ class Shard:
         """Barrier between phases. Every process then holds every process's decode failures, in plan order within
         a phase as one process records them (the report lists them in that order); `final`: the main process also
         gets the (bytes, sha256) of every entry the others wrote (its indexes need not rehash them) and the total of
-        bytes written."""
-        if self.world == 1:
-            return
+        bytes written, and records where this build encoded (`record_where`)."""
+        if self.world > 1:
+            self._merge(build, plans, final=final)
+        if final:
+            self.record_where(build)
+        self.wait()
+
+    def _merge(self, build: Any, plans: Sequence[Any], *, final: bool) -> None:
         from accelerate.utils import gather_object
 
         position = {id(p.sample): i for i, p in enumerate(plans)}
@@ -173,4 +182,48 @@ class Shard:
             build.stats.bytes = sum(gather_object([build.stats.bytes]))
             if self.main:
                 shutil.rmtree(self.progress_dir, ignore_errors=True)
-        self.wait()
+
+    # ------------------------------------------------------------------------------------------------ where encoded
+
+    def record_where(self, build: Any) -> None:
+        """One line in `<cache_dir>/builds.jsonl` for a build that encoded entries: when it finished, each phase's
+        misses, the encoders' dtype, torch, and each process's device and torch thread count. Entry keys name what
+        is encoded, never where, so that a cache is reused on any machine; the last bits an encoder writes can
+        depend on where (docs/REPRODUCIBILITY.md), and these lines say where each build ran. A build with nothing
+        to encode adds no line (and imports no torch). Not counted in the bytes written: that is the cache's."""
+        if not any(build.stats.misses.values()):  # the same on every process: all or none gather
+            return
+        import torch
+
+        here = _where_this_process_encodes()
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            processes = gather_object([here])
+        else:
+            processes = [here]
+        if not self.main:
+            return
+        line = {
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "misses": dict(build.stats.misses),
+            "dtype": build.dtype_name,
+            "torch": torch.__version__,
+            "processes": processes,
+        }
+        path = Path(build.layout.root) / BUILDS_FILE
+        before = path.read_text() if path.is_file() else ""
+        write_text_atomic(path, before + json.dumps(line) + "\n")
+
+
+def _where_this_process_encodes() -> dict[str, Any]:
+    """This process's device (a GPU's index and name; on the CPU, the instruction set torch's kernels use) and torch's
+    CPU thread count: what the encoders' last bits can depend on."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        device = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    else:
+        device = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    return {"device": device, "threads": torch.get_num_threads()}
