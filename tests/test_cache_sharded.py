@@ -213,6 +213,41 @@ def test_two_processes_build_the_i2v_cache_of_one_byte_for_byte(tmp_path):
     assert "validation/index.json" in one  # the i2v validation conditions, written by the main process
 
 
+@pytest.mark.slow
+def test_on_a_terminal_the_cache_phases_stay_tqdm_bars(tmp_path):
+    """`hvtune cache` with its stderr on a terminal (a pseudo-terminal here): tqdm bars, not log lines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    from hvtune.testing.demo import write_demo_project
+
+    config = write_demo_project(tmp_path / "demo", task="t2v", clips=2, steps=4)
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns, as a window has
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # the terminal's buffer is small: read while the build writes
+        with contextlib.suppress(OSError):
+            while chunk := os.read(main, 4096):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    cmd = [sys.executable, "-m", "hvtune", "cache", "--config", str(config)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=terminal, env=_env(), timeout=600)
+    os.close(terminal)
+    reader.join(timeout=10)
+    os.close(main)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, shown[-3000:]
+    redrawn = re.search(r"\r(?!\n)", shown)  # a carriage return that is not the terminal's end of line
+    assert redrawn and re.search(r"vae: 100%\|.*\| 2/2", shown), shown[-3000:]
+    assert " s/clip | ETA " not in shown and "done in" not in shown  # no log lines on a terminal
+
+
 def _break_frames(clip: Path, out: Path, caption: str) -> None:
     """A copy of `clip` whose packets from the fifth on are zeros: the scan (which demuxes every packet but decodes
     only the first frame) takes it, the VAE phase's decode fails - as with a clip damaged in the middle."""
