@@ -191,18 +191,19 @@ class Shard:
         is encoded, never where, so that a cache is reused on any machine; the last bits an encoder writes can
         depend on where (docs/REPRODUCIBILITY.md), and these lines say where each build ran. A build with nothing
         to encode adds no line (and imports no torch). Not counted in the bytes written: that is the cache's."""
-        if not any(build.stats.misses.values()):  # the same on every process: all or none gather
+        encoded = any(build.stats.misses.values()) or any(build.written.values())  # the main's: every process's
+        if self.world == 1 and not encoded:
             return
         import torch
 
         here = _where_this_process_encodes()
-        if self.world > 1:
+        if self.world > 1:  # every process gathers (only the main knows what all wrote, e.g. i2v validation entries)
             from accelerate.utils import gather_object
 
             processes = gather_object([here])
         else:
             processes = [here]
-        if not self.main:
+        if not (self.main and encoded):
             return
         line = {
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
