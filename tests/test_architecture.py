@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 STAGES = [
     "files",  # atomic writes: used by every stage that writes
     "errors",  # the error types every stage raises
+    "progress_lines",  # the progress bar or log lines of every long phase (scan, cache, train)
     "run_files",  # the names of a run's files
     "flavours",  # what each flavour and task decides
     "config.simpletuner_keys",  # config: SimpleTuner's keys, the schema, layering, rules

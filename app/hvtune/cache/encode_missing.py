@@ -32,7 +32,8 @@ def encode_text(build: Build, captions: dict[str, str]) -> None:
     text_misses = [k for k in captions if not entry_intact(entry_path(build.layout.text_root, k))]
     build.stats.hits["text"] = len(captions) - len(text_misses)
     build.stats.misses["text"] = len(text_misses)
-    total, text_misses = len(text_misses), build.shard.share(text_misses, "text", show=build.progress)  # SHARD HOOK
+    total = len(text_misses)  # SHARD HOOK: this process's share
+    text_misses = build.shard.share(text_misses, "text", unit="caption", show=build.progress)
     if not text_misses:
         return
     from hvtune.model.registry import load_text_encoders
@@ -58,13 +59,13 @@ def encode_latents(
     build.stats.misses["latent"] = len(vae_jobs)
     val_latent_miss = validation is not None and build.validation_missing(validation.latent_key)
     total = len(vae_jobs)  # SHARD HOOK: this process's share; the validation latent is the main process's
-    vae_jobs = build.shard.share(vae_jobs, "vae", lambda p: p.latent_key, show=build.progress)
+    vae_jobs = build.shard.share(vae_jobs, "vae", lambda p: p.latent_key, unit="clip", show=build.progress)
     val_latent_miss = val_latent_miss and build.shard.main
     if not (vae_jobs or val_latent_miss):
         return
     device, dtype = device_and_dtype(build.dtype_name)
     vae = load_vae_for_cache(resolved, build.paths, device, dtype)
-    for p, frames in build.shard.progress(  # SHARD HOOK: tqdm with every process's total
+    for p, frames in build.shard.progress(  # SHARD HOOK: progress with every process's total
         _decoded(vae_jobs, resolved.train.seed, build.failed),
         total=total,
         desc="vae",
@@ -96,7 +97,7 @@ def encode_siglip(build: Build, jobs: list[EntryPlan], hits: int, validation: Va
     build.stats.misses["siglip"] = len(jobs)
     val_image_miss = validation is not None and build.validation_missing(validation.image_key)
     total = len(jobs)  # SHARD HOOK: this process's share; the validation image is the main process's
-    jobs = build.shard.share(jobs, "siglip", lambda p: p.image_key, show=build.progress)
+    jobs = build.shard.share(jobs, "siglip", lambda p: p.image_key, unit="clip", show=build.progress)
     val_image_miss = val_image_miss and build.shard.main
     if jobs or val_image_miss:
         from hvtune.model.registry import load_vision_encoder

@@ -12,26 +12,33 @@ encodes exactly what is missing.
 What one process does for all. The main process holds the cache's lock, probes the files first (the others then read
 its probe index), removes a killed run's temp files, and - after every process has finished and the decode failures
 and written entries of all of them are merged, in the order one process would have met them - writes the report, the
-indexes and the manifest. Progress: the main process prints each phase's bar with the total across processes (each
-process writes its count to `<cache_dir>/.shard_progress/<phase>.<rank>` at most once a second).
+indexes and the manifest, and records every process's device and thread count in `builds.jsonl` (`record_where`).
+Progress: the main process alone shows each phase's progress (progress_lines.py: a bar on a terminal, else one
+complete line per interval and a last one) with the total across processes and its ETA (each process writes its count
+to `<cache_dir>/.shard_progress/<phase>.<rank>` at most once a second).
 
-One process (no launcher, or WORLD_SIZE 1): every method here is what `build_cache` did before - plain tqdm, no
-barrier, no accelerate import. Sharding needs every process to see the same cache_dir (one machine, or a shared disk).
+One process (no launcher, or WORLD_SIZE 1): every method here is what `build_cache` did before (and the record of
+where it encoded) - the same progress, no barrier, no accelerate import. Sharding needs every process to see the same
+cache_dir (one machine, or a shared disk).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hvtune.files import write_text_atomic
+from hvtune.progress_lines import ProgressLines
 
 T = TypeVar("T")
+BUILDS_FILE = "builds.jsonl"  # in the cache's root: where each build that encoded entries ran (record_where)
 PROGRESS_INTERVAL_S = 1.0  # how often a process writes its count, and the main process redraws its bar
 
 
@@ -79,7 +86,9 @@ class Shard:
 
     # ---------------------------------------------------------------------------------------------------- the split
 
-    def share(self, missing: Sequence[T], phase: str, key: Callable[[T], str] = str, show: bool = True) -> list[T]:
+    def share(
+        self, missing: Sequence[T], phase: str, key: Callable[[T], str] = str, *, unit: str = "entry", show: bool = True
+    ) -> list[T]:
         """This process's part of a phase's missing entries (see the module docstring), in their order. A process
         with nothing to do says so at once; the main process then shows the others' progress until they are done."""
         if self.world == 1:
@@ -89,20 +98,21 @@ class Shard:
         if missing and not mine:
             self._count(phase, 0, done=True)
             if self.main:
-                self._show_until_done(None, phase, len(missing), show)
+                bar = ProgressLines(len(missing), label=phase, unit=unit, enabled=show)
+                self._show_until_done(bar, phase)
+                bar.close()
         return [missing[i] for i in mine]
 
     def progress(
         self, items: Iterable[T], total: int | None = None, *, desc: str, unit: str, disable: bool = False
     ) -> Iterator[T]:
-        """tqdm over this process's share; on the main process with the total of every process, and it returns only
+        """Each item of this process's share, while the phase's progress shows (progress_lines.py: a bar on a
+        terminal, else complete lines): on the main process with the total of every process, and it returns only
         when every process is done with the phase."""
-        from tqdm import tqdm
-
+        bar = ProgressLines(total or 0, label=desc, unit=unit, enabled=not disable and self.main)
         if self.world == 1:
-            yield from tqdm(items, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+            yield from bar.each(items)
             return
-        bar = tqdm(total=total, desc=desc, unit=unit, disable=disable or not self.main, dynamic_ncols=True)
         done, last = 0, time.monotonic()
         for item in items:
             yield item
@@ -111,10 +121,10 @@ class Shard:
                 self._count(desc, done, done=False)
                 last = time.monotonic()
                 if self.main:
-                    bar.update(self._read(desc)[0] - bar.n)
+                    bar.update_to(self._read(desc)[0])
         self._count(desc, done, done=True)
         if self.main:
-            self._show_until_done(bar, desc, total or 0, not disable)
+            self._show_until_done(bar, desc)
         bar.close()
 
     def _count(self, phase: str, n: int, *, done: bool) -> None:
@@ -131,22 +141,15 @@ class Shard:
             total, finished = total + int(n), finished + int(done)
         return total, finished
 
-    def _show_until_done(self, bar, phase: str, total: int, show: bool) -> None:
-        """The main process's bar until every process has counted itself done (a process that dies ends the whole
-        launch: accelerate's launcher stops the others)."""
-        from tqdm import tqdm
-
-        own = bar is None
-        if own:
-            bar = tqdm(total=total, desc=phase, disable=not show, dynamic_ncols=True)
+    def _show_until_done(self, bar: ProgressLines, phase: str) -> None:
+        """The main process's progress until every process has counted itself done (a process that dies ends the
+        whole launch: accelerate's launcher stops the others)."""
         while True:
             n, finished = self._read(phase)
-            bar.update(n - bar.n)
+            bar.update_to(n)
             if finished == self.world:
                 break
             time.sleep(PROGRESS_INTERVAL_S / 4)
-        if own:
-            bar.close()
 
     # ------------------------------------------------------------------------------------------------------- merging
 
@@ -154,9 +157,14 @@ class Shard:
         """Barrier between phases. Every process then holds every process's decode failures, in plan order within
         a phase as one process records them (the report lists them in that order); `final`: the main process also
         gets the (bytes, sha256) of every entry the others wrote (its indexes need not rehash them) and the total of
-        bytes written."""
-        if self.world == 1:
-            return
+        bytes written, and records where this build encoded (`record_where`)."""
+        if self.world > 1:
+            self._merge(build, plans, final=final)
+        if final:
+            self.record_where(build)
+        self.wait()
+
+    def _merge(self, build: Any, plans: Sequence[Any], *, final: bool) -> None:
         from accelerate.utils import gather_object
 
         position = {id(p.sample): i for i, p in enumerate(plans)}
@@ -174,4 +182,49 @@ class Shard:
             build.stats.bytes = sum(gather_object([build.stats.bytes]))
             if self.main:
                 shutil.rmtree(self.progress_dir, ignore_errors=True)
-        self.wait()
+
+    # ------------------------------------------------------------------------------------------------ where encoded
+
+    def record_where(self, build: Any) -> None:
+        """One line in `<cache_dir>/builds.jsonl` for a build that encoded entries: when it finished, each phase's
+        misses, the encoders' dtype, torch, and each process's device and torch thread count. Entry keys name what
+        is encoded, never where, so that a cache is reused on any machine; the last bits an encoder writes can
+        depend on where (docs/REPRODUCIBILITY.md), and these lines say where each build ran. A build with nothing
+        to encode adds no line (and imports no torch). Not counted in the bytes written: that is the cache's."""
+        encoded = any(build.stats.misses.values()) or any(build.written.values())  # the main's: every process's
+        if self.world == 1 and not encoded:
+            return
+        import torch
+
+        here = _where_this_process_encodes()
+        if self.world > 1:  # every process gathers (only the main knows what all wrote, e.g. i2v validation entries)
+            from accelerate.utils import gather_object
+
+            processes = gather_object([here])
+        else:
+            processes = [here]
+        if not (self.main and encoded):
+            return
+        line = {
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "misses": dict(build.stats.misses),
+            "dtype": build.dtype_name,
+            "torch": torch.__version__,
+            "processes": processes,
+        }
+        path = Path(build.layout.root) / BUILDS_FILE
+        before = path.read_text() if path.is_file() else ""
+        write_text_atomic(path, before + json.dumps(line) + "\n")
+
+
+def _where_this_process_encodes() -> dict[str, Any]:
+    """This process's device (a GPU's index and name; on the CPU, the instruction set torch's kernels use) and torch's
+    CPU thread count: what the encoders' last bits can depend on."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        device = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    else:
+        device = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+    return {"device": device, "threads": torch.get_num_threads()}

@@ -34,6 +34,7 @@ from hvtune.data.buckets import BucketRule, bucket_frames, dataset_bucket_rule, 
 from hvtune.data.captions import Captions
 from hvtune.data.issues import DatasetError, Issue, notice_issue
 from hvtune.data.probe import ProbeIndex, file_sha256, image_meta, video_info, video_meta
+from hvtune.progress_lines import ProgressLines
 
 CAPTION_EXTENSIONS = {".txt"}
 METADATA_EXTENSIONS = {".json", ".jsonl", ".csv"}
@@ -134,8 +135,6 @@ def _scan_dataset(
     ds: DatasetConfig, resolved: ResolvedConfig, index: ProbeIndex, result: ScanResult, progress: bool
 ) -> None:
     """One dataset's files -> samples and report lines, added to `result`."""
-    from tqdm import tqdm
-
     from hvtune.data.media import MediaError
 
     result.datasets.append(ds.id)
@@ -159,8 +158,8 @@ def _scan_dataset(
     ]
     result.issues += [Issue(ds.id, str(path), "skipped", reason, detail) for path, reason, detail in links]
     result.found[ds.id] += len(links)  # found, skipped: the summary's counts add up
-    bar = tqdm(files, desc=f"scan {ds.id}", unit="file", disable=not progress, dynamic_ncols=True)
-    for path, rel in bar:
+    bar = ProgressLines(len(files), label=f"scan {ds.id}", unit="file", enabled=progress)
+    for path, rel in bar.each(files):
         result.found[ds.id] += 1
         try:
             sample, notice = _sample(ds, path, rel, captions, index, resolution, resolved.train.seed)
@@ -175,7 +174,6 @@ def _scan_dataset(
         result.samples.append(sample)
         if notice is not None:
             result.issues.append(notice)
-    bar.close()
 
 
 def _sample(

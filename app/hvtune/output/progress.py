@@ -6,33 +6,20 @@ HVTUNE_PROGRESS_SECONDS (default 30) and at the last step:
     train:  12% 120/1000 steps | loss 0.0831 | lr 1.00e-04 | 2.41 s/step | ETA 0:35:21 | peak mem 21.4/79.6 GiB
 
 s/step is the mean over the steps since the previous line; memory is the accelerator's peak allocation (CUDA/ROCm),
-or the process's peak resident size on the CPU.
+or the process's peak resident size on the CPU. The terminal-or-lines choice and the line's count, rate and ETA are
+the ones every phase shows (progress_lines.py: the scan and the cache phases too).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
 
-INTERVAL_ENV = "HVTUNE_PROGRESS_SECONDS"
-DEFAULT_INTERVAL = 30.0
+from hvtune.progress_lines import ProgressLines
+
 GIB = 1024**3
-
-
-def _interval() -> float:
-    text = os.environ.get(INTERVAL_ENV, "")
-    try:
-        return max(0.0, float(text)) if text else DEFAULT_INTERVAL
-    except ValueError:
-        return DEFAULT_INTERVAL
-
-
-def format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def peak_memory() -> str:
@@ -47,8 +34,9 @@ def peak_memory() -> str:
     return f"peak mem {rss_kib / 1024**2:.1f} GiB RSS"
 
 
-class TrainProgress:
-    """`update()` once per optimiser step; `close()` when the loop ends."""
+class TrainProgress(ProgressLines):
+    """`update()` once per optimiser step; `close()` when the loop ends. s/step is the steps' own time (the loop
+    measures it), and a line is also written at the last step; a run stopped early writes no extra line."""
 
     def __init__(
         self,
@@ -60,55 +48,27 @@ class TrainProgress:
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.total, self.step, self.enabled = total, initial, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.interval = _interval() if interval is None else interval
-        self.clock = clock
-        self.bar = None
-        if enabled and self.stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=self.stream
-            )
-        self._last_time: float | None = None  # when the previous line was written (None: no line yet)
-        self._window_steps, self._window_seconds = 0, 0.0
+        super().__init__(
+            total, label="train", unit="step", initial=initial, enabled=enabled, stream=stream, interval=interval,
+            clock=clock,
+        )  # fmt: skip
+        self._loss, self._lr = 0.0, 0.0
 
     def update(self, loss: float, lr: float, seconds: float) -> None:
         """One optimiser step done: its loss, learning rate and wall time."""
-        self.step += 1
-        if not self.enabled:
-            return
+        self._loss, self._lr = loss, lr
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
-            self.bar.update(1)
-            return
-        self._window_steps += 1
-        self._window_seconds += seconds
-        now = self.clock()
-        due = self._last_time is None or now - self._last_time >= self.interval or self.step >= self.total
-        if due:
-            self._write(loss, lr)
-            self._last_time = now
+        self.advance(1, seconds=seconds)
 
-    def _write(self, loss: float, lr: float) -> None:
-        per_step = self._window_seconds / max(1, self._window_steps)
-        self._window_steps, self._window_seconds = 0, 0.0
-        percent = int(100 * self.step / self.total) if self.total else 100
-        eta = format_duration(per_step * max(0, self.total - self.step))
-        parts = [
-            f"train: {percent:3d}% {self.step}/{self.total} steps",
-            f"loss {loss:.4f}",
-            f"lr {lr:.2e}",
-            f"{per_step:.2f} s/step",
-            f"ETA {eta}",
-            peak_memory(),
-        ]
-        print(" | ".join(parts), file=self.stream, flush=True)
+    def _due(self, now: float) -> bool:
+        return super()._due(now) or self.done >= self.total
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def line_parts(self, rate: str, tail: str) -> list[str]:
+        return [f"loss {self._loss:.4f}", f"lr {self._lr:.2e}", rate, tail, peak_memory()]
+
+    def close(self, *, final_line: bool = False) -> None:
+        super().close(final_line=final_line)
 
 
 def trackers(cfg) -> list[str]:

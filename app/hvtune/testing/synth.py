@@ -109,16 +109,16 @@ def write_synthetic_dataset(
     caption without motion) is written too; stills never change the clips. Returns the media paths in order.
     ``size`` is (width, height) and must be even."""
     from PIL import Image
-    from tqdm import tqdm
 
     from hvtune.data.media import write_video
+    from hvtune.progress_lines import ProgressLines
 
     if size[0] % 2 or size[1] % 2:
         raise ValueError(f"size must be even for h264, got {size[0]}x{size[1]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for index in tqdm(range(clips), desc="synthetic clips", unit="clip"):
+    for index in ProgressLines(clips, label="synthetic clips", unit="clip").each(range(clips)):
         frames, caption = _sample(seed, index, size, num_frames)
         clip = out / f"clip_{index:04d}.mp4"
         write_video(clip, frames, fps)
