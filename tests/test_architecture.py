@@ -67,6 +67,7 @@ STAGES = [
     "plan.shapes",
     "plan.tracker",
     "plan.simulate",
+    "plan.validation",
     "plan.prediction",
     "plan.report",
     "serve.run_folder",  # the run page: reads what a run writes
