@@ -17,7 +17,7 @@ from hvtune.cli import main
 from hvtune.config.settings import TrainConfig
 from hvtune.model.architectures import GPU, GPUS, UnknownArchitecture, find_gpu, transformer_config
 from hvtune.plan.prediction import _plan, simulate
-from hvtune.plan.report import format_plan, how_to_fit, verdict
+from hvtune.plan.report import format_plan, format_sweep, how_to_fit, verdict
 from hvtune.plan.shapes import StepShape
 from hvtune.plan.simulate import build_meta_transformer, compare_with_cpu, prepare_step, run_step, state_tensors
 from hvtune.plan.validation import (
@@ -353,6 +353,8 @@ def test_the_plan_needs_the_larger_of_step_and_validation_and_names_the_validati
     line = verdict(plan, card)
     assert "validation" in line and "vae_enable_tiling=true" in line
     assert verdict(plan, card, [plan]).endswith(f"set vae_enable_tiling=true (predicted {tiled / 2**30:.1f} GB)")
+    table = format_sweep([plan], card)
+    assert "\n  tile " in table and '"vae_enable_tiling": true,' in table
     # enable_model_cpu_offload takes the transformer's weights off the GPU for the decode
     offloaded = _tiny_plan(enable_model_cpu_offload=True)
     weights = offloaded.device_weights + offloaded.memory.lora_weights

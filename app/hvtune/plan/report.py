@@ -142,10 +142,11 @@ def format_sweep(plans: list[Plan], gpu: GPU) -> str:
     lines = [head + ":"]
     for p in plans:
         mark = "fits" if p.run_peak <= gpu.memory_gib * GiB else "tile" if fitting([p], gpu) else "no  "
-        which = (" (validation)" if p.validation_binds else " (step)      ") if validation else ""
+        shown = fitting([p], gpu)[0] if mark == "tile" else p  # a "tile" row shows the tiled setting
+        which = (" (validation)" if shown.validation_binds else " (step)      ") if validation else ""
         lines.append(
-            f"  {mark}  {gib(p.run_peak):>9}{which}  {p.seconds_per_step(gpu):6.1f} s/step  "
-            f"host RAM {gib(p.host_peak):>8}  {format_settings(p)}"
+            f"  {mark}  {gib(shown.run_peak):>9}{which}  {p.seconds_per_step(gpu):6.1f} s/step  "
+            f"host RAM {gib(p.host_peak):>8}  {format_settings(shown)}"
         )
     if fits:
         best = fits[0]
