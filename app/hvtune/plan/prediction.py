@@ -194,16 +194,17 @@ def simulate(cfg: TrainConfig, shape: StepShape, *, autocast_device: str = "cuda
     return _plan(cfg, shape, transformer, memory, model_config, simulate_validation(cfg, shape))
 
 
-def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print) -> list[Plan]:
+def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print, known: Plan | None = None) -> list[Plan]:
     """Every memory setting for `cfg` at `shape`: checkpointing x base precision are simulated (they change what
     the step allocates); group offload (off / block_level / block_level + streams where CUDA) changes only where the
     base weights live, so it is derived from each simulation with `offload_resident`. The validation round is
     simulated once: it runs without gradients (checkpointing changes nothing), and what it keeps resident (base
-    weights, LoRA, optimizer state) is each plan's own."""
+    weights, LoRA, optimizer state) is each plan's own; `known`, the configured setting's plan when it has been
+    simulated already, lends its round."""
     model_config = transformer_config(cfg.model_flavour)
     started = time.perf_counter()
-    validation = simulate_validation(cfg, shape)
-    if validation is not None:
+    validation = known.validation if known is not None else simulate_validation(cfg, shape)
+    if validation is not None and known is None:
         progress(f"  simulated validation {validation.shape.label()} ({time.perf_counter() - started:.0f} s)")
     offloads = [dict(enable_group_offload=False, group_offload_use_stream=False)]
     offloads.append(dict(enable_group_offload=True, group_offload_use_stream=False, group_offload_type="block_level"))

@@ -266,7 +266,7 @@ def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens
     plan = simulate(resolved.train, shape)
     if plan.run_peak <= gpu.memory_gib * GiB:
         return verdict(plan, gpu)
-    return verdict(plan, gpu, sweep(resolved.train, shape, gpu, progress=lambda _: None))
+    return verdict(plan, gpu, sweep(resolved.train, shape, gpu, progress=lambda _: None, known=plan))
 
 
 def plan_report(
