@@ -70,6 +70,7 @@ STAGES = [
     "plan.disk",
     "plan.tracker",
     "plan.simulate",
+    "plan.validation",
     "plan.prediction",
     "plan.report",
     "serve.run_folder",  # the run page: reads what a run writes

@@ -17,9 +17,16 @@ from hvtune.cli import main
 from hvtune.config.settings import TrainConfig
 from hvtune.model.architectures import GPU, GPUS, UnknownArchitecture, find_gpu, transformer_config
 from hvtune.plan.prediction import _plan, simulate
-from hvtune.plan.report import how_to_fit
+from hvtune.plan.report import format_plan, format_sweep, how_to_fit, verdict
 from hvtune.plan.shapes import StepShape
-from hvtune.plan.simulate import build_meta_transformer, compare_with_cpu, prepare_step, run_step
+from hvtune.plan.simulate import build_meta_transformer, compare_with_cpu, prepare_step, run_step, state_tensors
+from hvtune.plan.validation import (
+    build_meta_vae,
+    compare_validation_with_cpu,
+    run_validation,
+    simulate_validation,
+    validation_shape,
+)
 
 SEED_PROJECT = Path(__file__).resolve().parents[1] / "examples" / "seed-project"
 FULL_PARAMS = 8_326_608_160
@@ -164,7 +171,7 @@ SEED_SETTINGS = dict(lora_rank=16, enable_group_offload=True, group_offload_type
 def test_full_size_step_runs_under_plan(flavour, settings):
     task, res = flavour.split("-")
     frames, (width, height) = 61, {"480p": (848, 480), "720p": (1280, 720)}[res]
-    cfg = TrainConfig(model_flavour=flavour, **settings)
+    cfg = TrainConfig(model_flavour=flavour, validation_disable=True, **settings)  # validation: its own tests
     plan = simulate(cfg, StepShape(1, frames, width, height, task))
     video_tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     assert plan.shape.video_tokens == video_tokens
@@ -236,3 +243,134 @@ def test_the_planned_bucket_is_the_largest_the_seed_datasets_give_usual_clips():
     assert largest_bucket(resolved) == (*wide, 61)
     shape = shape_for(resolved)
     assert (shape.width, shape.height, shape.frames) == (*wide, 61)
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+# the tiny validation video: 512 px wide is 32 latents, two VAE tiles (256 px each, 25% overlap: three tiles)
+TINY_VALIDATION = dict(validation_resolution="512x64", validation_num_video_frames=5)
+
+
+@functools.cache
+def _tiny_vae_config() -> dict:
+    from hvtune.testing.tiny_model import build_components
+
+    return dict(build_components("t2v")["vae"].config)
+
+
+def _ratio(predicted: int, measured: int) -> float:
+    return predicted / measured
+
+
+@pytest.mark.parametrize(
+    "task,tiling",
+    [pytest.param("t2v", False, id="t2v"), pytest.param("i2v", True, id="i2v-tiled", marks=pytest.mark.slow)],
+)
+def test_plan_predicts_the_validation_round_of_a_real_cpu_run(task, tiling):
+    """sample_video's forward and the VAE decode (tiling as configured, then the other way), on meta and for real
+    on the CPU, through the trainer's code, measured by the same tracker."""
+    cfg = TrainConfig(vae_enable_tiling=tiling, lora_rank=4, **TINY_VALIDATION)
+    shape = validation_shape(cfg, StepShape(1, 17, 384, 256, task, qwen_tokens=20))
+    assert (shape.width, shape.height, shape.frames, shape.task) == (512, 64, 5, task)
+    predicted, measured = compare_validation_with_cpu(_tiny_config(task), _tiny_vae_config(), cfg, shape)
+    assert predicted.transformer_weights == measured.transformer_weights
+    assert predicted.vae_weights == measured.vae_weights
+    assert abs(_ratio(predicted.forward_peak, measured.forward_peak) - 1) < 0.10
+    # what the forward adds (activations without gradients, latents, conditions) alone, also within 10%
+    assert abs(_ratio(predicted.forward_extra, measured.forward_extra) - 1) < 0.10
+    for tiled in (False, True):
+        assert measured.decode_extra(tiled) > 0.5 * measured.decode_peaks[tiled]  # the decode is most of its peak
+        assert abs(_ratio(predicted.decode_peaks[tiled], measured.decode_peaks[tiled]) - 1) < 0.10
+        assert abs(_ratio(predicted.decode_extra(tiled), measured.decode_extra(tiled)) - 1) < 0.10
+    assert predicted.decode_extra(True) < 0.75 * predicted.decode_extra(False)  # tiled: a third as wide at a time
+
+
+VAE_PARAMS = 1_260_634_115
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["t2v-480p", "i2v-720p"])
+def test_full_size_validation_runs_under_plan(flavour):
+    """The first execution of sample_video and the VAE decode at full size: the trainer's round at the flavour's
+    validation size, on meta."""
+    task, res = flavour.split("-")
+    width, height = {"480p": (848, 480), "720p": (1280, 720)}[res]
+    cfg = TrainConfig(model_flavour=flavour)
+    validation = simulate_validation(cfg, StepShape(1, 61, width, height, task))
+    assert (validation.shape.width, validation.shape.height, validation.shape.frames) == (width, height, 61)
+    assert validation.shape.latents == (32, 16, height // 16, width // 16)
+    assert validation.vae_weights == 4 * VAE_PARAMS  # float32, as load_vae loads it
+    lora = 16 * (2048 + 2048) * TARGETED_PROJECTIONS * 4
+    assert validation.transformer_weights == 2 * FULL_PARAMS + lora
+    assert 0 < validation.forward_extra < 10 * 2**30  # no gradients: a few GB at most
+    untiled, tiled = validation.decode_extra(False), validation.decode_extra(True)
+    # untiled, the decoder's last blocks hold several 128 x 61 x H x W float32 tensors (12.7 GB each at 480p)
+    frame_bytes = 128 * 61 * height * width * 4
+    assert 3 * frame_bytes < untiled < 8 * frame_bytes
+    assert tiled < 0.25 * untiled  # tiling lowers the predicted decode peak
+
+
+@functools.cache
+def _tiny_plan(task: str = "t2v", **settings):
+    """A plan of the tiny architecture: its step and its validation round simulated on meta."""
+    model_config = _tiny_config(task)
+    cfg = TrainConfig(lora_rank=4, **{**TINY_VALIDATION, **settings})
+    shape = StepShape(1, 17, 384, 256, task, qwen_tokens=20)
+    transformer = build_meta_transformer(model_config)
+    memory = run_step(transformer, cfg, shape, device="meta")
+    validation = None
+    if (vshape := validation_shape(cfg, shape)) is not None:
+        sampler = build_meta_transformer(model_config)
+        _, _, optimizer = prepare_step(sampler, cfg, "meta")
+        vae = build_meta_vae(_tiny_vae_config())
+        validation = run_validation(sampler, vae, cfg, vshape, device="meta", state=state_tensors(optimizer))
+    return _plan(cfg, shape, transformer, memory, model_config, validation)
+
+
+def test_validation_off_leaves_the_plan_unchanged():
+    shape = StepShape(1, 61, 848, 480, "t2v")
+    assert validation_shape(TrainConfig(validation_disable=True), shape) is None
+    assert simulate_validation(TrainConfig(validation_disable=True), shape) is None
+    on, off = _tiny_plan(), _tiny_plan(validation_disable=True)
+    assert off.validation is None and off.run_peak == off.gpu_peak and off.host_peak <= on.host_peak
+    assert on.gpu_peak == off.gpu_peak  # the step's own figures are the same either way
+    text = format_plan(off)
+    assert "validation off" in text and "VAE decode" not in text
+    card = GPU("card", off.gpu_peak / 2**30 + 0.01, 100.0, 25.0, ())
+    assert verdict(off, card).startswith(f"predicted peak {off.gpu_peak / 2**30:.1f} GB <=")
+
+
+def test_the_plan_needs_the_larger_of_step_and_validation_and_names_the_validation_knob():
+    plan = _tiny_plan()  # the tiny decode of 512x64x5 outweighs the tiny step
+    assert plan.validation_binds and plan.run_peak == plan.validation_peak() > plan.gpu_peak
+    text = format_plan(plan)
+    assert "512x64x5f" in text and "transformer forward peak" in text and "VAE decode peak" in text
+    assert "tiling off" in text and "vae_enable_tiling=true:" in text
+    # a card between the tiled and the untiled validation: the verdict says to tile
+    tiled, untiled = plan.validation_peak(tiling=True), plan.validation_peak(tiling=False)
+    assert tiled < untiled
+    card = GPU("card", (tiled + untiled) / 2 / 2**30, 100.0, 25.0, ())
+    line = verdict(plan, card)
+    assert "validation" in line and "vae_enable_tiling=true" in line
+    assert verdict(plan, card, [plan]).endswith(f"set vae_enable_tiling=true (predicted {tiled / 2**30:.1f} GB)")
+    table = format_sweep([plan], card)
+    assert "\n  tile " in table and '"vae_enable_tiling": true,' in table
+    # enable_model_cpu_offload takes the transformer's weights off the GPU for the decode
+    offloaded = _tiny_plan(enable_model_cpu_offload=True)
+    weights = offloaded.device_weights + offloaded.memory.lora_weights
+    assert offloaded.validation_decode() == plan.validation_decode() - weights
+
+
+def test_a_validation_that_cannot_fit_says_by_how_much_and_what_moves_it():
+    plan = _tiny_plan()
+    card = GPU("tiny card", (plan.gpu_peak + 2**20) / 2**30, 100.0, 25.0, ())  # the step fits, validation not
+    message = how_to_fit(plan, card)
+    assert message.startswith("does not fit: validation (512x64x5f, the VAE decode) needs")
+    assert "more than the" in message and "validation_disable=true" in message
+
+
+def test_i2v_validation_on_training_samples_plans_the_larger_size():
+    training = StepShape(1, 61, 1280, 720, "i2v")
+    assert validation_shape(TrainConfig(model_flavour="i2v-480p"), training).label() == "848x480x61f"
+    cfg = TrainConfig(model_flavour="i2v-480p", validation_using_datasets=True)
+    assert validation_shape(cfg, training).label() == "1280x720x61f"

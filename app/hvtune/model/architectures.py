@@ -9,7 +9,8 @@ scripts/convert_hunyuan_video1_5_to_diffusers.py (also the class defaults of `Hu
 diffusers 0.42.1): 54 dual-stream blocks, 16 heads x 128 = hidden 2048, mlp_ratio 4, 2 refiner blocks, patch 1x1x1,
 text_embed_dim 3584 (Qwen2.5-VL-7B), text_embed_2_dim 1472 (ByT5-small glyph), image_embed_dim 1152 (SigLIP),
 rope_axes_dim (16, 56, 56), rope_theta 256. The four flavours differ only in `target_size` (640 at 480p, 960 at 720p)
-and `task_type`; the parameter count is the same (8,326,608,160 with `image_embed_dim` 1152).
+and `task_type`; the parameter count is the same (8,326,608,160 with `image_embed_dim` 1152). `VAE_CONFIG` is the
+video VAE's, the same for every flavour.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ TINY_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, num_attention_heads=2, attent
 TINY_TRANSFORMER_CONFIG.update(num_refiner_layers=1, mlp_ratio=2.0, rope_axes_dim=(4, 6, 6), target_size=64)
 TINY_TRANSFORMER_CONFIG.update(text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16)  # the encoders' widths
 LATENT_CHANNELS, VAE_SPATIAL, VAE_TEMPORAL = 32, 16, 4
+# The video VAE (`AutoencoderKLHunyuanVideo15`, 1,260,634,115 parameters, 871,309,571 of them in the decoder):
+# diffusers' convert_hunyuan_video1_5_to_diffusers.py `convert_vae` builds it with the class defaults, which are these
+# (FastVideo's Hunyuan15VAEArchConfig has the same values). Validation loads it in float32 (`registry.load_vae`).
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=LATENT_CHANNELS,
+    block_out_channels=(128, 256, 512, 1024, 1024),
+    layers_per_block=2,
+    spatial_compression_ratio=VAE_SPATIAL,
+    temporal_compression_ratio=VAE_TEMPORAL,
+    downsample_match_channel=True,
+    upsample_match_channel=True,
+    scaling_factor=1.03682,
+)
 # SigLIP tokens per image (the i2v condition): 27 x 27 patches of 14 px at 384 px
 IMAGE_TOKENS = 729
 

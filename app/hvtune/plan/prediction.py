@@ -1,4 +1,6 @@
-"""`hvtune plan`'s prediction: a simulated step plus what meta execution cannot see, and the sweep over memory settings.
+"""`hvtune plan`'s prediction: a simulated step and validation round plus what meta execution cannot see, and the
+sweep over memory settings. What a run needs on the GPU is the larger of the training step's peak and the validation
+round's (`Plan.run_peak`): validation runs between steps, after the step's activations are freed.
 
 What meta execution cannot see is accounted for separately, with the estimate stated in `Plan.allowances`:
 group offload (diffusers' offload hooks copy real weights CPU <-> GPU; the plan computes the resident groups from the
@@ -8,6 +10,7 @@ workspaces, and the 8-bit optimizer's kernel (its state is allocated by bitsandb
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from hvtune.model.architectures import GPU, forward_flops, train_step_flops, tra
 from hvtune.plan.shapes import StepShape
 from hvtune.plan.simulate import StepMemory, build_meta_transformer, run_step
 from hvtune.plan.tracker import tensor_bytes
+from hvtune.plan.validation import ValidationMemory, simulate_validation
 
 GiB = 2**30
 
@@ -64,6 +68,8 @@ class Plan:
     device_weights: int  # base weights resident on the GPU (all of them unless offloaded)
     host_weights: int  # base weights held in host memory by group offload
     train_flops: float
+    validation: ValidationMemory | None = None  # None: validation is off
+    decode_offload: bool = False  # enable_model_cpu_offload: the transformer leaves the GPU for the VAE decode
 
     @property
     def activations(self) -> int:
@@ -74,23 +80,74 @@ class Plan:
         """What torch.cuda.max_memory_allocated should show: tracked peak with the offloaded weights taken out."""
         return self.memory.peak - self.memory.base_weights + self.device_weights
 
-    @property
-    def allowances(self) -> dict[str, int]:
+    @staticmethod
+    def allowances_for(tracked: int) -> dict[str, int]:
         return {
             "CUDA context (outside the allocator)": int(CUDA_CONTEXT_GIB * GiB),
-            f"allocator fragmentation ({FRAGMENTATION:.0%} of the peak)": int(FRAGMENTATION * self.tracked_peak),
+            f"allocator fragmentation ({FRAGMENTATION:.0%} of the peak)": int(FRAGMENTATION * tracked),
             "attention workspace (flash kernel: logsumexp only; measured 0)": 0,
         }
 
     @property
+    def allowances(self) -> dict[str, int]:
+        return self.allowances_for(self.tracked_peak)
+
+    @property
     def gpu_peak(self) -> int:
+        """The training step's peak, allowances included."""
         return self.tracked_peak + sum(self.allowances.values())
+
+    # -- validation: the round's tracked bytes recomposed for this plan's resident base weights
+    @property
+    def validation_resident(self) -> int:
+        """On the GPU when a validation round starts: the base weights resident (all, or offload's groups), the LoRA
+        weights (no gradients: the step set them to None), the optimizer's state and the VAE's weights."""
+        m = self.memory
+        return self.device_weights + m.lora_weights + m.optimizer_state + self.validation.vae_weights
+
+    @property
+    def validation_forward(self) -> int:
+        return self.validation_resident + self.validation.forward_extra
+
+    def validation_decode(self, tiling: bool | None = None, offload: bool | None = None) -> int:
+        """The decode's peak, tiling as configured or as given; with enable_model_cpu_offload (or `offload`) without
+        the transformer's weights, which `sample_video` moves to the CPU first."""
+        away = self.device_weights + self.memory.lora_weights
+        offload = self.decode_offload if offload is None else offload
+        return self.validation_resident - (away if offload else 0) + self.validation.decode_extra(tiling)
+
+    def validation_peak(self, tiling: bool | None = None, offload: bool | None = None) -> int:
+        """The validation round's peak, allowances included (0 with validation off)."""
+        if self.validation is None:
+            return 0
+        tracked = max(self.validation_forward, self.validation_decode(tiling, offload))
+        return tracked + sum(self.allowances_for(tracked).values())
+
+    @property
+    def run_peak(self) -> int:
+        """What the run needs on the GPU: the larger of the training step's peak and the validation round's."""
+        return max(self.gpu_peak, self.validation_peak())
+
+    @property
+    def validation_binds(self) -> bool:
+        return self.validation_peak() > self.gpu_peak
+
+    def tiled(self) -> Plan:
+        """The same plan with vae_enable_tiling on."""
+        validation = dataclasses.replace(self.validation, tiling=True) if self.validation else None
+        return dataclasses.replace(self, settings={**self.settings, "vae_enable_tiling": True}, validation=validation)
 
     @property
     def host_peak(self) -> int:
-        """Loading reads the bf16 weights into host memory before moving them; offload keeps the base there."""
-        load = self.memory.base_params * 2
-        return int(HOST_RUNTIME_GIB * GiB) + max(load, self.host_weights + self.memory.lora_weights)
+        """Loading reads the bf16 weights into host memory before moving them; offload keeps the base there.
+        Validation loads the float32 VAE through host memory, and enable_model_cpu_offload parks the transformer
+        (base + LoRA) there while the VAE decodes."""
+        m = self.memory
+        need = max(m.base_params * 2, self.host_weights + m.lora_weights)
+        if self.validation is not None:
+            need = max(need, self.host_weights + self.validation.vae_weights)
+            need = max(need, m.base_weights + m.lora_weights if self.decode_offload else 0)
+        return int(HOST_RUNTIME_GIB * GiB) + need
 
     def seconds_per_step(self, gpu: GPU, mfu: float = ASSUMED_MFU) -> float:
         compute = self.train_flops / (gpu.bf16_tflops * 1e12 * mfu)
@@ -102,9 +159,17 @@ class Plan:
 
 
 MEMORY_KNOBS = ("gradient_checkpointing", "enable_group_offload", "group_offload_use_stream", "base_model_precision")
+OTHER_SETTINGS = ("lora_rank", "optimizer", "train_batch_size", "vae_enable_tiling", "enable_model_cpu_offload")
 
 
-def _plan(cfg: TrainConfig, shape: StepShape, transformer, memory: StepMemory, model_config: dict) -> Plan:
+def _plan(
+    cfg: TrainConfig,
+    shape: StepShape,
+    transformer,
+    memory: StepMemory,
+    model_config: dict,
+    validation: ValidationMemory | None = None,
+) -> Plan:
     if cfg.enable_group_offload:
         device_weights, host_weights = offload_resident(transformer, cfg)
     else:
@@ -113,23 +178,34 @@ def _plan(cfg: TrainConfig, shape: StepShape, transformer, memory: StepMemory, m
         model_config, shape.video_tokens, shape.qwen_tokens, shape.byt5_tokens, shape.image_tokens, shape.batch
     )
     flops = train_step_flops(fwd, gradient_checkpointing=cfg.gradient_checkpointing)
-    settings = {k: getattr(cfg, k) for k in (*MEMORY_KNOBS, "lora_rank", "optimizer", "train_batch_size")}
-    return Plan(cfg.model_flavour, shape, settings, memory, device_weights, host_weights, flops)
+    settings = {k: getattr(cfg, k) for k in (*MEMORY_KNOBS, *OTHER_SETTINGS)}
+    # render_validation's own rule: model offload for the decode, unless group offload already moves the weights
+    decode_offload = cfg.enable_model_cpu_offload and not cfg.enable_group_offload
+    return Plan(
+        cfg.model_flavour, shape, settings, memory, device_weights, host_weights, flops, validation, decode_offload
+    )
 
 
 def simulate(cfg: TrainConfig, shape: StepShape, *, autocast_device: str = "cuda") -> Plan:
-    """The full-size step for `cfg` at `shape` on the meta device."""
+    """The full-size step for `cfg` at `shape` on the meta device, and its validation round when validation is on."""
     model_config = transformer_config(cfg.model_flavour)
     transformer = build_meta_transformer(model_config)
     memory = run_step(transformer, cfg, shape, device="meta", autocast_device=autocast_device)
-    return _plan(cfg, shape, transformer, memory, model_config)
+    return _plan(cfg, shape, transformer, memory, model_config, simulate_validation(cfg, shape))
 
 
-def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print) -> list[Plan]:
+def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print, known: Plan | None = None) -> list[Plan]:
     """Every memory setting for `cfg` at `shape`: checkpointing x base precision are simulated (they change what
     the step allocates); group offload (off / block_level / block_level + streams where CUDA) changes only where the
-    base weights live, so it is derived from each simulation with `offload_resident`."""
+    base weights live, so it is derived from each simulation with `offload_resident`. The validation round is
+    simulated once: it runs without gradients (checkpointing changes nothing), and what it keeps resident (base
+    weights, LoRA, optimizer state) is each plan's own; `known`, the configured setting's plan when it has been
+    simulated already, lends its round."""
     model_config = transformer_config(cfg.model_flavour)
+    started = time.perf_counter()
+    validation = known.validation if known is not None else simulate_validation(cfg, shape)
+    if validation is not None and known is None:
+        progress(f"  simulated validation {validation.shape.label()} ({time.perf_counter() - started:.0f} s)")
     offloads = [dict(enable_group_offload=False, group_offload_use_stream=False)]
     offloads.append(dict(enable_group_offload=True, group_offload_use_stream=False, group_offload_type="block_level"))
     if gpu.name != "MI300X":  # streams need CUDA (ROCm refuses group_offload_use_stream)
@@ -146,7 +222,10 @@ def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print) -> list[
             transformer = build_meta_transformer(model_config)
             memory = run_step(transformer, variant, shape, device="meta")
             for offload in offloads:
-                plans.append(_plan(variant.model_copy(update=offload), shape, transformer, memory, model_config))
+                variant_plan = _plan(
+                    variant.model_copy(update=offload), shape, transformer, memory, model_config, validation
+                )
+                plans.append(variant_plan)
             progress(
                 f"  simulated checkpointing={'on' if checkpointing else 'off'} base={precision} "
                 f"({time.perf_counter() - started:.0f} s)"

@@ -26,7 +26,11 @@ def format_plan(plan: Plan, gpu: GPU | None = None) -> str:
         f"plan: {plan.flavour}, largest bucket {plan.shape.label()}, {plan.shape.seq_len:,} tokens "
         f"({plan.shape.video_tokens:,} video), LoRA rank {plan.settings['lora_rank']}, {plan.settings['optimizer']}",
         "  settings: " + ", ".join(f"{k}={plan.settings[k]}" for k in MEMORY_KNOBS),
-        f"  predicted peak GPU memory  {gib(plan.gpu_peak)}",
+        f"  predicted peak GPU memory  {gib(plan.run_peak)}" + _which_peak(plan),
+    ]
+    if plan.validation is not None:
+        lines.append(f"  training step               {gib(plan.gpu_peak)}")
+    lines += [
         f"    base weights              {gib(plan.device_weights)}"
         + (f"  (of {gib(m.base_weights)}; the rest offloaded)" if plan.host_weights else "")
         + f"  [{m.base_params:,} parameters]",
@@ -37,14 +41,47 @@ def format_plan(plan: Plan, gpu: GPU | None = None) -> str:
     ]
     for name, value in plan.allowances.items():
         lines.append(f"    + {name:<24} {gib(value)}")
+    lines += format_validation(plan)
     lines.append(f"  predicted host RAM          {gib(plan.host_peak)}")
     if gpu is not None:
         lines.append(
             f"  predicted s/step on {gpu.name}: {plan.seconds_per_step(gpu):.1f} s "
             f"({plan.train_flops / 1e12:,.0f} TFLOP/step at {ASSUMED_MFU:.0%} MFU of {gpu.bf16_tflops:g} TFLOP/s)"
         )
-    lines.append(f"  (simulated in {m.seconds:.1f} s)")
+    validated = f" + validation {plan.validation.seconds:.1f} s" if plan.validation else ""
+    lines.append(f"  (simulated in {m.seconds:.1f} s{validated})")
     return "\n".join(lines)
+
+
+def _which_peak(plan: Plan) -> str:
+    if plan.validation is None:
+        return "  (validation off)"
+    if plan.validation_binds:
+        return f"  (validation; the training step {gib(plan.gpu_peak)})"
+    return f"  (the training step; validation {gib(plan.validation_peak())})"
+
+
+def format_validation(plan: Plan) -> list[str]:
+    """The validation round's part of the plan: its shape, what stays resident, the forward's and the decode's peaks."""
+    v = plan.validation
+    if v is None:
+        return []
+    m, s = plan.memory, v.shape
+    _, f, h, w = s.latents
+    tiling = plan.settings["vae_enable_tiling"]
+    other = f"vae_enable_tiling={json_value(not tiling)}: {gib(plan.validation_decode(not tiling))}"
+    away = "; the transformer moved to the CPU first (enable_model_cpu_offload)" if plan.decode_offload else ""
+    tracked = max(plan.validation_forward, plan.validation_decode())
+    return [
+        f"  validation                  {gib(plan.validation_peak())}  {s.label()} ({f}x{h}x{w} latents, "
+        f"{s.video_tokens:,} tokens), {s.steps} steps x {2 if s.guidance > 1 else 1} forwards, no gradients",
+        f"    resident                  {gib(plan.validation_resident)}  (base {gib(plan.device_weights)} + LoRA "
+        f"{gib(m.lora_weights)} + optimizer state {gib(m.optimizer_state)} + VAE {gib(v.vae_weights)} float32)",
+        f"    transformer forward peak  {gib(plan.validation_forward)}  (+{gib(v.forward_extra)})",
+        f"    VAE decode peak           {gib(plan.validation_decode())}  (tiling {'on' if tiling else 'off'}: "
+        f"+{gib(v.decode_extra())}{away}; {other})",
+        f"    + allowances              {gib(plan.validation_peak() - tracked)}  (CUDA context, fragmentation)",
+    ]
 
 
 def parse_gpu(text: str) -> GPU:
@@ -62,13 +99,27 @@ def parse_gpu(text: str) -> GPU:
 
 
 def settings_keys(plan: Plan) -> dict[str, Any]:
-    """The config.json keys that select the plan's memory setting."""
+    """The config.json keys that select the plan's memory setting (and the VAE tiling validation needs)."""
     keys = {k: plan.settings[k] for k in MEMORY_KNOBS}
     if keys["enable_group_offload"]:
         keys["group_offload_type"] = "block_level"
     else:
         del keys["group_offload_use_stream"]
+    if plan.validation is not None and plan.settings["vae_enable_tiling"]:
+        keys["vae_enable_tiling"] = True
     return keys
+
+
+def fitting(plans: list[Plan], gpu: GPU) -> list[Plan]:
+    """The plans that fit `gpu`, in their order; one whose validation fits only with the VAE tiled is taken tiled."""
+    room = gpu.memory_gib * GiB
+    fits = []
+    for p in plans:
+        if p.run_peak <= room:
+            fits.append(p)
+        elif p.validation is not None and not p.settings["vae_enable_tiling"] and p.tiled().run_peak <= room:
+            fits.append(p.tiled())
+    return fits
 
 
 def format_settings(plan: Plan) -> str:
@@ -77,25 +128,38 @@ def format_settings(plan: Plan) -> str:
     if s["enable_group_offload"]:
         parts.append("group offload" + (" + streams" if s["group_offload_use_stream"] else ""))
     parts.append("int8 base" if s["base_model_precision"] == "int8-torchao" else "bf16 base")
+    if plan.validation is not None and s["vae_enable_tiling"]:
+        parts.append("VAE tiling")
     return ", ".join(parts)
 
 
 def format_sweep(plans: list[Plan], gpu: GPU) -> str:
-    fits = [p for p in plans if p.gpu_peak <= gpu.memory_gib * GiB]
-    lines = [f"memory settings on {gpu.name} ({gpu.memory_gib:g} GB), fastest first:"]
+    fits = fitting(plans, gpu)
+    validation = plans[0].validation is not None if plans else False
+    head = f"memory settings on {gpu.name} ({gpu.memory_gib:g} GB), fastest first"
+    if validation:
+        head += " (peak: the larger of the training step and validation; tile: fits with vae_enable_tiling=true)"
+    lines = [head + ":"]
     for p in plans:
-        mark = "fits" if p in fits else "no  "
+        mark = "fits" if p.run_peak <= gpu.memory_gib * GiB else "tile" if fitting([p], gpu) else "no  "
+        shown = fitting([p], gpu)[0] if mark == "tile" else p  # a "tile" row shows the tiled setting
+        which = (" (validation)" if shown.validation_binds else " (step)      ") if validation else ""
         lines.append(
-            f"  {mark}  {gib(p.gpu_peak):>9}  {p.seconds_per_step(gpu):6.1f} s/step  host RAM {gib(p.host_peak):>8}"
-            f"  {format_settings(p)}"
+            f"  {mark}  {gib(shown.run_peak):>9}{which}  {p.seconds_per_step(gpu):6.1f} s/step  "
+            f"host RAM {gib(p.host_peak):>8}  {format_settings(shown)}"
         )
     if fits:
         best = fits[0]
         lines.append(f"best that fits: {format_settings(best)}; set in config.json:")
         lines += [f'  "{k}": {json_value(v)},' for k, v in settings_keys(best).items()]
     else:
-        lines.append(how_to_fit(min(plans, key=lambda p: p.gpu_peak), gpu))
+        lines.append(how_to_fit(smallest(plans), gpu))
     return "\n".join(lines)
+
+
+def smallest(plans: list[Plan]) -> Plan:
+    """The setting that needs the least GPU memory (its VAE tiled when that is smaller)."""
+    return min([*plans, *(p.tiled() for p in plans if p.validation is not None)], key=lambda p: p.run_peak)
 
 
 def json_value(v) -> str:
@@ -107,6 +171,8 @@ def json_value(v) -> str:
 def how_to_fit(plan: Plan, gpu: GPU) -> str:
     """For the smallest setting that does not fit: by how much, and how far frames, resolution or rank would have to
     go (activations grow about linearly with the tokens; LoRA, its gradients and its state linearly with the rank)."""
+    if plan.validation_binds:
+        return how_to_fit_validation(plan, gpu)
     over = plan.gpu_peak - gpu.memory_gib * GiB
     act = max(plan.activations - plan.memory.lora_grads, 1)
     lora = plan.memory.lora_weights + plan.memory.lora_grads + plan.memory.optimizer_state
@@ -127,18 +193,55 @@ def how_to_fit(plan: Plan, gpu: GPU) -> str:
     )
 
 
+def how_to_fit_validation(plan: Plan, gpu: GPU) -> str:
+    """When validation is what does not fit: by how much, and the validation knobs that move it (VAE tiling, the
+    transformer off the GPU for the decode, fewer validation frames; the decode grows about linearly with them)."""
+    room = gpu.memory_gib * GiB
+    v, s = plan.validation, plan.validation.shape
+    part = "the VAE decode" if plan.validation_decode() >= plan.validation_forward else "the transformer forward"
+    text = (
+        f"does not fit: validation ({s.label()}, {part}) needs {gib(plan.run_peak)}, "
+        f"{gib(plan.run_peak - room)} more than the {gib(room)} of {gpu.name} (the training step needs "
+        f"{gib(plan.gpu_peak)})."
+    )
+    tiling, offload = plan.settings["vae_enable_tiling"], plan.decode_offload
+    can_offload = not offload and not plan.settings["enable_group_offload"]  # the config refuses both offloads
+    fixes = [("", tiling, offload)]
+    fixes += [("vae_enable_tiling=true", True, offload)] if not tiling else []
+    fixes += [("enable_model_cpu_offload=true", tiling, True)] if can_offload else []
+    fixes += (
+        [("vae_enable_tiling=true, enable_model_cpu_offload=true", True, True)] if can_offload and not tiling else []
+    )
+    named = [(keys, plan.validation_peak(t, o), t, o) for keys, t, o in fixes]
+    fit = [f for f in named[1:] if max(f[1], plan.gpu_peak) <= room]
+    if fit:
+        return text + " Set " + "; or ".join(f"{k} (validation {gib(p)})" for k, p, _, _ in fit)
+    keys, peak, t, o = min(named, key=lambda f: f[1])
+    decode = plan.validation_decode(t, o)
+    keep = max(0.0, 1 - (max(peak, plan.gpu_peak) - room) / max(v.decode_extra(t), 1))
+    frames = max(1, int(s.latents[1] * keep - 1) * 4 + 1)
+    fewer = (
+        f"validation_num_video_frames {s.frames} -> {frames}" if keep > 0 and decode > plan.validation_forward else ""
+    )
+    steps = [x for x in (keys, fewer) if x]
+    return text + (" Set " + ", ".join(steps) if steps else "") + "; or validation_disable=true"
+
+
 def verdict(plan: Plan, gpu: GPU, sweep_plans: list[Plan] | None = None) -> str:
-    """One line: does the configured setting fit this card; if not, the fastest setting that does."""
-    line = f"predicted peak {gib(plan.gpu_peak)} {'<=' if plan.gpu_peak <= gpu.memory_gib * GiB else '>'} "
+    """One line: does the configured setting fit this card (training step and validation); if not, the fastest
+    setting that does."""
+    line = f"predicted peak {gib(plan.run_peak)} {'<=' if plan.run_peak <= gpu.memory_gib * GiB else '>'} "
     line += f"{gpu.memory_gib:g} GB on this {gpu.name}"
-    if plan.gpu_peak <= gpu.memory_gib * GiB or not sweep_plans:
+    if plan.run_peak <= gpu.memory_gib * GiB:
         return line
-    fits = [p for p in sweep_plans if p.gpu_peak <= gpu.memory_gib * GiB]
+    if not sweep_plans:
+        return line + ("; " + how_to_fit_validation(plan, gpu) if plan.validation_binds else "")
+    fits = fitting(sweep_plans, gpu)
     if not fits:
-        return line + "; " + how_to_fit(min(sweep_plans, key=lambda p: p.gpu_peak), gpu)
+        return line + "; " + how_to_fit(smallest(sweep_plans), gpu)
     best = fits[0]
     keys = ", ".join(f"{k}={json_value(v)}" for k, v in settings_keys(best).items() if plan.settings.get(k) != v)
-    return line + f": set {keys} (predicted {gib(best.gpu_peak)})"
+    return line + f": set {keys} (predicted {gib(best.run_peak)})"
 
 
 def detected_gpu() -> GPU | None:
@@ -161,9 +264,9 @@ def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens
         return "plan: no GPU visible"
     shape = shape_for(resolved, caption_tokens)
     plan = simulate(resolved.train, shape)
-    if plan.gpu_peak <= gpu.memory_gib * GiB:
+    if plan.run_peak <= gpu.memory_gib * GiB:
         return verdict(plan, gpu)
-    return verdict(plan, gpu, sweep(resolved.train, shape, gpu, progress=lambda _: None))
+    return verdict(plan, gpu, sweep(resolved.train, shape, gpu, progress=lambda _: None, known=plan))
 
 
 def plan_report(

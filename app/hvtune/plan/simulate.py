@@ -91,7 +91,7 @@ def _release_accelerator() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _state_tensors(optimizer) -> list:
+def state_tensors(optimizer) -> list:
     import torch
 
     out = []
@@ -157,7 +157,7 @@ def run_step(
     if autocast is not None and cfg.gradient_checkpointing:
         recompute_under(transformer, autocast)
     tracker = TensorTracker(device, shadows=meta)
-    tracker.adopt([*base, *params, *_state_tensors(optimizer)])
+    tracker.adopt([*base, *params, *state_tensors(optimizer)])
     transformer.train()
     try:
         for i in range(steps):
@@ -168,11 +168,11 @@ def run_step(
                     accelerator, transformer, optimizer, params, batch, step_cfg, epoch=0, index=i, **step_args
                 )
             del loss
-            tracker.adopt(_state_tensors(optimizer))
+            tracker.adopt(state_tensors(optimizer))
     finally:
         _release_accelerator()
     memory.peak = tracker.peak
-    memory.optimizer_state = storage_bytes(_state_tensors(optimizer), device)
+    memory.optimizer_state = storage_bytes(state_tensors(optimizer), device)
     memory.seconds = time.perf_counter() - started
     return memory
 

@@ -12,6 +12,7 @@ CPU "shadow" computed from them (the batch is real CPU data; masks, zeros and ar
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 SHADOW_MAX_ELEMENTS = 1 << 23  # shadow values are computed only for tensors up to 8M elements (inputs, masks)
@@ -67,6 +68,7 @@ class TensorTracker:
 
         self._mode = _Mode()
         self.shadows = WeakTensorKeyDictionary() if shadows else None
+        self.values = True  # compute shadows (off in `without_values`)
 
     # -- accounting
     def adopt(self, tensors) -> None:
@@ -90,6 +92,17 @@ class TensorTracker:
 
     def reset_peak(self) -> None:
         self.peak = self.current
+
+    @contextlib.contextmanager
+    def without_values(self):
+        """A stretch of code that asks no values (a VAE decode: convolutions and a causal mask written row by row, a
+        few hundred thousand ops): no shadows are computed in it, which makes it several times faster. A value asked
+        for in it is still answered when it was known before, else DataDependentOp."""
+        self.values = False
+        try:
+            yield
+        finally:
+            self.values = True
 
     def mark(self, name: str) -> None:
         self.marks[name] = self.current
@@ -134,8 +147,19 @@ class TensorTracker:
             return self._data_dependent_shape(func, args, kwargs)
         out = func(*args, **kwargs)
         self._track_out(out)
-        self._shadow(func, args, kwargs, out)
+        if self.values:
+            self._shadow(func, args, kwargs, out)
+        elif func._schema.is_mutable:
+            self._forget(_written(func, args))
         return out
+
+    def _forget(self, tensors) -> None:
+        """Drop the shadows of meta tensors changed in a way that was not computed: they are stale."""
+        import torch
+
+        for a in tensors:
+            if isinstance(a, torch.Tensor) and a in self.shadows:
+                del self.shadows[a]
 
     def _real(self, x):
         """The real value of `x`: itself for a non-meta tensor, its shadow for a meta tensor, or None."""
@@ -162,12 +186,15 @@ class TensorTracker:
         mutable = func._schema.is_mutable
         if not mutable and not self._all_known(args, kwargs):  # the common case (activations): nothing to do
             return
+        mutated = _written(func, args) if mutable else []
+        unknown = [isinstance(a, torch.Tensor) and a.device.type == "meta" and a not in self.shadows for a in mutated]
+        if unknown and all(unknown):  # writes into unknown values (activations written row by row): they stay
+            return  # unknown, and no shadow can go stale
         flat_out, _ = tree_flatten(out)
         metas_out = [t for t in flat_out if isinstance(t, torch.Tensor) and t.device.type == "meta"]
         if not metas_out:
             return
         flat_in, spec = tree_flatten((args, kwargs))
-        mutated = [a for a, arg in zip(args, func._schema.arguments, strict=False) if _writes(arg)] if mutable else []
         known = all(
             self._real(a) is not None for a in flat_in if isinstance(a, torch.Tensor) and a.device.type == "meta"
         )
@@ -177,9 +204,7 @@ class TensorTracker:
             and all(t.numel() <= SHADOW_MAX_ELEMENTS for t in metas_out)
         )
         if not ok:
-            for a in mutated:  # a meta tensor changed in a way we did not compute: its shadow is stale
-                if isinstance(a, torch.Tensor) and a in self.shadows:
-                    del self.shadows[a]
+            self._forget(mutated)
             return
 
         def to_real(x):
@@ -235,6 +260,11 @@ class TensorTracker:
 def _leaves_meta(kwargs) -> bool:
     device = kwargs.get("device")
     return device is not None and str(device) != "meta"
+
+
+def _written(func, args) -> list:
+    """The positional arguments `func` writes into."""
+    return [a for a, arg in zip(args, func._schema.arguments, strict=False) if _writes(arg)]
 
 
 def _writes(arg) -> bool:
