@@ -219,6 +219,25 @@ def test_the_seed_project_still_plans(tmp_path):
     assert " GB free: " in lines[1] or " MB free: " in lines[1]
 
 
+def test_hvtune_plan_prints_where_its_bucket_came_from_and_the_disk_before_the_clips_are_uploaded(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    project = tmp_path / "seed"
+    shutil.copytree(SEED_CONFIG.parents[1], project)
+    shutil.rmtree(project / "datasets", ignore_errors=True)  # planning before renting: no clips anywhere yet
+    app = str(Path(__file__).resolve().parents[1] / "app")
+    cmd = [sys.executable, "-m", "hvtune", "plan", "--config", "config/config.json", "--validation_disable=true"]
+    out = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env={"PYTHONPATH": app}, timeout=600)
+
+    assert out.returncode == 0, out.stderr
+    assert f"bucket 704x384x61f: no clips found at {project / 'datasets' / 'videos'}" in out.stdout
+    assert "256 caption tokens assumed (no built cache at" in out.stdout
+    assert "cache disk (bfloat16): 2.9 MB per clip at 704x384x61f" in out.stdout
+    assert "(validation off)" in out.stdout and "VAE decode peak" not in out.stdout
+
+
 def test_the_glyph_text_is_the_pipelines():
     from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
 

@@ -8,8 +8,10 @@ from typing import Any
 from hvtune.config.settings import ResolvedConfig
 from hvtune.errors import UserError
 from hvtune.model.architectures import GPU, GPUS, find_gpu
+from hvtune.plan.dataset import planned_data
+from hvtune.plan.disk import disk_lines
 from hvtune.plan.prediction import ASSUMED_MFU, MEMORY_KNOBS, GiB, Plan, configured, simulate, sweep
-from hvtune.plan.shapes import CAPTION_TOKENS, shape_for
+from hvtune.plan.shapes import shape_for, shape_lines
 
 
 class PlanError(UserError):
@@ -25,6 +27,7 @@ def format_plan(plan: Plan, gpu: GPU | None = None) -> str:
     lines = [
         f"plan: {plan.flavour}, largest bucket {plan.shape.label()}, {plan.shape.seq_len:,} tokens "
         f"({plan.shape.video_tokens:,} video), LoRA rank {plan.settings['lora_rank']}, {plan.settings['optimizer']}",
+        *shape_lines(plan.shape),
         "  settings: " + ", ".join(f"{k}={plan.settings[k]}" for k in MEMORY_KNOBS),
         f"  predicted peak GPU memory  {gib(plan.run_peak)}" + _which_peak(plan),
     ]
@@ -257,7 +260,7 @@ def detected_gpu() -> GPU | None:
     return GPU(known.name if known else props.name, round(props.total_memory / GiB, 2), speed, link, ())
 
 
-def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens: int = CAPTION_TOKENS) -> str:
+def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens: int | None = None) -> str:
     """The one line `hvtune check` and the entrypoints print when a GPU is visible (`gpu` defaults to it)."""
     gpu = gpu or detected_gpu()
     if gpu is None:
@@ -270,7 +273,7 @@ def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens
 
 
 def plan_report(
-    resolved: ResolvedConfig, gpu_name: str | None, *, caption_tokens: int = CAPTION_TOKENS, verdict_only: bool = False
+    resolved: ResolvedConfig, gpu_name: str | None, *, caption_tokens: int | None = None, verdict_only: bool = False
 ) -> str:
     """What `hvtune plan` prints: the configured setting's plan, and with a card the sweep (or only the verdict)."""
     gpu = detected_gpu() if gpu_name == "auto" else parse_gpu(gpu_name) if gpu_name else None
@@ -278,7 +281,9 @@ def plan_report(
         return "plan: no GPU visible; name one with --gpu (a card or a size such as 24GB)"
     if verdict_only:
         return gpu_verdict(resolved, gpu, caption_tokens) if gpu else "plan: --verdict needs --gpu"
-    shape = shape_for(resolved, caption_tokens)
+    data = planned_data(resolved)
+    shape = shape_for(resolved, caption_tokens, data)
     plans = sweep(resolved.train, shape, gpu) if gpu is not None else []
     text = format_plan(configured(plans, resolved.train) or simulate(resolved.train, shape), gpu)
+    text += "\n" + "\n".join(disk_lines(resolved, data, shape))
     return text + ("\n" + format_sweep(plans, gpu) if plans else "")
