@@ -88,7 +88,7 @@ def sample_video(
             uncond = predict(negative, model_input, timestep)
             noise_pred = uncond + guidance_scale * (noise_pred - uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-    return _decode(transformer, vae, latents, device, offload_transformer_for_decode)
+    return decode_latents(transformer, vae, latents, device, offload_transformer_for_decode)
 
 
 def _start(transformer, vae, size: tuple[int, int, int], seed: int, image: ImageCondition | None, device, dtype):
@@ -120,7 +120,9 @@ def _start(transformer, vae, size: tuple[int, int, int], seed: int, image: Image
     return latents, cond, mask, image_embeds
 
 
-def _decode(transformer, vae, latents: torch.Tensor, device, offload_transformer_for_decode: bool) -> torch.Tensor:
+def decode_latents(
+    transformer, vae, latents: torch.Tensor, device, offload_transformer_for_decode: bool
+) -> torch.Tensor:
     if offload_transformer_for_decode:  # enable_model_cpu_offload: the decode gets the GPU to itself
         transformer.to("cpu")
     video = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
@@ -128,6 +130,12 @@ def _decode(transformer, vae, latents: torch.Tensor, device, offload_transformer
         transformer.to(device)
     video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, F, H, W)
     return video.permute(1, 0, 2, 3).cpu()
+
+
+def transformer_leaves_for_decode(cfg) -> bool:
+    """enable_model_cpu_offload: the transformer goes to the CPU while the VAE decodes (group offload keeps its
+    weights on the host already)."""
+    return cfg.enable_model_cpu_offload and not cfg.enable_group_offload
 
 
 def validation_due(cfg, step: int, total: int, *, final: bool) -> bool:
@@ -170,7 +178,7 @@ def render_validation(cfg, manifest, model, paths, step: int, device, suffix: st
             seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
             image=image,
             device=device,
-            offload_transformer_for_decode=cfg.enable_model_cpu_offload and not cfg.enable_group_offload,
+            offload_transformer_for_decode=transformer_leaves_for_decode(cfg),
         )
         target = RunFiles(cfg.output_dir).validation(step) / f"validation_{name}{suffix}.mp4"
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -179,8 +179,9 @@ def _plan(
     )
     flops = train_step_flops(fwd, gradient_checkpointing=cfg.gradient_checkpointing)
     settings = {k: getattr(cfg, k) for k in (*MEMORY_KNOBS, *OTHER_SETTINGS)}
-    # render_validation's own rule: model offload for the decode, unless group offload already moves the weights
-    decode_offload = cfg.enable_model_cpu_offload and not cfg.enable_group_offload
+    from hvtune.output.validation import transformer_leaves_for_decode  # render_validation's own rule
+
+    decode_offload = transformer_leaves_for_decode(cfg)
     return Plan(
         cfg.model_flavour, shape, settings, memory, device_weights, host_weights, flops, validation, decode_offload
     )

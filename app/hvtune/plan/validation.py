@@ -213,18 +213,18 @@ def run_validation(
 
 def _sample_or_decode(transformer, vae, shape: ValidationShape, device: str, conditions: tuple | None) -> None:
     """The round as the trainer runs it (`sample_video` with one sampling step; the transformer stays where it is:
-    the plan accounts for enable_model_cpu_offload), or without `conditions` only its decode (`_decode`) of latents
-    of the same shape."""
+    the plan accounts for enable_model_cpu_offload), or without `conditions` only its decode (`decode_latents`) of
+    latents of the same shape."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from hvtune.output.validation import _decode, sample_video
+    from hvtune.output.validation import decode_latents, sample_video
 
     if conditions is None:
         dtype = next(p.dtype for p in transformer.parameters() if p.dtype.is_floating_point)
         latents = torch.zeros((1, *shape.latents), dtype=dtype, device=device)
         with torch.no_grad():
-            _decode(transformer, vae, latents, device, False)
+            decode_latents(transformer, vae, latents, device, False)
         return
     prompt, negative, image = conditions
     sample_video(
