@@ -30,16 +30,19 @@ def entry_path(root: Path, key: str) -> Path:
     return Path(root) / key[:2] / f"{key}.safetensors"
 
 
+def entry_metadata(key: str, meta: dict[str, str]) -> dict[str, str]:
+    """An entry's safetensors metadata: one key holding canonical JSON. safetensors writes several keys in a
+    per-process hash order, and the same entry must be the same bytes whichever process wrote it."""
+    return {"hvtune": json.dumps({"format": FORMAT, "key": key, **meta}, sort_keys=True, ensure_ascii=False)}
+
+
 def write_entry(root: Path, key: str, tensors: dict[str, Any], meta: dict[str, str]) -> tuple[int, str]:
     """Atomic: temp file in the entry's folder, fsync, rename. Returns (bytes, sha256)."""
     from safetensors.torch import save
 
     path = entry_path(root, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # one metadata key holding canonical JSON: safetensors writes several keys in a per-process hash order, and the
-    # same entry must be the same bytes whichever process wrote it
-    info = json.dumps({"format": FORMAT, "key": key, **meta}, sort_keys=True, ensure_ascii=False)
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"hvtune": info})
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=entry_metadata(key, meta))
     return write_bytes_atomic(path, data), hashlib.sha256(data).hexdigest()
 
 

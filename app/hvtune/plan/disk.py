@@ -32,6 +32,7 @@ from pathlib import Path
 from hvtune.cache.keys import FORMAT, TEXT_2_MAX_LENGTH, TEXT_CROP_START, TEXT_MAX_LENGTH
 from hvtune.cache.layout import CacheLayout
 from hvtune.cache.manifest import ManifestSample
+from hvtune.cache.store import entry_metadata
 from hvtune.config.settings import ResolvedConfig
 from hvtune.model.architectures import (
     IMAGE_TOKENS,
@@ -79,8 +80,7 @@ def entry_bytes(tensors: dict[str, tuple[int, ...]], meta: dict[str, str], dtype
     """Bytes of the entry file `write_entry` writes for tensors of these shapes: safetensors' 8-byte length, its JSON
     header (tensors in name order; one metadata key holding the entry's info) padded to 8, and the data."""
     code, size = SAFETENSORS_DTYPES[dtype]
-    info = json.dumps({"format": FORMAT, "key": KEY, **meta}, sort_keys=True, ensure_ascii=False)
-    header: dict = {"__metadata__": {"hvtune": info}}
+    header: dict = {"__metadata__": entry_metadata(KEY, meta)}
     offset = 0
     for name in sorted(tensors):
         end = offset + math.prod(tensors[name]) * size
