@@ -15,8 +15,26 @@ from hvtune.plan.dataset import PlannedData, cached_caption_tokens, planned_data
 CAPTION_TOKENS = 256  # Qwen tokens per caption assumed when no cache says otherwise (template + a long caption)
 
 
+class VideoSize:
+    """What a video's width, height and frames give the transformer: its latent shape and video tokens (for the
+    dataclasses below that hold those three)."""
+
+    width: int
+    height: int
+    frames: int
+
+    @property
+    def latents(self) -> tuple[int, int, int, int]:
+        return latent_shape(self.frames, self.height, self.width)
+
+    @property
+    def video_tokens(self) -> int:
+        _, f, h, w = self.latents
+        return f * h * w
+
+
 @dataclass(frozen=True)
-class StepShape:
+class StepShape(VideoSize):
     """One training batch as the transformer sees it."""
 
     batch: int
@@ -28,15 +46,6 @@ class StepShape:
     byt5_tokens: int = 0
     source: str = ""  # where the bucket came from, as the plan prints it
     tokens_source: str = ""  # where the caption length came from
-
-    @property
-    def latents(self) -> tuple[int, int, int, int]:
-        return latent_shape(self.frames, self.height, self.width)
-
-    @property
-    def video_tokens(self) -> int:
-        _, f, h, w = self.latents
-        return f * h * w
 
     @property
     def image_tokens(self) -> int:

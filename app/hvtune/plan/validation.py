@@ -24,15 +24,15 @@ import time
 from dataclasses import dataclass
 
 from hvtune.config.settings import TrainConfig
-from hvtune.model.architectures import IMAGE_TOKENS, VAE_CONFIG, latent_shape, transformer_config
+from hvtune.model.architectures import IMAGE_TOKENS, VAE_CONFIG, transformer_config
 from hvtune.plan.autocast import MetaAutocast
-from hvtune.plan.shapes import StepShape
+from hvtune.plan.shapes import StepShape, VideoSize
 from hvtune.plan.simulate import build_meta_transformer, prepare_step, state_tensors
 from hvtune.plan.tracker import TensorTracker
 
 
 @dataclass(frozen=True)
-class ValidationShape:
+class ValidationShape(VideoSize):
     """One validation video as the transformer and the VAE see it."""
 
     width: int
@@ -42,15 +42,6 @@ class ValidationShape:
     qwen_tokens: int
     guidance: float  # > 1: classifier-free guidance, two forwards per sampling step
     steps: int  # sampling steps (time only: each allocates the same)
-
-    @property
-    def latents(self) -> tuple[int, int, int, int]:
-        return latent_shape(self.frames, self.height, self.width)
-
-    @property
-    def video_tokens(self) -> int:
-        _, f, h, w = self.latents
-        return f * h * w
 
     def label(self) -> str:
         return f"{self.width}x{self.height}x{self.frames}f"
