@@ -73,7 +73,10 @@ STAGES = [
     "plan.validation",
     "plan.prediction",
     "plan.report",
-    "serve.run_folder",  # the run page: reads what a run writes
+    "serve.failures",  # the run page
+    "serve.auth",
+    "serve.loss_view",
+    "serve.run_folder",  # reads what a run writes
     "serve.server",
     "testing.synth",  # the tiny stand-ins for tests and the demo
     "testing.tiny_model",

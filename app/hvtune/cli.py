@@ -15,7 +15,7 @@ from hvtune.config.settings import ResolvedConfig, load_config
 from hvtune.errors import ConfigError, UserError
 from hvtune.flavours import TASKS
 from hvtune.output.compare import Tolerances
-from hvtune.run_files import RunFiles
+from hvtune.run_files import RunFiles, which_file_line
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -157,6 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"done: {result.global_step} steps; LoRA: {result.lora_path}; record: {RunFiles(result.output_dir).record}"
         )
+        print(which_file_line(RunFiles(result.output_dir)))
     return EXIT_OK
 
 

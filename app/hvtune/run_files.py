@@ -87,3 +87,18 @@ class RunFiles:
             self.lora,
             self.comfyui,
         )
+
+
+def files_for_each_tool(files: RunFiles) -> list[tuple[str, Path]]:
+    """Which of a run's files each tool loads: the end of `train` and the run page's download list both say it from
+    here. ComfyUI applies nothing from the diffusers file (it has no entry for diffusers' names), so it matters."""
+    return [
+        ("ComfyUI", files.comfyui),
+        ("diffusers / peft (load_lora_adapter)", files.lora),
+    ]
+
+
+def which_file_line(files: RunFiles) -> str:
+    """One line for the end of `train`: the file for each tool, and what a checkpoint's LoRA is for."""
+    tools = "; ".join(f"{tool}: {path.name}" for tool, path in files_for_each_tool(files))
+    return f"load {tools} (a checkpoint's lora.safetensors is for resuming: ComfyUI applies nothing from it)"

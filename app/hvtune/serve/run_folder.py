@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 from hvtune.config.settings import mask_secrets
 from hvtune.output.checkpoints import list_checkpoints
 from hvtune.output.status import ENDED, is_stale, process_alive, read_status
-from hvtune.run_files import RunFiles
+from hvtune.run_files import RunFiles, files_for_each_tool
+from hvtune.serve import loss_view
 
 SERVED_SUFFIXES = {".mp4", ".webm", ".png", ".jpg", ".safetensors", ".jsonl"}
 
@@ -77,49 +79,61 @@ class RunFolder:
                 return mask_secrets({"in_progress": True, "resolved": data["record"], **data["record"]})
         return None
 
-    def loss(self, offset: int, inode: int | None) -> dict[str, Any]:
-        """Rows of `logs/loss.jsonl` from byte `offset` on (complete lines only). A resumed run rewrites the file
-        (another inode, maybe shorter): then the reader starts over from 0."""
-        path = self.files.loss_log
-        try:
-            with path.open("rb") as f:
-                stat = os.fstat(f.fileno())
-                reset = inode is not None and (stat.st_ino != inode or stat.st_size < offset)
-                if reset or offset > stat.st_size:
-                    offset, reset = 0, True
-                f.seek(offset)
-                data = f.read()
-        except OSError:
-            return {"rows": [], "offset": 0, "inode": None, "reset": offset > 0}
-        end = data.rfind(b"\n") + 1
-        rows = []
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-                rows.append([row["step"], row["loss"], row.get("lr"), row.get("seconds")])
-            except (ValueError, KeyError, TypeError):
-                continue  # a damaged line is skipped, not the whole curve
-        return {"rows": rows, "offset": offset + end, "inode": stat.st_ino, "reset": reset}
+    def loss(self, query: dict[str, str]) -> dict[str, Any]:
+        """The loss curve for the page (loss_view.py): the whole run since byte `offset`, or the steps `first`..`last`
+        of a zoomed view; in at most `columns` buckets."""
+        columns = int(query.get("columns") or 800)
+        status = read_status(self.root) or {}
+        if query.get("last"):
+            return loss_view.step_range(
+                self.files.loss_log, first=int(query.get("first") or 0), last=int(query["last"]), columns=columns
+            )
+        return loss_view.whole_run(
+            self.files.loss_log,
+            offset=max(0, int(query.get("offset") or 0)),
+            inode=int(query["inode"]) if query.get("inode") else None,
+            stride=int(query["stride"]) if query.get("stride") else None,
+            columns=columns,
+            total=status.get("total_steps"),
+        )
 
     def videos(self) -> list[dict[str, Any]]:
+        """Every validation video, newest step first, with the prompt it was rendered from where the record says it
+        (`validation_0` is the validation prompt; the others are training samples of `validation_using_datasets`)."""
         found = []
+        prompt = self._validation_prompt()
         # the folders RunFiles.validation(step) names, read back
         for folder in sorted(self.files.validation_root.glob("step_*")):
             step = folder.name.removeprefix("step_")
             if not step.isdigit():
                 continue
-            found += [
-                {"step": int(step), "name": f.name, "path": f.relative_to(self.root).as_posix()}
-                for f in sorted(folder.rglob("*.mp4"))
-                if not f.name.startswith(".")
-            ]
+            for f in sorted(folder.rglob("*.mp4")):
+                if f.name.startswith("."):
+                    continue
+                stem = f.stem.removesuffix("_ema")
+                found.append(
+                    {
+                        "step": int(step),
+                        "name": f.name,
+                        "path": f.relative_to(self.root).as_posix(),
+                        "group": stem,
+                        "prompt": prompt if stem == "validation_0" else None,
+                    }
+                )
         return sorted(found, key=lambda v: (-v["step"], v["name"]))
 
+    def _validation_prompt(self) -> str | None:
+        record = self.run_record() or {}
+        config = (record.get("resolved") or {}).get("config") or {}
+        prompt = config.get("validation_prompt")
+        return prompt if isinstance(prompt, str) else None
+
     def downloads(self) -> list[dict[str, Any]]:
-        files = [("LoRA (diffusers)", self.files.lora), ("LoRA (ComfyUI)", self.files.comfyui)]
+        files = [(f"LoRA for {tool}", path) for tool, path in files_for_each_tool(self.files)]
         checkpoints = list_checkpoints(self.root)
         if checkpoints:
-            files.append((f"latest checkpoint's LoRA ({checkpoints[-1].name})", checkpoints[-1] / "lora.safetensors"))
+            label = f"latest checkpoint's LoRA ({checkpoints[-1].name}; for resuming, not ComfyUI)"
+            files.append((label, checkpoints[-1] / "lora.safetensors"))
         files += [("loss curve (PNG)", self.files.loss_plot), ("loss log", self.files.loss_log)]
         out = []
         for label, path in files:
@@ -127,6 +141,30 @@ class RunFolder:
                 rel = path.relative_to(self.root).as_posix()
                 out.append({"label": label, "path": rel, "bytes": path.stat().st_size})
         return out
+
+    def log_tail(self, lines: int = 40) -> dict[str, Any]:
+        """The last lines of the run's logs: the loss log's rows and the libraries' log (warnings, load notices);
+        read from the end, at most 32 kB each."""
+        return {"loss": _tail(self.files.loss_log, lines), "libraries": _tail(self.files.library_log, lines)}
+
+    def resume_command(self) -> str | None:
+        """The command that resumes a stopped run from its latest checkpoint, when the record names its config."""
+        record = self.run_record() or {}
+        config_path = (record.get("resolved") or {}).get("config_path")
+        if not list_checkpoints(self.root):
+            return None
+        config = f"--config {shlex.quote(str(config_path))} " if config_path else ""
+        return f"hvtune train {config}--output_dir={shlex.quote(str(self.root))} --resume_from_checkpoint=latest"
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 32768))
+            data = f.read()
+    except OSError:
+        return []
+    return [line.decode("utf-8", "replace") for line in data.splitlines()[-lines:]]
 
 
 def request_stop(output_dir: Path) -> tuple[bool, str]:

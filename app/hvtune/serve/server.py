@@ -2,33 +2,33 @@
 
 It reads only what a run writes (run_folder.py): `status.json` (status.py), `logs/loss.jsonl`, `run.json`, the
 validation videos and the LoRA files; so it works on a live run, a finished one, or a folder copied off a rented box.
-The standard library's threading HTTP server serves it: no dependency, no build step, nothing fetched from the network
-(the page is one HTML file with its script inline).
+The standard library's threading HTTP server serves it (why not an ASGI stack: docs/RUN_PAGE.md): no dependency, no
+build step, nothing fetched from the network (the page is one HTML file with its script inline).
 
 Security, because rented GPUs expose ports to the internet:
-- it binds 127.0.0.1 unless told otherwise; on any other address it requires a token (`--token`, else
-  `HVTUNE_PAGE_TOKEN`, else a random one printed at start). The token arrives once as `?token=` and is then kept in
-  an HttpOnly, SameSite=Strict cookie; API clients may send `Authorization: Bearer TOKEN`.
-- on loopback without a token, requests must name a loopback Host (no DNS rebinding), and the one state-changing
-  request (stop) needs a custom header a cross-site form cannot send.
+- it binds 127.0.0.1 unless told otherwise, and always requires a token (`--token`, else `HVTUNE_PAGE_TOKEN`, else a
+  random one printed at start; auth.py). The token arrives once as `?token=` and is then kept in an HttpOnly,
+  SameSite=Strict cookie; API clients may send `Authorization: Bearer TOKEN`. The one state-changing request (stop)
+  also needs a custom header a cross-site form cannot send.
+- it never lets a client cost the training run much: idle connections time out (IDLE_TIMEOUT_S), at most
+  MAX_CONNECTIONS are open at once, and failed requests are logged one line each, at most a few a minute
+  (failures.py: the log is the training log).
 - files are served only from inside the output folder (resolved, symlinks included), only media, weights and the
   loss log; never a hidden (temp) file and never a raw `.json`: the run record goes through `mask_secrets` first.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hmac
 import json
+import math
 import mimetypes
 import os
 import re
-import secrets
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
-from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -37,24 +37,68 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from hvtune.errors import UserError
 from hvtune.run_files import RECORD_NAME
+from hvtune.serve.auth import (
+    cookie_matches,
+    cookie_value,
+    link_query,
+    query_tokens,
+    read_cookie,
+    resolve_token,
+    token_matches,
+)
+from hvtune.serve.failures import FailureLog
 from hvtune.serve.run_folder import RunFolder, request_stop, safe_file
 
 DEFAULT_PORT = 8765
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 COOKIE = "hvtune_page"
 STOP_HEADER = "X-Hvtune-Stop"
+IDLE_TIMEOUT_S = 20.0  # a connection that sends or takes nothing this long is closed (half-open, slow clients)
+MAX_CONNECTIONS = 32  # one thread each; beyond this a new connection is closed at once
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' data:; media-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'",
+}
 
 
 class PageServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, folders: list[RunFolder], token: str | None, allow_stop: bool = True):
+    def __init__(self, address, folders: list[RunFolder], token: str, allow_stop: bool = True, **limits: Any):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # --host ::1
+        self.idle_timeout = limits.get("idle_timeout", IDLE_TIMEOUT_S)
+        self._slots = threading.BoundedSemaphore(limits.get("max_connections", MAX_CONNECTIONS))
+        self.failures = FailureLog()
         super().__init__(address, PageHandler)
         self.folders = folders
         self.token = token
         self.allow_stop = allow_stop
         self._compare_cache: tuple[tuple, dict] | None = None
         self._compare_lock = threading.Lock()
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):  # no thread for it: closed before a byte is read
+            self.failures.note(client_address[0], "connection closed: too many open connections")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # one line, not a traceback, per failure
+        self.failures.note(client_address[0], f"request failed: {sys.exc_info()[1]!r}")
 
     def compare(self) -> dict[str, Any]:
         """`hvtune compare`'s verdict for the two folders, once both have finished (recomputed when a record
@@ -77,38 +121,62 @@ class PageServer(ThreadingHTTPServer):
             return answer
 
 
+def finite(data: Any) -> Any:
+    """`data` with NaN and infinities as None: JSON has no NaN, and a browser refuses the whole answer over one."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
 class PageHandler(BaseHTTPRequestHandler):
     server: PageServer
     server_version = "hvtune-page"
     sys_version = ""
 
-    def log_message(self, format, *args):  # one line per request would bury the training log
+    # ------------------------------------------------------------------------------------------------ plumbing
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # StreamRequestHandler puts it on the socket: every read and write
+        self._failure_logged = False
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError as e:  # the client went away or stalled mid-answer (timeout): one line, no traceback
+            self._note_failure(f"{type(e).__name__}")
+
+    def _note_failure(self, what: str) -> None:
+        if not self._failure_logged:
+            self._failure_logged = True
+            self.server.failures.note(self.client_address[0], f"{self.requestline or '-'}: {what}")
+
+    def log_request(self, code="-", size="-") -> None:  # successes are not logged: the log is the training log
+        if isinstance(code, int) and code >= 400:
+            self._note_failure(str(code))
+
+    def log_message(self, format, *args) -> None:  # idle timeouts (a browser's unused preconnect) are not failures
         pass
 
-    # ------------------------------------------------------------------------------------------------ plumbing
+    def send_error(self, code, message=None, explain=None) -> None:  # 400, 414, 501...: with the same headers
+        self.close_connection = True
+        self._error(code, message or HTTPStatus(code).phrase)
+
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self._common_headers()
-        for k, v in (headers or {}).items():
+        for k, v in {**SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _common_headers(self) -> None:
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header(
-            "Content-Security-Policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
-            "media-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-        )
-
     def _json(self, data: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
+        self._send(status, json.dumps(finite(data), allow_nan=False).encode(), "application/json")
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, (message + "\n").encode(), "text/plain; charset=utf-8")
@@ -116,23 +184,17 @@ class PageHandler(BaseHTTPRequestHandler):
     def _cookie_name(self) -> str:
         return f"{COOKIE}_{self.server.server_address[1]}"  # cookies ignore ports: one per page
 
-    def _authorised(self, query_token: str = "") -> bool:
-        """Loopback without a token: a loopback Host. Otherwise the token, from the query (the printed address),
-        an `Authorization: Bearer` header or the page's cookie."""
+    def _authorised(self, raw_query: str | None) -> bool:
+        """The token, from the query (the printed address; not for stop), an `Authorization: Bearer` header or the
+        page's cookie."""
         token = self.server.token
-        if token is None:
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-            return host in LOOPBACK
-        offered = [query_token]
+        offered = query_tokens(raw_query) if raw_query is not None else []
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             offered.append(auth[7:].strip())
-        cookie = SimpleCookie()
-        with contextlib.suppress(CookieError):
-            cookie.load(self.headers.get("Cookie", ""))
-        if self._cookie_name() in cookie:
-            offered.append(cookie[self._cookie_name()].value)
-        return any(hmac.compare_digest(o.encode(), token.encode()) for o in offered if o)
+        if any(token_matches(token, o) for o in offered):
+            return True
+        return cookie_matches(token, read_cookie(self.headers.get("Cookie", ""), self._cookie_name()))
 
     def _folder(self, query) -> RunFolder | None:
         try:
@@ -147,32 +209,23 @@ class PageHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        query_token = query.get("token", [""])[0]
-        allowed = self._authorised(query_token)
-        if allowed and query_token and url.path == "/":  # keep the token in a cookie, drop it from the address bar
+        if not self._authorised(url.query):
+            return self._error(
+                HTTPStatus.UNAUTHORIZED, "hvtune run page: open the address printed at start (it ends in ?token=...)"
+            )
+        if url.path == "/" and "token" in query:  # keep the token in a cookie, drop it from the address bar
             self.send_response(HTTPStatus.SEE_OTHER)
             self.send_header("Location", "/")
-            cookie = f"{self._cookie_name()}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
+            cookie = f"{self._cookie_name()}={cookie_value(self.server.token)}; HttpOnly; SameSite=Strict; Path=/"
             self.send_header("Set-Cookie", cookie)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if not allowed:
-            if self.server.token is None:  # loopback page reached through another host name (DNS rebinding?)
-                return self._error(HTTPStatus.FORBIDDEN, "hvtune run page: open it as http://127.0.0.1:PORT/")
-            return self._error(
-                HTTPStatus.UNAUTHORIZED, "hvtune run page: open the address printed at start (it ends in ?token=...)"
-            )
         if url.path == "/":
             return self._send(200, _page_html(), "text/html; charset=utf-8")
         if url.path == "/api/info":
-            return self._json(
-                {
-                    "runs": [str(f.root) for f in self.server.folders],
-                    "stop": self.server.allow_stop,
-                    "host": socket.gethostname(),
-                }
-            )
+            runs = [str(f.root) for f in self.server.folders]
+            return self._json({"runs": runs, "stop": self.server.allow_stop, "host": socket.gethostname()})
         if url.path == "/api/compare":
             if len(self.server.folders) != 2:
                 return self._error(HTTPStatus.NOT_FOUND, "not a comparison page")
@@ -180,27 +233,35 @@ class PageHandler(BaseHTTPRequestHandler):
         folder = self._folder(query)
         if folder is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such run")
-        if url.path == "/api/state":
-            return self._json({"status": folder.status(), "videos": folder.videos(), "downloads": folder.downloads()})
-        if url.path == "/api/loss":
+        return self._run_route(url.path, {k: v[0] for k, v in query.items()}, folder)
+
+    def _run_route(self, path: str, query: dict[str, str], folder: RunFolder) -> None:
+        if path == "/api/state":
+            status = folder.status()
+            resume = folder.resume_command() if status.get("state") in ("stopped", "failed") else None
+            return self._json(
+                {"status": status, "videos": folder.videos(), "downloads": folder.downloads(), "resume": resume}
+                | {"now": time.time()}
+            )
+        if path == "/api/loss":
             try:
-                offset = max(0, int(query.get("offset", ["0"])[0]))
-                inode = int(query["inode"][0]) if query.get("inode", [""])[0] else None
+                return self._json(folder.loss(query))
             except ValueError:
-                return self._error(HTTPStatus.BAD_REQUEST, "offset and inode are integers")
-            return self._json(folder.loss(offset, inode))
-        if url.path == "/api/record":
+                return self._error(HTTPStatus.BAD_REQUEST, "offset, inode, stride, columns, first, last: integers")
+        if path == "/api/log":
+            return self._json(folder.log_tail())
+        if path == "/api/record":
             record = folder.run_record()
             if "download" in query:
-                body = json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"
+                body = json.dumps(finite(record), indent=2, sort_keys=True).encode() + b"\n"
                 disposition = {"Content-Disposition": f'attachment; filename="{RECORD_NAME}"'}
                 return self._send(200, body, "application/json", disposition)
             return self._json(record)
-        if url.path.startswith("/files/"):
-            path = safe_file(folder.root, unquote(url.path.removeprefix("/files/")))
-            if path is None:
+        if path.startswith("/files/"):
+            file = safe_file(folder.root, unquote(path.removeprefix("/files/")))
+            if file is None:
                 return self._error(HTTPStatus.NOT_FOUND, "no such file in the run's output folder")
-            return self._file(path)
+            return self._file(file)
         return self._error(HTTPStatus.NOT_FOUND, "not found")
 
     def do_POST(self):
@@ -209,7 +270,7 @@ class PageHandler(BaseHTTPRequestHandler):
         if url.path != "/api/stop":
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         # the query's token is not accepted here: a stop must come from the page (cookie) or a Bearer header
-        if not self._authorised() or self.headers.get(STOP_HEADER) != "1":
+        if not self._authorised(None) or self.headers.get(STOP_HEADER) != "1":
             return self._error(HTTPStatus.FORBIDDEN, "stop: not authorised")
         if not self.server.allow_stop:
             return self._error(HTTPStatus.FORBIDDEN, "stop is turned off for this page (--read-only)")
@@ -236,16 +297,16 @@ class PageHandler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         self.send_response(HTTPStatus.PARTIAL_CONTENT if partial else HTTPStatus.OK)
-        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Accept-Ranges", "bytes")
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         if path.suffix in (".safetensors", ".jsonl"):
             self.send_header("Content-Disposition", f'attachment; filename="{path.name}"')
-        self._common_headers()
+        for k, v in SECURITY_HEADERS.items():
+            self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD":
             return
@@ -262,17 +323,6 @@ class PageHandler(BaseHTTPRequestHandler):
 
 def _page_html() -> bytes:
     return resources.files("hvtune.serve").joinpath("page.html").read_bytes()
-
-
-def resolve_token(host: str, token: str | None) -> str | None:
-    """The token the page requires: the one given, else HVTUNE_PAGE_TOKEN, else a new one when bound beyond
-    loopback; None on loopback without one."""
-    token = token or os.environ.get("HVTUNE_PAGE_TOKEN") or None
-    if token is None and host not in LOOPBACK:
-        token = secrets.token_urlsafe(18)
-    if token is not None and len(token) < 12:
-        raise UserError("the page token must be at least 12 characters (HVTUNE_PAGE_TOKEN or --token)")
-    return token
 
 
 def serve(
@@ -298,14 +348,12 @@ def serve(
             raise UserError(f"{folder} is a file; pass the run's output_dir")
         if not folder.exists():
             print(f"notice: {folder} does not exist yet; the page shows the run once it writes there", file=sys.stderr)
-    token = resolve_token(host, token)
-    try:
-        server = PageServer((host, port), [RunFolder(f) for f in folders], token, allow_stop)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port (HVTUNE_PAGE_PORT)") from e
+    token = resolve_token(token)
+    server = _listen(host, port, [RunFolder(f) for f in folders], token, allow_stop)
     bound_port = server.server_address[1]
     shown = host if host in LOOPBACK else (socket.gethostname() if host in ("0.0.0.0", "::") else host)
-    print(f"run page: http://{shown}:{bound_port}/" + (f"?token={token}" if token else ""), flush=True)
+    shown = f"[{shown}]" if ":" in shown else shown
+    print(f"run page: http://{shown}:{bound_port}/{link_query(token)}", flush=True)
     if host not in LOOPBACK:
         print("  reachable from other machines; the token above is required (HVTUNE_PAGE_TOKEN)", flush=True)
     if ready is not None:
@@ -316,3 +364,14 @@ def serve(
         pass
     finally:
         server.server_close()
+
+
+def _listen(host: str, port: int, folders: list[RunFolder], token: str, allow_stop: bool) -> PageServer:
+    try:
+        return PageServer((host, port), folders, token, allow_stop)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from e
+    except OSError as e:
+        if e.errno in (99, 97):  # EADDRNOTAVAIL, EAFNOSUPPORT: the address, not the port
+            raise UserError(f"cannot listen on {host} ({e.strerror}): pick another --host (HVTUNE_PAGE_HOST)") from e
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port (HVTUNE_PAGE_PORT)") from e
