@@ -30,8 +30,8 @@ TOKEN = "correct-horse-battery-staple"
 
 
 @contextmanager
-def page(*folders: Path, token: str | None = None, allow_stop: bool = True):
-    server = PageServer(("127.0.0.1", 0), [RunFolder(f) for f in folders], token, allow_stop)
+def page(*folders: Path, token: str = TOKEN, allow_stop: bool = True, host: str = "127.0.0.1", **limits):
+    server = PageServer((host, 0), [RunFolder(f) for f in folders], token, allow_stop, **limits)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -41,10 +41,17 @@ def page(*folders: Path, token: str | None = None, allow_stop: bool = True):
         server.server_close()
 
 
-def request(port: int, path: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
-    """One raw request: the path is sent exactly as given (no client-side normalisation of `..`)."""
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def request(
+    port: int, path: str, method: str = "GET", headers: dict | None = None, *, auth: bool = True
+) -> tuple[int, dict, bytes]:
+    """One raw request: the path is sent exactly as given (no client-side normalisation of `..`). With `auth` it
+    carries the page's token as scripts do (Bearer)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request(method, path, headers={"Host": f"127.0.0.1:{port}", **(headers or {})})
+    sent = {"Host": f"127.0.0.1:{port}", **(BEARER if auth else {}), **(headers or {})}
+    conn.request(method, path, headers=sent)
     response = conn.getresponse()
     body = response.read()
     conn.close()
@@ -187,37 +194,39 @@ def test_train_that_cannot_start_says_why_in_status(demo_project, tmp_path):
 
 def test_token_is_required_when_set_and_kept_in_a_cookie(run_dir):
     with page(run_dir, token=TOKEN) as port:
-        assert request(port, "/")[0] == 401
-        assert request(port, "/api/state")[0] == 401
-        assert request(port, "/api/state?token=wrong-token-123")[0] == 401
-        assert request(port, "/files/pytorch_lora_weights.safetensors")[0] == 401
-        status, headers, _ = request(port, f"/?token={TOKEN}")
+        assert request(port, "/", auth=False)[0] == 401
+        assert request(port, "/api/state", auth=False)[0] == 401
+        assert request(port, "/api/state?token=wrong-token-123", auth=False)[0] == 401
+        assert request(port, "/files/pytorch_lora_weights.safetensors", auth=False)[0] == 401
+        status, headers, _ = request(port, f"/?token={TOKEN}", auth=False)
         assert status == 303 and headers["location"] == "/"  # the token leaves the address bar
         cookie = headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
-        assert request(port, "/", headers={"Cookie": cookie.split(";")[0]})[0] == 200
-        assert request(port, "/api/state", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
-        assert request(port, f"/api/state?token={TOKEN}")[0] == 200  # scripts may pass it in the query
-        assert request(port, "/api/state", headers={"Cookie": f"hvtune_page_{port}=nope-nope-nope"})[0] == 401
+        assert request(port, "/", headers={"Cookie": cookie.split(";")[0]}, auth=False)[0] == 200
+        assert request(port, "/api/state", headers=BEARER, auth=False)[0] == 200
+        assert TOKEN not in cookie  # the cookie holds an HMAC of the token, plain hex whatever the token is
+        assert request(port, f"/api/state?token={TOKEN}", auth=False)[0] == 200  # scripts may pass it in the query
+        assert (
+            request(port, "/api/state", headers={"Cookie": f"hvtune_page_{port}=nope-nope-nope"}, auth=False)[0] == 401
+        )
 
 
-def test_exposed_page_always_has_a_token(monkeypatch):
+def test_every_page_has_a_token(monkeypatch):
+    """On 127.0.0.1 too: a rented box can be shared, and any local user could download the LoRA or stop the run."""
     monkeypatch.delenv("HVTUNE_PAGE_TOKEN", raising=False)
-    assert resolve_token("127.0.0.1", None) is None
-    generated = resolve_token("0.0.0.0", None)
-    assert generated and len(generated) >= 20 and generated != resolve_token("0.0.0.0", None)
+    generated = resolve_token(None)
+    assert generated and len(generated) >= 20 and generated != resolve_token(None)
     monkeypatch.setenv("HVTUNE_PAGE_TOKEN", TOKEN)
-    assert resolve_token("0.0.0.0", None) == TOKEN and resolve_token("127.0.0.1", None) == TOKEN
+    assert resolve_token(None) == TOKEN and resolve_token("another-long-token") == "another-long-token"
     with pytest.raises(UserError, match="at least 12"):
-        resolve_token("0.0.0.0", "short")
+        resolve_token("short")
 
 
-def test_loopback_page_refuses_other_host_names(run_dir):
-    """DNS rebinding: a web site whose name resolves to 127.0.0.1 must not read the page."""
-    with page(run_dir) as port:
-        assert request(port, "/api/state")[0] == 200
-        assert request(port, "/api/state", headers={"Host": f"evil.example:{port}"})[0] == 403
-        assert request(port, "/api/state", headers={"Host": f"localhost:{port}"})[0] == 200
+def test_loopback_page_without_a_token_set_still_needs_one_to_download_or_stop(run_dir, monkeypatch):
+    monkeypatch.delenv("HVTUNE_PAGE_TOKEN", raising=False)
+    with page(run_dir, token=resolve_token(None)) as port:
+        assert request(port, "/files/pytorch_lora_weights.safetensors", auth=False)[0] == 401
+        assert request(port, "/api/stop", "POST", {"X-Hvtune-Stop": "1"}, auth=False)[0] == 403
 
 
 def test_serve_prints_the_address_with_its_token(run_dir, tmp_path):
@@ -234,12 +243,137 @@ def test_serve_prints_the_address_with_its_token(run_dir, tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("run page: http://") and line.strip().endswith(f"?token={TOKEN}"), line
         port = int(re.search(r":(\d+)/", line).group(1))
-        assert request(port, "/api/state")[0] == 401
-        assert request(port, "/api/state", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert request(port, "/api/state", auth=False)[0] == 401
+        assert request(port, "/api/state", headers=BEARER, auth=False)[0] == 200
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
     assert proc.returncode == 0
+
+
+def test_a_token_with_plus_slash_and_equals_works_in_the_printed_link_and_pasted_raw(run_dir):
+    token = "aB3+xY/9kL=mN+Q0/zw=="  # as `openssl rand -base64 16` prints them
+    proc, port = serve_process(run_dir, token=token)
+    try:
+        link = proc.link.split(" ", 2)[2]
+        assert "%2B" in link and "%2F" in link and "%3D" in link, link
+        for query in (link.split("/", 3)[3], f"?token={token}"):  # the printed link, and the token pasted as is
+            status, headers, _ = request(port, "/" + query, auth=False)
+            assert status == 303, query
+            assert (
+                request(port, "/api/state", headers={"Cookie": headers["set-cookie"].split(";")[0]}, auth=False)[0]
+                == 200
+            )
+        assert request(port, "/api/state", headers={"Authorization": f"Bearer {token}"}, auth=False)[0] == 200
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_malformed_cookie_of_another_local_app_never_locks_the_owner_out(run_dir):
+    with page(run_dir) as port:
+        ours = request(port, f"/?token={TOKEN}", auth=False)[1]["set-cookie"].split(";")[0]
+        jar = [
+            'prefs={"theme": "dark", "cols": [1, 2]}',  # JSON, with spaces and commas
+            "session=a b c",
+            "path=C:\\Users\\me",  # a backslash
+            "flag",
+            '"quoted=odd',
+        ]
+        for i in range(len(jar) + 1):
+            cookies = "; ".join([*jar[:i], ours, *jar[i:]])
+            assert request(port, "/api/state", headers={"Cookie": cookies}, auth=False)[0] == 200, cookies
+        assert request(port, "/api/state", headers={"Cookie": "; ".join(jar)}, auth=False)[0] == 401
+
+
+def test_idle_connections_time_out_and_open_connections_are_capped(run_dir):
+    with page(run_dir, idle_timeout=1.0, max_connections=2) as port:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # half-open: never send a byte
+        time.sleep(0.2)
+        refused = socket.create_connection(("127.0.0.1", port))
+        refused.settimeout(5)
+        assert refused.recv(1) == b""  # closed at once: no thread for a third
+        refused.close()
+        started = time.monotonic()
+        for conn in idle:
+            conn.settimeout(5)
+            assert conn.recv(1) == b""  # the server closed it after the idle timeout
+            conn.close()
+        assert time.monotonic() - started < 3
+        time.sleep(0.2)
+        assert request(port, "/api/state")[0] == 200  # the slots are free again
+
+
+def test_failed_requests_write_one_line_each_and_a_flood_is_cut_short(run_dir, capfd):
+    with page(run_dir) as port:
+        for _ in range(3):
+            assert request(port, "/api/state?token=wrong-token-123", auth=False)[0] == 401
+        conn = socket.create_connection(("127.0.0.1", port))  # a request aborted half-way through its answer
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.sendall(f"GET /files/validation/step_000002/validation_0.mp4 HTTP/1.0\r\n{auth_line()}\r\n".encode())
+        conn.close()
+        time.sleep(0.3)
+        first = capfd.readouterr().err.splitlines()
+        for _ in range(100):
+            request(port, "/nothing", auth=False)
+        time.sleep(0.2)
+        flood = capfd.readouterr().err.splitlines()
+        request(port, "/nothing", auth=False)
+    assert [line for line in first if "401" in line] == ["page: 127.0.0.1 GET /api/state: 401"] * 3, first
+    assert len(first) <= 4 and not [line for line in first if "Traceback" in line or "wrong-token" in line], first
+    assert len(flood) < 20, flood  # at most 20 a minute: 100 failures do not bury the training log
+
+
+def auth_line() -> str:
+    return f"Authorization: Bearer {TOKEN}\r\n"
+
+
+def test_every_answer_has_the_security_headers_even_501(run_dir):
+    with page(run_dir) as port:
+        for method, path in (("PUT", "/"), ("DELETE", "/api/state"), ("GET", "/nothing")):
+            status, headers, _ = request(port, path, method)
+            assert status in (404, 501) and "frame-ancestors 'none'" in headers["content-security-policy"], method
+            assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_serve_listens_on_ipv6_loopback(run_dir):
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    proc, port = serve_process(run_dir, "--host", "::1")
+    try:
+        assert proc.link.startswith(f"run page: http://[::1]:{port}/?token="), proc.link
+        conn = http.client.HTTPConnection("::1", port, timeout=10)
+        conn.request("GET", "/api/state", headers=BEARER)
+        assert conn.getresponse().status == 200
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stopped_run_shows_its_resume_command_and_the_log_tail(run_dir):
+    (run_dir / "run.json").write_text(
+        json.dumps({"resolved": {"config": {}, "config_path": "/data/my config.json"}, "stopped_early": True})
+    )
+    (run_dir / "logs" / "libraries.log").write_text("".join(f"line {i}\n" for i in range(100)))
+    with page(run_dir) as port:
+        state = json.loads(request(port, "/api/state")[2])
+        log = json.loads(request(port, "/api/log")[2])
+    assert state["status"]["state"] == "stopped"
+    assert state["resume"] == (
+        f"hvtune train --config '/data/my config.json' --output_dir={run_dir} --resume_from_checkpoint=latest"
+    )
+    assert log["libraries"][-1] == "line 99" and len(log["libraries"]) == 40 and '"step": 2' in log["loss"][-1]
+
+
+def test_video_names_with_hash_and_question_mark_are_served(run_dir):
+    odd = run_dir / "validation" / "step_000002" / "a#b?c.mp4"
+    odd.write_bytes(b"odd video")
+    with page(run_dir) as port:
+        assert request(port, "/files/validation/step_000002/a%23b%3Fc.mp4")[2] == b"odd video"
+        videos = json.loads(request(port, "/api/state")[2])["videos"]
+    assert {v["name"] for v in videos} == {"a#b?c.mp4", "validation_0.mp4"}
 
 
 def test_serve_refuses_a_busy_port_in_one_line(run_dir):
@@ -293,10 +427,9 @@ def test_videos_are_listed_newest_first_and_served_with_ranges(run_dir):
         state = json.loads(request(port, "/api/state")[2])
         assert [v["step"] for v in state["videos"]] == [4, 2]
         labels = {d["label"]: d["path"] for d in state["downloads"]}
-        assert labels["LoRA (diffusers)"] == "pytorch_lora_weights.safetensors"
-        assert (
-            labels["latest checkpoint's LoRA (checkpoint-000002)"] == "checkpoints/checkpoint-000002/lora.safetensors"
-        )
+        assert labels["LoRA for diffusers / peft (load_lora_adapter)"] == "pytorch_lora_weights.safetensors"
+        checkpoint = "latest checkpoint's LoRA (checkpoint-000002; for resuming, not ComfyUI)"
+        assert labels[checkpoint] == "checkpoints/checkpoint-000002/lora.safetensors"
         status, headers, body = request(
             port, "/files/validation/step_000002/validation_0.mp4", headers={"Range": "bytes=100-199"}
         )
@@ -311,17 +444,90 @@ def test_videos_are_listed_newest_first_and_served_with_ranges(run_dir):
         )
 
 
+def loss(port: int, query: str = "") -> dict:
+    return json.loads(request(port, f"/api/loss?{query}")[2])
+
+
 def test_loss_is_read_incrementally_and_restarts_after_a_resume_rewrote_it(run_dir):
     with page(run_dir) as port:
-        first = json.loads(request(port, "/api/loss?offset=0")[2])
-        assert [r[0] for r in first["rows"]] == [1, 2]
+        first = loss(port, "columns=800")
+        assert [b[1] for b in first["buckets"]] == [1, 2] and first["stride"] == 1
         with (run_dir / "logs" / "loss.jsonl").open("a") as f:  # a line being written: not returned half
             f.write(json.dumps({"step": 3, "loss": 0.3}) + "\n" + '{"step": 4, "lo')
-        more = json.loads(request(port, f"/api/loss?offset={first['offset']}&inode={first['inode']}")[2])
-        assert [r[0] for r in more["rows"]] == [3] and not more["reset"]
+        more = loss(port, f"columns=800&offset={first['offset']}&inode={first['inode']}&stride=1")
+        assert [b[1] for b in more["buckets"]] == [3] and not more["reset"]
         write_loss(run_dir, [(1, 0.5)])  # a resume from step 1 rewrites the log (a new file)
-        again = json.loads(request(port, f"/api/loss?offset={more['offset']}&inode={more['inode']}")[2])
-        assert again["reset"] and [r[0] for r in again["rows"]] == [1]
+        again = loss(port, f"columns=800&offset={more['offset']}&inode={more['inode']}&stride=1")
+        assert again["reset"] and [b[1] for b in again["buckets"]] == [1]
+
+
+def test_a_nan_in_the_loss_log_still_gives_valid_json(run_dir):
+    (run_dir / "logs" / "loss.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": NaN}\n')
+    RunStatus(run_dir).step(2, loss=float("nan"), lr=1e-4, seconds=0.2)
+    with page(run_dir) as port:
+        text = request(port, "/api/loss?columns=800")[2].decode()
+        buckets = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["buckets"]
+        assert buckets[1][1] == 2 and buckets[1][8] == 1 and buckets[1][4] == 0  # counted as non-finite
+        state = request(port, "/api/state")[2].decode()
+        assert json.loads(state, parse_constant=lambda c: pytest.fail(c))["status"]["loss"] is None
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_a_300k_row_log_is_sent_in_pixel_buckets_and_the_server_memory_stays_flat(tmp_path):
+    """The measured figures: docs/RUN_PAGE.md ("Long runs")."""
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    row = '{{"step": {}, "loss": {}, "lr": 0.0001, "epoch": 0, "seconds": 0.31}}\n'
+    spike = 150_000
+    text = "".join(row.format(s, 9.0 if s == spike else 0.1 + (s % 7) / 100) for s in range(1, 300_001))
+    (out / "logs" / "loss.jsonl").write_text(text)
+    assert len(text) > 20_000_000
+    proc, port = serve_process(out)
+    try:
+        request(port, "/api/state")
+        baseline = rss_kb(proc.pid)
+        sizes, times = [], []
+        for _ in range(10):  # ten page loads: the first reads the log, the others reuse what it built
+            started = time.perf_counter()
+            status, _, body = request(port, "/api/loss?columns=1200")
+            times.append(time.perf_counter() - started)
+            sizes.append(len(body))
+        view = json.loads(body)
+        zoom = loss(port, f"first={spike - 500}&last={spike + 500}&columns=1200")
+        tail = loss(port, f"columns=1200&offset={view['offset']}&inode={view['inode']}&stride={view['stride']}")
+        peak = rss_kb(proc.pid, "VmHWM")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert status == 200 and len(view["buckets"]) <= 2048 and max(sizes) < 400_000, (len(view["buckets"]), sizes)
+    assert max(b[6] for b in view["buckets"]) == 9.0  # the one-step spike survives 250 steps per bucket
+    assert zoom["stride"] == 1 and [b[1] for b in zoom["buckets"]][:1] == [spike - 500] and len(zoom["buckets"]) == 1001
+    assert tail["buckets"] == [] and not tail["reset"]  # nothing new: the next tick costs nothing
+    print(f"300k rows: first view {times[0]:.2f} s, then {max(times[1:]) * 1000:.1f} ms, {max(sizes)} B each; ", end="")
+    print(f"server RSS {baseline} kB -> peak {peak} kB")
+    assert peak - baseline < 30_000, (baseline, peak)  # ten whole-log answers did not grow the server (1.24 GB before)
+
+
+def serve_process(out: Path, *args: str, token: str = TOKEN) -> tuple[subprocess.Popen, int]:
+    app = str(Path(__file__).resolve().parents[1] / "app")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hvtune", "serve", str(out), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": app, "HVTUNE_PAGE_TOKEN": token},
+    )
+    line = proc.stdout.readline()
+    match = re.search(r":(\d+)/", line)
+    if not match:
+        proc.kill()
+        pytest.fail(f"hvtune serve did not start: {line}{proc.communicate()[0]}")
+    proc.link = line.strip()
+    return proc, int(match.group(1))
 
 
 def test_two_folders_show_both_curves_and_the_compare_verdict_once_both_finished(tmp_path):
@@ -339,7 +545,7 @@ def test_two_folders_show_both_curves_and_the_compare_verdict_once_both_finished
     (runs[0] / "run.json").write_text(json.dumps({"config_hash": "same", "global_step": 2}))
     with page(*runs) as port:
         assert json.loads(request(port, "/api/info")[2])["runs"] == [str(r) for r in runs]
-        assert [r[1] for r in json.loads(request(port, "/api/loss?run=1")[2])["rows"]] == [0.5, 0.41]
+        assert [b[4] for b in json.loads(request(port, "/api/loss?run=1")[2])["buckets"]] == [0.5, 0.41]
         waiting = json.loads(request(port, "/api/compare")[2])
         assert waiting["verdict"] is None and "both runs have finished" in waiting["text"]
         (runs[1] / "run.json").write_text(json.dumps({"config_hash": "same", "global_step": 2}))
@@ -398,7 +604,8 @@ def test_stop_sends_sigterm_only_with_the_token_and_the_page_header(run_dir, tmp
         status.phase("training", step=5, total_steps=10)
         with page(run_dir, token=TOKEN) as port:
             bearer = {"Authorization": f"Bearer {TOKEN}"}
-            assert request(port, f"/api/stop?token={TOKEN}", "POST", {"X-Hvtune-Stop": "1"})[0] == 403
+            assert request(port, f"/api/stop?token={TOKEN}", "POST", {"X-Hvtune-Stop": "1"}, auth=False)[0] == 403
+            assert request(port, "/api/stop", "POST", {"X-Hvtune-Stop": "1"}, auth=False)[0] == 403  # no token
             assert request(port, "/api/stop", "POST", bearer)[0] == 403  # a cross-site form cannot add the header
             assert proc.poll() is None
             status_code, _, body = request(port, "/api/stop", "POST", {**bearer, "X-Hvtune-Stop": "1"})
@@ -413,14 +620,14 @@ def test_stop_refuses_what_is_not_a_live_local_run(run_dir, tmp_path):
     status.data.update(pid=os.getpid(), host="another-box")
     status.phase("training")
     with page(run_dir) as port:
-        code, _, body = request(port, "/api/stop", "POST", {"X-Hvtune-Stop": "1"})
+        code, _, body = request(port, "/api/stop", "POST", {**BEARER, "X-Hvtune-Stop": "1"})
         assert code == 409 and "another machine" in json.loads(body)["message"]
     status.data["host"] = socket.gethostname()
     status.finish(stopped_early=False)
     with page(run_dir, allow_stop=False) as port:
-        assert request(port, "/api/stop", "POST", {"X-Hvtune-Stop": "1"})[0] == 403
+        assert request(port, "/api/stop", "POST", {**BEARER, "X-Hvtune-Stop": "1"})[0] == 403
     with page(run_dir) as port:
-        assert request(port, "/api/stop", "POST", {"X-Hvtune-Stop": "1"})[0] == 409
+        assert request(port, "/api/stop", "POST", {**BEARER, "X-Hvtune-Stop": "1"})[0] == 409
 
 
 # ---------------------------------------------------------------------------------------------------- live training
@@ -461,7 +668,7 @@ def test_stop_button_checkpoints_a_real_training_run(demo_project, tmp_path):
             assert record["in_progress"] and record["resolved"]["config"]["max_train_steps"] == 100000
             assert record["seeds"]["seed"] == json.loads(demo_project.read_text()).get("seed", 42)
             assert record["environment"]["packages"]["torch"]
-            assert request(port, "/api/stop", "POST", {"X-Hvtune-Stop": "1"})[0] == 200
+            assert request(port, "/api/stop", "POST", {**BEARER, "X-Hvtune-Stop": "1"})[0] == 200
             output, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0, output
             final = json.loads(request(port, "/api/state")[2])
@@ -507,8 +714,8 @@ def test_entrypoint_starts_one_page_with_a_token_when_the_port_is_set(tmp_path):
         line = proc.stderr.readline()
         assert line.startswith("[page] run page: http://") and "?token=" in line, line
         token = line.strip().rsplit("?token=", 1)[1]
-        assert request(port, "/api/state")[0] == 401
-        assert request(port, "/api/state", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert request(port, "/api/state", auth=False)[0] == 401
+        assert request(port, "/api/state", headers={"Authorization": f"Bearer {token}"}, auth=False)[0] == 200
         time.sleep(2)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

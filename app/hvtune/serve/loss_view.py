@@ -5,9 +5,10 @@ the server sends one bucket per column and never holds the rows: memory stays fl
 bucket keeps the mean and also the min and max of its rows, so a spike stays visible however far it is zoomed out.
 
 Two views:
-- the whole run, incrementally: bucket `k` covers steps [k*stride, (k+1)*stride); the stride is a power of two chosen
-  from the run's length (total_steps), so it stays the same for the whole run and the page only ever asks for the
-  bytes written since its last offset, merging a bucket that was still filling.
+- the whole run (`WholeRun`), at most COLUMNS buckets: bucket `k` covers steps [k*stride, (k+1)*stride); the stride
+  is a power of two chosen from the run's length (total_steps), so it stays the same for the whole run. The server
+  reads the log once and then only what was appended; a page asks with the byte offset of its last answer and gets
+  only the buckets that changed since (none, on a finished run).
 - a zoomed range of steps: the log is sorted by step, so the start is found by bisecting byte offsets.
 """
 
@@ -17,10 +18,15 @@ import io
 import json
 import math
 import os
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
+COLUMNS = 2048  # the whole-run view: enough for a 4k-wide chart (the page folds them into its pixel columns)
 MAX_COLUMNS = 4096
+# the rows hvtune's LossLog writes; anything else (a hand-edited line) goes through json
+ROW = re.compile(rb'\{"step": (\d+), "loss": ([^,}]+), "lr": ([^,}]+)')
 
 
 def stride_for(extent: int, columns: int) -> int:
@@ -31,39 +37,47 @@ def stride_for(extent: int, columns: int) -> int:
 
 class Buckets:
     """Rows folded into buckets of `stride` steps: [key, first step, last step, rows, mean, min, max, last lr,
-    seconds, non-finite rows]."""
+    non-finite rows]; `touched[key]`: the byte offset just past the last row added to it."""
 
     def __init__(self, stride: int, start: int = 0):
         self.stride, self.start = stride, start
         self.buckets: dict[int, list] = {}
+        self.touched: dict[int, int] = {}
 
-    def add(self, step: int, loss: Any, lr: Any, seconds: Any) -> None:
+    def add(self, step: int, loss: Any, lr: Any, end: int = 0) -> None:
         key = (step - self.start) // self.stride
         b = self.buckets.get(key)
         if b is None:
-            b = self.buckets[key] = [key, step, step, 0, 0.0, None, None, None, 0.0, 0]
+            b = self.buckets[key] = [key, step, step, 0, 0.0, None, None, None, 0]
         b[2] = step
+        self.touched[key] = end
         if isinstance(lr, (int, float)) and math.isfinite(lr):
             b[7] = lr
-        if isinstance(seconds, (int, float)) and math.isfinite(seconds):
-            b[8] += seconds
         if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            b[9] += 1  # NaN / inf: counted and shown, never in the mean (nor in the JSON: NaN is not JSON)
+            b[8] += 1  # NaN / inf: counted and shown, never in the mean (nor in the JSON: NaN is not JSON)
             return
         b[3] += 1
         b[4] += (loss - b[4]) / b[3]
         b[5] = loss if b[5] is None else min(b[5], loss)
         b[6] = loss if b[6] is None else max(b[6], loss)
 
-    def rows(self) -> list[list]:
-        return [self.buckets[k] for k in sorted(self.buckets)]
+    def rows(self, since: int = -1) -> list[list]:
+        """The buckets, in step order; only those a row past byte `since` went into."""
+        return [self.buckets[k] for k in sorted(self.buckets) if self.touched[k] > since]
 
 
-def _parse(line: bytes) -> tuple[int, Any, Any, Any] | None:
+def _parse(line: bytes) -> tuple[int, Any, Any] | None:
+    fast = ROW.match(line)
+    if fast:
+        try:
+            lr = fast.group(3)
+            return int(fast.group(1)), float(fast.group(2)), None if lr == b"null" else float(lr)
+        except ValueError:
+            pass
     try:
         row = json.loads(line)
         step = row["step"]
-        return (step, row["loss"], row.get("lr"), row.get("seconds")) if isinstance(step, int) else None
+        return (step, row["loss"], row.get("lr")) if isinstance(step, int) else None
     except (ValueError, KeyError, TypeError):
         return None  # a damaged line is skipped, not the whole curve
 
@@ -99,29 +113,50 @@ def _offset_of_step(f: io.BufferedReader, size: int, step: int) -> int:
     return lo
 
 
-def whole_run(path: Path, *, offset: int, inode: int | None, stride: int | None, columns: int, total: int | None):
-    """The whole run's buckets from byte `offset` on (complete lines only). Starts over from 0 (`reset`) when a
-    resume rewrote the log (another inode, or shorter) or when the stride changed (the run grew past its length)."""
-    columns = max(16, min(MAX_COLUMNS, columns))
-    try:
-        with path.open("rb") as f:
+class WholeRun:
+    """The whole run's view of one loss log, kept across requests (one per page server and run)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._buckets = Buckets(1)
+        self._inode: int | None = None
+        self._offset = 0
+
+    def answer(self, *, offset: int, inode: int | None, stride: int | None, total: int | None) -> dict[str, Any]:
+        """The buckets that changed after byte `offset` of the page's last answer (`inode`, `stride`); all of them
+        (`reset`) when the page has none yet, a resume rewrote the log or the run grew past its length."""
+        with self._lock:
+            self._catch_up(total)
+            b = self._buckets
+            reset = stride != b.stride or inode != self._inode or offset > self._offset
+            return {
+                "buckets": b.rows(-1 if reset else offset),
+                "offset": self._offset,
+                "inode": self._inode,
+                "stride": b.stride,
+                "reset": reset,
+            }
+
+    def _catch_up(self, total: int | None) -> None:
+        try:
+            f = self.path.open("rb")
+        except OSError:
+            self._buckets, self._inode, self._offset = Buckets(1), None, 0
+            return
+        with f:
             stat = os.fstat(f.fileno())
-            size = stat.st_size
-            wanted = stride_for(max(total or 0, last_step(f, size)), columns)
-            reset = stride != wanted or (inode is not None and stat.st_ino != inode) or offset > size
-            offset = 0 if reset else offset
-            buckets = Buckets(wanted)
-            f.seek(offset)
+            wanted = stride_for(max(total or 0, last_step(f, stat.st_size)), COLUMNS)
+            if stat.st_ino != self._inode or stat.st_size < self._offset or wanted != self._buckets.stride:
+                self._buckets, self._inode, self._offset = Buckets(wanted), stat.st_ino, 0
+            f.seek(self._offset)
             for line in f:
                 if not line.endswith(b"\n"):
                     break  # a line being written: next time
-                offset += len(line)
+                self._offset += len(line)
                 row = _parse(line)
                 if row:
-                    buckets.add(*row)
-    except OSError:
-        return {"buckets": [], "offset": 0, "inode": None, "stride": stride, "reset": offset > 0}
-    return {"buckets": buckets.rows(), "offset": offset, "inode": stat.st_ino, "stride": wanted, "reset": reset}
+                    self._buckets.add(*row, end=self._offset)
 
 
 def step_range(path: Path, *, first: int, last: int, columns: int) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class RunFolder:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.files = RunFiles(self.root)
+        self.whole_run = loss_view.WholeRun(self.files.loss_log)
 
     def status(self) -> dict[str, Any]:
         status = read_status(self.root) or {}
@@ -80,20 +81,16 @@ class RunFolder:
         return None
 
     def loss(self, query: dict[str, str]) -> dict[str, Any]:
-        """The loss curve for the page (loss_view.py): the whole run since byte `offset`, or the steps `first`..`last`
-        of a zoomed view; in at most `columns` buckets."""
-        columns = int(query.get("columns") or 800)
-        status = read_status(self.root) or {}
+        """The loss curve for the page (loss_view.py): the whole run's buckets changed since byte `offset`, or the
+        steps `first`..`last` of a zoomed view in at most `columns` buckets."""
         if query.get("last"):
-            return loss_view.step_range(
-                self.files.loss_log, first=int(query.get("first") or 0), last=int(query["last"]), columns=columns
-            )
-        return loss_view.whole_run(
-            self.files.loss_log,
+            first, last, columns = int(query.get("first") or 0), int(query["last"]), int(query.get("columns") or 800)
+            return loss_view.step_range(self.files.loss_log, first=first, last=last, columns=columns)
+        status = read_status(self.root) or {}
+        return self.whole_run.answer(
             offset=max(0, int(query.get("offset") or 0)),
             inode=int(query["inode"]) if query.get("inode") else None,
             stride=int(query["stride"]) if query.get("stride") else None,
-            columns=columns,
             total=status.get("total_steps"),
         )
 

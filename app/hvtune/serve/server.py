@@ -152,7 +152,13 @@ class PageHandler(BaseHTTPRequestHandler):
     def _note_failure(self, what: str) -> None:
         if not self._failure_logged:
             self._failure_logged = True
-            self.server.failures.note(self.client_address[0], f"{self.requestline or '-'}: {what}")
+            self.server.failures.note(self.client_address[0], f"{self._request_shown()}: {what}")
+
+    def _request_shown(self) -> str:
+        """The request as logged: method and path, never the query (it may carry the token)."""
+        if not getattr(self, "command", None):
+            return "-"
+        return f"{self.command} {urlsplit(self.path).path}"
 
     def log_request(self, code="-", size="-") -> None:  # successes are not logged: the log is the training log
         if isinstance(code, int) and code >= 400:
