@@ -7,9 +7,9 @@ The same measurement as bench_train.py's step ratio (`common.trainer_run`: `hvtu
 model, validation and checkpoints off, step times from `logs/loss.jsonl`, the first W steps of each run skipped),
 in alternating rounds (plain, paged; then paged, plain; ...) so machine load hits both. "Paged": a `hvtune serve`
 process on the run's output folder, and a client that does what the open page does each second: GET /api/state
-(status.json, the video and download listings) and /api/loss from its last offset. Both modes include the trainer's
-own status.json writes (they are part of `hvtune train`). Reported: the ratio of the median step times, and the
-number of polls answered. Writes benchmarks/results/page.json.
+(status.json, the video and download listings) and /api/loss from its last offset, with the page's token. Both
+modes include the trainer's own status.json writes (they are part of `hvtune train`). Reported: the ratio of the
+median step times, and the number of polls answered. Writes benchmarks/results/page.json.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -51,7 +52,9 @@ class Poller:
         if not match:
             self.proc.kill()
             raise RuntimeError(f"hvtune serve did not start: {line}{self.proc.stdout.read()}")
-        self.url = match.group(0).rstrip("/")
+        base, _, query = match.group(0).partition("?")
+        self.url = base.rstrip("/")
+        self.token = urllib.parse.unquote(query.removeprefix("token="))  # every page has one (sent as Bearer)
         self.polls = 0
         self.cpu_start, self.wall_start = self.cpu_seconds(), time.monotonic()
         self._stop = threading.Event()
@@ -59,16 +62,17 @@ class Poller:
         self._thread.start()
 
     def _get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
     def _poll(self) -> None:
-        offset, inode = 0, ""
+        offset, inode, stride = 0, "", ""
         while not self._stop.is_set():
             started = time.monotonic()
             self._get("/api/state?run=0")
-            loss = self._get(f"/api/loss?run=0&offset={offset}&inode={inode}")
-            offset, inode = loss["offset"], loss["inode"] or ""
+            loss = self._get(f"/api/loss?run=0&offset={offset}&inode={inode}&stride={stride}")
+            offset, inode, stride = loss["offset"], loss["inode"] or "", loss["stride"] or ""
             self.polls += 1
             self._stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
 

@@ -112,13 +112,18 @@ def test_page_follows_a_training_run_to_the_end(chromium, demo_project, tmp_path
             count = browser.evaluate("document.querySelectorAll('video').length")
             browser.wait_for(f"document.querySelectorAll('video').length > {count}", 240)
             watched = browser.evaluate(
-                "(() => { const v = document.querySelector('video[data-watched]');"
-                " return v && {paused: v.paused, time: v.currentTime}; })()"
+                """(async () => { const v = document.querySelector('video[data-watched]'); if (!v) return null;
+                    const times = []; for (let k = 0; k < 8; k++) { times.push(v.currentTime);
+                      await new Promise(r => setTimeout(r, 90)); }
+                    return {paused: v.paused, times}; })()""",
+                await_promise=True,
             )
-            assert watched and not watched["paused"] and watched["time"] > 0, watched
+            assert watched and not watched["paused"] and max(watched["times"]) > 0, watched  # a short loop: sampled
 
             output, _ = train.communicate(timeout=600)
             assert train.returncode == 0, output[-3000:]
+            # the end of `train` says which file each tool loads, as the page's download list does
+            assert "ComfyUI: comfyui_lora.safetensors; diffusers / peft (load_lora_adapter): " in output, output[-800:]
             browser.navigate(url)  # a fresh load of the finished run
             browser.wait_for("document.querySelector('#state').textContent === 'finished'", 30)
             assert browser.evaluate("document.querySelector('.step').textContent") == "30"

@@ -154,10 +154,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif result.stopped_early:
         print(f"stopped at step {result.global_step}; checkpoint in {RunFiles(result.output_dir).checkpoints}")
     else:
+        files = RunFiles(result.output_dir)
         print(
-            f"done: {result.global_step} steps; LoRA: {result.lora_path}; record: {RunFiles(result.output_dir).record}"
+            f"done: {result.global_step} steps in {files.root}; {which_file_line(files)}; record: {files.record.name}"
         )
-        print(which_file_line(RunFiles(result.output_dir)))
     return EXIT_OK
 
 

@@ -99,6 +99,6 @@ def files_for_each_tool(files: RunFiles) -> list[tuple[str, Path]]:
 
 
 def which_file_line(files: RunFiles) -> str:
-    """One line for the end of `train`: the file for each tool, and what a checkpoint's LoRA is for."""
+    """For the end of `train`: the file for each tool, and what a checkpoint's LoRA is for."""
     tools = "; ".join(f"{tool}: {path.name}" for tool, path in files_for_each_tool(files))
-    return f"load {tools} (a checkpoint's lora.safetensors is for resuming: ComfyUI applies nothing from it)"
+    return f"{tools} (a checkpoint's lora.safetensors is for resuming: ComfyUI applies nothing from it)"
