@@ -23,10 +23,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 COLUMNS = 2048  # the whole-run view: enough for a 4k-wide chart (the page folds them into its pixel columns)
 MAX_COLUMNS = 4096
 # the rows hvtune's LossLog writes; anything else (a hand-edited line) goes through json
-ROW = re.compile(rb'\{"step": (\d+), "loss": ([^,}]+), "lr": ([^,}]+)')
+ROW = re.compile(rb'\{"step": (\d+), "loss": ([^,}]+), "lr": ([^,}\n]+)')
+ROWS = re.compile(ROW.pattern.replace(b"\\{", b"^\\{", 1), re.MULTILINE)
+CHUNK = 1 << 20  # bytes read at a time: what a long log costs in memory while it is read
 
 
 def stride_for(extent: int, columns: int) -> int:
@@ -45,21 +49,57 @@ class Buckets:
         self.touched: dict[int, int] = {}
 
     def add(self, step: int, loss: Any, lr: Any, end: int = 0) -> None:
-        key = (step - self.start) // self.stride
+        finite = isinstance(loss, (int, float)) and math.isfinite(loss)
+        value = float(loss) if finite else 0.0
+        lr = lr if isinstance(lr, (int, float)) else None
+        self.merge((step - self.start) // self.stride, (step, step, int(finite), value, value, value, lr, 1), end)
+
+    def merge(self, key: int, summary: tuple, end: int) -> None:
+        """Fold rows already reduced into bucket `key`: (first step, last step, finite rows, their mean, min, max,
+        last lr), all the rows counted; those not finite (NaN, inf) only counted, never in the mean (nor in the
+        JSON: NaN is not JSON)."""
+        first, last, n, mean, low, high, lr, rows = summary
         b = self.buckets.get(key)
         if b is None:
-            b = self.buckets[key] = [key, step, step, 0, 0.0, None, None, None, 0]
-        b[2] = step
-        self.touched[key] = end
-        if isinstance(lr, (int, float)) and math.isfinite(lr):
+            b = self.buckets[key] = [key, first, last, 0, 0.0, None, None, None, 0]
+        b[2], self.touched[key] = last, end
+        if lr is not None and math.isfinite(lr):
             b[7] = lr
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            b[8] += 1  # NaN / inf: counted and shown, never in the mean (nor in the JSON: NaN is not JSON)
+        b[8] += rows - n
+        if n:
+            b[4] = (b[4] * b[3] + mean * n) / (b[3] + n)
+            b[3] += n
+            b[5] = low if b[5] is None else min(b[5], low)
+            b[6] = high if b[6] is None else max(b[6], high)
+
+    def add_chunk(self, chunk: bytes, end: int) -> None:
+        """Every row of `chunk` (whole lines): parsed and reduced per bucket with numpy, as a long log's first read
+        would otherwise spend seconds in Python; lines of another shape go through `_parse`."""
+        found = ROWS.findall(chunk)
+        if len(found) != chunk.count(b"\n"):  # a damaged or hand-written line: row by row
+            for line in chunk.splitlines():
+                row = _parse(line)
+                if row:
+                    self.add(*row, end=end)
             return
-        b[3] += 1
-        b[4] += (loss - b[4]) / b[3]
-        b[5] = loss if b[5] is None else min(b[5], loss)
-        b[6] = loss if b[6] is None else max(b[6], loss)
+        if not found:
+            return
+        steps = np.array([r[0] for r in found], dtype=np.int64)
+        losses = np.array([r[1] for r in found]).astype(np.float64)
+        lrs = np.array([b"nan" if r[2] == b"null" else r[2] for r in found]).astype(np.float64)
+        keys = (steps - self.start) // self.stride
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        ends = np.r_[starts[1:], len(keys)]
+        good = np.isfinite(losses)
+        counts = np.add.reduceat(good.astype(np.int64), starts)
+        sums = np.add.reduceat(np.where(good, losses, 0.0), starts)
+        lows = np.minimum.reduceat(np.where(good, losses, np.inf), starts)
+        highs = np.maximum.reduceat(np.where(good, losses, -np.inf), starts)
+        for k in range(len(starts)):
+            n, last = int(counts[k]), ends[k] - 1
+            mean = float(sums[k]) / n if n else 0.0
+            summary = (int(steps[starts[k]]), int(steps[last]), n, mean, float(lows[k]), float(highs[k]))
+            self.merge(int(keys[starts[k]]), (*summary, float(lrs[last]), int(ends[k] - starts[k])), end)
 
     def rows(self, since: int = -1) -> list[list]:
         """The buckets, in step order; only those a row past byte `since` went into."""
@@ -150,13 +190,13 @@ class WholeRun:
             if stat.st_ino != self._inode or stat.st_size < self._offset or wanted != self._buckets.stride:
                 self._buckets, self._inode, self._offset = Buckets(wanted), stat.st_ino, 0
             f.seek(self._offset)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a line being written: next time
-                self._offset += len(line)
-                row = _parse(line)
-                if row:
-                    self._buckets.add(*row, end=self._offset)
+            while chunk := f.read(CHUNK):
+                whole = chunk[: chunk.rfind(b"\n") + 1]  # a line being written: next time
+                if not whole:
+                    break
+                self._offset += len(whole)
+                f.seek(self._offset)
+                self._buckets.add_chunk(whole, self._offset)
 
 
 def step_range(path: Path, *, first: int, last: int, columns: int) -> dict[str, Any]:
