@@ -229,6 +229,9 @@ def test_a_long_stopped_run_opens_with_an_odd_token_and_a_foreign_cookie(chromiu
             first, last = map(int, re.search(r"steps? (\d+)(?:-(\d+))?:", tip).groups(default="0"))
             assert 149_000 < first < 151_000 and last - first < 10, tip  # a few steps per column, not 256
             assert browser.evaluate("document.querySelector('#state').textContent") == "stopped"  # never unreachable
+            # a stop button left disabled by an earlier stop is usable again once the run is not live (a resume)
+            browser.evaluate("document.querySelector('#stop').disabled = true")
+            browser.wait_for("!document.querySelector('#stop').disabled", 10)
 
             # videos: grouped by prompt, the prompt under each, loaded only when played, the odd name plays
             groups = browser.evaluate("[...document.querySelectorAll('.group')].map(g => g.dataset.group)")

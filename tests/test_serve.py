@@ -376,6 +376,11 @@ def test_video_names_with_hash_and_question_mark_are_served(run_dir):
     assert {v["name"] for v in videos} == {"a#b?c.mp4", "validation_0.mp4"}
 
 
+def test_serve_refuses_an_address_of_another_machine_naming_the_host(run_dir):
+    r = run_hvtune("serve", str(run_dir), "--host", "192.0.2.1", "--port", "0", timeout=60)  # TEST-NET-1
+    assert r.returncode == 2 and "pick another --host" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_serve_refuses_a_busy_port_in_one_line(run_dir):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -320,7 +320,7 @@ class PageHandler(BaseHTTPRequestHandler):
             f.seek(start)
             remaining = end - start + 1
             while remaining > 0:
-                chunk = f.read(min(1 << 20, remaining))
+                chunk = f.read(min(1 << 16, remaining))  # small writes: the idle timeout bounds each, not the file
                 if not chunk:
                     break
                 self.wfile.write(chunk)
