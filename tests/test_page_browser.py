@@ -253,6 +253,13 @@ def test_a_long_stopped_run_opens_with_an_odd_token_and_a_foreign_cookie(chromiu
             assert played["error"] is None and played["time"] > 0, played
             links = browser.evaluate("[...document.querySelectorAll('.links a')].map(a => a.textContent)")
             assert any("for resuming, not ComfyUI" in t for t in links), links
+            browser.evaluate("document.querySelector('details.log').open = true")  # the log's tail, once opened
+            log = browser.wait_for(
+                "(() => { const t = document.querySelector('pre.log').textContent;"
+                " return t.includes('loss.jsonl') && t; })()",
+                20,
+            )
+            assert '"step": 300000' in log, log[-300:]
     finally:
         serve.kill()
         serve.wait()

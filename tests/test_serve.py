@@ -356,7 +356,10 @@ def test_a_stopped_run_shows_its_resume_command_and_the_log_tail(run_dir):
     (run_dir / "run.json").write_text(
         json.dumps({"resolved": {"config": {}, "config_path": "/data/my config.json"}, "stopped_early": True})
     )
-    (run_dir / "logs" / "libraries.log").write_text("".join(f"line {i}\n" for i in range(100)))
+    secret = "hf_" + "s" * 34
+    (run_dir / "logs" / "libraries.log").write_text(
+        f"GET https://x/?token={secret}\n" + "".join(f"line {i}\n" for i in range(99))
+    )
     with page(run_dir) as port:
         state = json.loads(request(port, "/api/state")[2])
         log = json.loads(request(port, "/api/log")[2])
@@ -364,7 +367,10 @@ def test_a_stopped_run_shows_its_resume_command_and_the_log_tail(run_dir):
     assert state["resume"] == (
         f"hvtune train --config '/data/my config.json' --output_dir={run_dir} --resume_from_checkpoint=latest"
     )
-    assert log["libraries"][-1] == "line 99" and len(log["libraries"]) == 40 and '"step": 2' in log["loss"][-1]
+    assert log["libraries"][-1] == "line 98" and len(log["libraries"]) == 40 and '"step": 2' in log["loss"][-1]
+    with page(run_dir) as port:  # a token a library logged is masked
+        (run_dir / "logs" / "libraries.log").write_text(f"GET https://x/?token={secret}\n")
+        assert secret not in request(port, "/api/log")[2].decode()
 
 
 def test_video_names_with_hash_and_question_mark_are_served(run_dir):

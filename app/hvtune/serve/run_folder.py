@@ -141,8 +141,9 @@ class RunFolder:
 
     def log_tail(self, lines: int = 40) -> dict[str, Any]:
         """The last lines of the run's logs: the loss log's rows and the libraries' log (warnings, load notices);
-        read from the end, at most 32 kB each."""
-        return {"loss": _tail(self.files.loss_log, lines), "libraries": _tail(self.files.library_log, lines)}
+        read from the end, at most 32 kB each, token-shaped strings masked."""
+        tails = {"loss": _tail(self.files.loss_log, lines), "libraries": _tail(self.files.library_log, lines)}
+        return mask_secrets(tails)  # a library may log a URL or a header with a token in it
 
     def resume_command(self) -> str | None:
         """The command that resumes a stopped run from its latest checkpoint, when the record names its config."""
