@@ -286,7 +286,7 @@ def _add_run_tools(sub) -> None:
     p.add_argument("output_dir", type=Path, nargs="+", metavar="OUTPUT_DIR", help="a run's output_dir (or two)")
     p.add_argument("--host", help="address to listen on (default HVTUNE_PAGE_HOST or 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, help="default HVTUNE_PAGE_PORT or 8765; 0 picks a free one")
-    p.add_argument("--token", help="required token (default HVTUNE_PAGE_TOKEN; generated when not on 127.0.0.1)")
+    p.add_argument("--token", help="required token (default HVTUNE_PAGE_TOKEN, else generated; printed in the link)")
     p.add_argument("--read-only", action="store_true", help="no stop button")
     p.set_defaults(func=cmd_serve)
 
