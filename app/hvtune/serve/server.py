@@ -162,7 +162,7 @@ class PageHandler(BaseHTTPRequestHandler):
 
     def log_request(self, code="-", size="-") -> None:  # successes are not logged: the log is the training log
         if isinstance(code, int) and code >= 400:
-            self._note_failure(str(code))
+            self._note_failure(str(int(code)))
 
     def log_message(self, format, *args) -> None:  # idle timeouts (a browser's unused preconnect) are not failures
         pass
