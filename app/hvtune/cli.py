@@ -15,7 +15,7 @@ from hvtune.config.settings import ResolvedConfig, load_config
 from hvtune.errors import ConfigError, UserError
 from hvtune.flavours import TASKS
 from hvtune.output.compare import Tolerances
-from hvtune.run_files import RunFiles, which_file_line
+from hvtune.run_files import RunFiles, files_for_each_tool, which_file_line
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -176,8 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = RunFiles(result.output_dir)
     print("\ndemo finished:")
     for label, path in [
-        ("LoRA (diffusers)", result.lora_path),
-        ("LoRA (ComfyUI)", out.comfyui),
+        *[(f"LoRA for {tool}", path) for tool, path in files_for_each_tool(out)],
         ("validation videos", out.validation_root),
         ("loss curve", out.loss_plot),
         ("run record", out.record),
