@@ -68,15 +68,15 @@ def read_dataset_keys(package: Path) -> list[str]:
 def main(package: str) -> None:
     doc = {
         "simpletuner": "4.10.1",
-        "source": "simpletuner/simpletuner_sdk/server/services/field_registry/sections/*.py (ConfigField)",
+        "source": "simpletuner/simpletuner_sdk/server/services/field_registry/sections/*.py"
+        " (ConfigField name, default_value)",
         "options": read_fields(Path(package)),
         "optimizers": read_optimizers(Path(package)),
         "dataset_keys": read_dataset_keys(Path(package)),
     }
     OUT.write_text(json.dumps(doc, indent=0, default=str) + "\n")
-    print(
-        f"{len(doc['options'])} options, {len(doc['optimizers'])} optimizers, {len(doc['dataset_keys'])} dataset keys -> {OUT}"
-    )
+    counts = ", ".join(f"{len(doc[part])} {part}" for part in ("options", "optimizers", "dataset_keys"))
+    print(f"{counts} -> {OUT}")
 
 
 if __name__ == "__main__":
