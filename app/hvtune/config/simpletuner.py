@@ -25,10 +25,24 @@ from hvtune.config.simpletuner_keys import (
 
 
 @cache
+def _options() -> dict[str, Any]:
+    return json.loads((Path(__file__).with_name("simpletuner_options.json")).read_text(encoding="utf-8"))
+
+
+@cache
 def simpletuner_defaults() -> dict[str, Any]:
     """Every SimpleTuner 4.10.1 option -> its default (the field registry; see simpletuner_options.json)."""
-    doc = json.loads((Path(__file__).with_name("simpletuner_options.json")).read_text(encoding="utf-8"))
-    return {name: entry["default"] for name, entry in doc["options"].items()}
+    return {name: entry["default"] for name, entry in _options()["options"].items()}
+
+
+def simpletuner_optimizers() -> list[str]:
+    """Every optimizer name SimpleTuner 4.10.1 accepts (helpers/training/optimizer_param.py optimizer_choices)."""
+    return _options()["optimizers"]
+
+
+def simpletuner_dataset_keys() -> list[str]:
+    """Every key SimpleTuner 4.10.1 reads from a dataset entry of multidatabackend.json."""
+    return _options()["dataset_keys"]
 
 
 def train_policy(key: str) -> KeyPolicy | None:
@@ -40,7 +54,7 @@ def is_simpletuner_default(key: str, value: Any) -> bool:
     if key not in defaults:
         return False
     default = defaults[key]
-    return value == default or (default is None and value in ("", False, 0, None))
+    return value == default or (default in (None, "") and value in ("", False, 0, None))
 
 
 def classify_unknown(key: str, value: Any) -> tuple[str, str]:
@@ -100,18 +114,42 @@ NEAREST_OPTIMIZER: dict[str, str] = {
 # constant_with_warmup, linear and polynomial are diffusers' schedules there too; cosine, cosine_with_restarts and
 # sine are SimpleTuner's own classes, whose period is lr_warmup_steps (train.optim.build_lr_scheduler restates them).
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "polynomial", "cosine", "cosine_with_restarts", "sine")
+SCHEDULER_ALIASES = {"cosine_with_warmup": "cosine"}  # helpers/configuration/cli_utils.py normalize_lr_scheduler_value
 NEEDS_WARMUP_PERIOD = ("cosine_with_restarts", "sine")  # SimpleTuner raises for T_0 = lr_warmup_steps = 0
+
+
+def nearest_optimizer(name: str) -> str:
+    """The optimizer hvtune offers that is closest to SimpleTuner's `name`: the table above, else by family (an 8-bit
+    one -> bnb-adamw8bit, an Adam without decoupled decay -> torch-adam), else SimpleTuner's default adamw_bf16."""
+    if name in NEAREST_OPTIMIZER:
+        return NEAREST_OPTIMIZER[name]
+    if any(part in name for part in ("8bit", "4bit", "fp8")):
+        return "bnb-adamw8bit"
+    if name.startswith("torch-") and "adam" in name:
+        return "torch-adam"
+    return "adamw_bf16"
 
 
 def optimizer_problem(name: str) -> str | None:
     if name in OPTIMIZERS:
         return None
-    if name in NEAREST_OPTIMIZER:
-        return f"not available in hvtune; the nearest is {NEAREST_OPTIMIZER[name]}"
-    return f"unknown optimizer; one of {', '.join(OPTIMIZERS)}"
+    if name in NEAREST_OPTIMIZER or name in simpletuner_optimizers():
+        return f"a SimpleTuner optimizer hvtune does not offer; the nearest it offers is {nearest_optimizer(name)}"
+    return f"not a SimpleTuner 4.10.1 optimizer; one of {', '.join(OPTIMIZERS)}"
+
+
+def simpletuner_scheduler(name: str, warmup_steps: int) -> str:
+    """The schedule SimpleTuner actually runs for `lr_scheduler: name` (cli_utils.normalize_lr_scheduler_value, applied
+    to the parsed args in cmd_args.py): `cosine_with_warmup` is `cosine`, and `constant` with lr_warmup_steps > 0 is
+    `constant_with_warmup` (diffusers' plain constant would skip the warmup)."""
+    name = name.strip().lower()
+    if name in SCHEDULER_ALIASES:
+        return SCHEDULER_ALIASES[name]
+    return "constant_with_warmup" if name == "constant" and warmup_steps > 0 else name
 
 
 def scheduler_problem(name: str, warmup_steps: int) -> str | None:
+    name = simpletuner_scheduler(name, warmup_steps)
     if name not in SCHEDULERS:
         return f"unknown lr_scheduler; one of {', '.join(SCHEDULERS)}"
     if name in NEEDS_WARMUP_PERIOD and warmup_steps <= 0:
@@ -203,6 +241,8 @@ def render_markdown() -> str:
         lines.append(f"| `{name}` | {impl} | {settings} |")
     for name, nearest in NEAREST_OPTIMIZER.items():
         lines.append(f"| `{name}` | refused: nearest `{nearest}` | |")
+    others = [n for n in simpletuner_optimizers() if n not in OPTIMIZERS and n not in NEAREST_OPTIMIZER]
+    lines.extend(f"| `{name}` | refused: nearest `{nearest_optimizer(name)}` | |" for name in others)
     lines.extend(["", "## Defaults kept different on purpose", "", "| key | why |", "|---|---|"])
     lines.extend(f"| `{k}` | {v} |" for k, v in KEPT_DEFAULTS.items())
     lines.append("")
