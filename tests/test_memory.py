@@ -78,7 +78,8 @@ def _loss_and_grads(transformer):
 
 
 def test_every_lora_parameter_gets_a_gradient_and_base_is_frozen():
-    transformer, _ = _model(gradient_checkpointing=False)
+    """The main_blocks preset (hvtune's earlier default; the simpletuner default: tests/test_simpletuner_parity.py)."""
+    transformer, _ = _model(gradient_checkpointing=False, lora_target_modules="main_blocks")
     _randomize_lora_b(transformer)
     _, grads = _loss_and_grads(transformer)
     lora = [n for n, _ in transformer.named_parameters() if "lora_" in n]

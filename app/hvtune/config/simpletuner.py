@@ -40,6 +40,14 @@ def simpletuner_optimizers() -> list[str]:
     return _options()["optimizers"]
 
 
+@cache
+def example_results() -> dict[str, dict[str, str]]:
+    """{SimpleTuner example config: {key `hvtune check` refuses: why}} ({}: it passes), written by
+    benchmarks/simpletuner_examples.py from the wheel; tests/test_simpletuner_parity.py reruns it."""
+    path = Path(__file__).with_name("simpletuner_examples.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def simpletuner_dataset_keys() -> list[str]:
     """Every key SimpleTuner 4.10.1 reads from a dataset entry of multidatabackend.json."""
     return _options()["dataset_keys"]
@@ -246,7 +254,34 @@ def render_markdown() -> str:
     lines.extend(["", "## Defaults kept different on purpose", "", "| key | why |", "|---|---|"])
     lines.extend(f"| `{k}` | {v} |" for k, v in KEPT_DEFAULTS.items())
     lines.append("")
+    lines.extend(_examples_markdown())
     return "\n".join(lines)
+
+
+def _examples_markdown() -> list[str]:
+    results = example_results()
+    passing = [name for name, refused in results.items() if not refused]
+    lines = [
+        "## SimpleTuner's example configs",
+        "",
+        f"`benchmarks/simpletuner_examples.py` runs `hvtune check` over the {len(results)} example configs of",
+        f"SimpleTuner {VERSION} (`simpletuner/examples/*/config.json`; one more is not valid JSON), each switched to",
+        "HunyuanVideo 1.5 (model_family hunyuanvideo, model_flavour t2v-480p, hvtune's hub id) with one local video",
+        f"dataset. **{len(passing)} pass**: {', '.join(f'`{n}`' for n in passing)}.",
+        "",
+        "| example | refused keys |",
+        "|---|---|",
+    ]
+    lines.extend(f"| `{n}` | {', '.join(f'`{k}`' for k in refused)} |" for n, refused in results.items() if refused)
+    reasons: dict[tuple[str, str], int] = {}
+    for refused in results.values():
+        for key, why in refused.items():
+            reasons[(key, why)] = reasons.get((key, why), 0) + 1
+    lines.extend(["", "Why each key is refused (as `hvtune check` says it):", "", "| key | examples | why |"])
+    lines.append("|---|---|---|")
+    lines.extend(f"| `{k}` | {n} | {why.replace('|', '/')} |" for (k, why), n in sorted(reasons.items()))
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":  # regenerate the docs: python -m hvtune.config.simpletuner > docs/SIMPLETUNER.md
