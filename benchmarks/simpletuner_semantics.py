@@ -95,7 +95,9 @@ def lora_targets(wheel: Path) -> dict:
         exclude = _class_constant(hunyuan, "HunyuanVideo", "DEFAULT_LORA_EXCLUDE_TARGETS")
     except LookupError:
         exclude = _class_constant(common, "ModelFoundation", "DEFAULT_LORA_EXCLUDE_TARGETS")
-    methods = _methods(common, ("get_lora_target_layers", "_get_peft_lora_target_modules", "_get_additional_lora_targets"))
+    methods = _methods(
+        common, ("get_lora_target_layers", "_get_peft_lora_target_modules", "_get_additional_lora_targets")
+    )
     model = types.SimpleNamespace(
         config=types.SimpleNamespace(lora_type="standard", peft_lora_target_modules=None, controlnet=False),
         DEFAULT_LORA_TARGET=default,

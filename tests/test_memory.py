@@ -229,7 +229,7 @@ def test_optimizers_step(name):
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("constant", [1.0, 1.0, 1.0, 1.0]),  # SimpleTuner: diffusers' constant, which ignores lr_warmup_steps
+        ("constant", [0.0, 0.5, 1.0, 1.0]),  # SimpleTuner runs constant with a warmup as constant_with_warmup
         ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0]),
         ("linear", [0.0, 0.5, 1.0, 0.5]),
         ("polynomial", [0.0, 0.5, 1.0, 0.5**0.8]),  # lr_end 4e-7, lr_power 0.8 (SimpleTuner's defaults)

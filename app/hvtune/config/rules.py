@@ -118,7 +118,7 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
     if not t.train_steps_limit and t.num_train_epochs == 0:
         found.append(("num_train_epochs", "0 means 'use max_train_steps': set one of them"))
     if isinstance(t.lora_target_modules, str) and t.lora_target_modules not in LORA_TARGET_PRESETS:
-        rule = f"a preset ({', '.join(LORA_TARGET_PRESETS)}) or a list of module names such as [\"to_q\", \"to_k\"]"
+        rule = f'a preset ({", ".join(LORA_TARGET_PRESETS)}) or a list of module names such as ["to_q", "to_k"]'
         found.append(("lora_target_modules", rule))
     if t.aspect_bucket_alignment % 16:
         found.append(("aspect_bucket_alignment", "HunyuanVideo 1.5 needs multiples of 16: use 16, 32 or 64"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hvtune.flavours import DEFAULT_FLAVOUR, FLAVOURS, MODEL_REPO, FlavourSpec
 
@@ -178,6 +178,11 @@ class TrainConfig(_Section):
     eval_dataset_id: str | list[str] | None = None  # which datasets those come from (default: all)
     num_eval_images: int = Field(4, ge=1)  # samples per dataset
     allow_unsupported_keys: bool = False
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _default_targets(cls, value: Any) -> Any:
+        return "simpletuner" if value is None else value  # null: the default set
 
     @property
     def train_steps_limit(self) -> int | None:
