@@ -43,7 +43,6 @@ LEARNING_RATE, LR_END, LR_POWER = 1e-4, 4e-7, 0.8
 def schedules(wheel: Path) -> list[dict]:
     sys.path.insert(0, str(wheel))
     import torch
-
     from simpletuner.helpers.configuration.cli_utils import normalize_lr_scheduler_value
     from simpletuner.helpers.training.custom_schedule import get_lr_scheduler
 

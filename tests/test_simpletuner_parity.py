@@ -120,7 +120,7 @@ def test_default_lora_targets_equal_simpletuners_on_the_full_model():
 def test_unknown_target_preset_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"lora_target_modules = 'all'.*a preset \(simpletuner, main_blocks\)"):
         load_config(_project(tmp_path, {"lora_target_modules": "all"}), env={})
-    with pytest.raises(ConfigError, match="peft_lora_target_modules.*lora_target_modules"):
+    with pytest.raises(ConfigError, match=r"peft_lora_target_modules.*lora_target_modules"):
         load_config(_project(tmp_path / "b", {"peft_lora_target_modules": ["to_q"]}), env={})
 
 
@@ -168,8 +168,11 @@ def test_min_frames_at_or_above_num_frames_as_simpletuner(tmp_path):
 # ----------------------------------------------------------------------------------- the right words for refusals
 
 
-@pytest.mark.parametrize(("name", "nearest"), [("optimi-lion", "optimi-adamw"), ("soap", "adamw_bf16"),
-                                               ("bnb-lion8bit", "bnb-adamw8bit"), ("torch-radam", "torch-adam")])  # fmt: skip
+NEAREST = [("optimi-lion", "optimi-adamw"), ("soap", "adamw_bf16"), ("bnb-lion8bit", "bnb-adamw8bit"),
+           ("torch-radam", "torch-adam")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "nearest"), NEAREST)
 def test_simpletuner_optimizers_hvtune_lacks_name_the_nearest(tmp_path, name, nearest):
     with pytest.raises(
         ConfigError, match=f"a SimpleTuner optimizer hvtune does not offer; the nearest it offers is {nearest}"
@@ -178,7 +181,7 @@ def test_simpletuner_optimizers_hvtune_lacks_name_the_nearest(tmp_path, name, ne
 
 
 def test_unknown_optimizer_and_dataset_keys_are_told_apart_from_simpletuners(tmp_path):
-    with pytest.raises(ConfigError, match="not a SimpleTuner 4.10.1 optimizer"):
+    with pytest.raises(ConfigError, match=r"not a SimpleTuner 4\.10\.1 optimizer"):
         load_config(_project(tmp_path, {"optimizer": "adamw-typo"}), env={})
     with pytest.raises(ConfigError) as e:
         load_config(_project(tmp_path / "b", {}, max_num_samples=10, image_column="img", repeat=2), env={})
@@ -257,3 +260,23 @@ def test_wheel_example_configs_through_check_hold_the_count(simpletuner_wheel):
 
 def test_dataset_probability_field_default_is_simpletuners():
     assert DatasetConfig(id="d").probability == 1.0
+
+
+@pytest.mark.slow
+def test_training_warms_up_keeps_rolling_checkpoints_and_adapts_the_token_refiner(demo_project, tmp_path):
+    """The real run: SimpleTuner's logged lr climbs 1e-5, 2e-5, ... with constant + lr_warmup_steps 10 (issue 27)."""
+    from safetensors.torch import load_file
+
+    from hvtune.trainer import train
+
+    out = tmp_path / "run"
+    settings = {"output_dir": out, "max_train_steps": 4, "learning_rate": 1e-4, "lr_scheduler": "constant",
+                "lr_warmup_steps": 10, "checkpointing_steps": 100, "checkpointing_rolling_steps": 1,
+                "checkpoints_rolling_total_limit": 2, "validation_disable": "true"}  # fmt: skip
+    train(load_config(demo_project, env={}, argv=[f"--{k}={v}" for k, v in settings.items()]))
+    logged = [json.loads(line)["lr"] for line in (out / "logs" / "loss.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-5, 2e-5, 3e-5, 4e-5])
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-000002-rolling", "checkpoint-000003-rolling"]
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(".token_refiner.refiner_blocks.0.attn.to_q." in key for key in lora)

@@ -225,8 +225,8 @@ def _frames_and_probability(ds: DatasetConfig, where: str, label: str, problems:
     v = ds.video
     if ds.dataset_type == "video" and v.min_frames is not None and v.min_frames < v.num_frames:
         notices.append(
-            f"{where} {label}: video.min_frames {v.min_frames} < num_frames {v.num_frames}: clips between them train at "
-            "their own 4n+1 length (hvtune only: SimpleTuner 4.10.1 refuses min_frames < num_frames)"
+            f"{where} {label}: video.min_frames {v.min_frames} < num_frames {v.num_frames}: clips between them train "
+            "at their own 4n+1 length (hvtune only: SimpleTuner 4.10.1 refuses min_frames < num_frames)"
         )
     if ds.probability != 1.0:
         rule = "dataset sampling probabilities are not implemented (hvtune uses every sample each epoch): use 1.0"
