@@ -206,6 +206,16 @@ def test_rolling_checkpoints_are_a_series_of_their_own(tmp_path):
     assert find_checkpoint(tmp_path, "latest").name == "checkpoint-000012-rolling"
 
 
+def test_a_run_from_before_the_new_default_resumes_only_with_main_blocks():
+    from hvtune.output.checkpoints import identity_changes, run_identity
+
+    before = run_identity({**TrainConfig().model_dump(), "lora_target_modules": None}, None)  # null meant main_blocks
+    blocking, _ = identity_changes(before, run_identity(TrainConfig().model_dump(), None))
+    assert blocking == ["lora_target_modules 'main_blocks' -> 'simpletuner'"]
+    same = run_identity(TrainConfig(lora_target_modules="main_blocks").model_dump(), None)
+    assert identity_changes(before, same) == ([], [])
+
+
 # ------------------------------------------------------------------------------------------ the example configs
 
 

@@ -175,6 +175,8 @@ def identity_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> t
     blocking, announced = [], []
     for key in MUST_MATCH + ANNOUNCED:
         old, new = saved.get(key), current.get(key)
+        if key == "lora_target_modules":  # null meant main_blocks until the default became SimpleTuner's (issue 27)
+            old, new = old or "main_blocks", new or "main_blocks"
         if old != new:
             text = "the data (cache manifest) changed" if key == "dataset" else f"{key} {old!r} -> {new!r}"
             (blocking if key in MUST_MATCH else announced).append(text)
