@@ -23,7 +23,7 @@ from hvtune.config.settings import TrainConfig
 from hvtune.errors import UserError
 from hvtune.train.base_model import is_adapter_parameter, offload_device
 
-# SimpleTuner 4.10.1 helpers/models/hunyuanvideo/model.py HunyuanVideo.DEFAULT_LORA_TARGET (tests/test_lora_targets.py
+# SimpleTuner 4.10.1 helpers/models/hunyuanvideo/model.py HunyuanVideo.DEFAULT_LORA_TARGET (test_simpletuner_parity.py
 # compares them with the wheel)
 SIMPLETUNER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 # In the last dual-stream block the model drops the text stream's output (forward() keeps only hidden_states after the
