@@ -66,6 +66,16 @@ def test_small_differences_are_equivalent(tmp_path, capsys):
     assert "inputs that differ:" in out and "GPU" in out and "H100" in out
 
 
+def test_a_lora_b_that_never_trained_is_equal_not_orthogonal(tmp_path, capsys):
+    """The default targets include modules that get no gradient: their lora_B stays all zeros in both runs."""
+    zero = {"transformer.blocks.1.attn.to_add_out.lora_B.weight": torch.zeros(32, 4)}
+    nudged = {k: v * 1.001 for k, v in _lora().items()}
+    a = _run(tmp_path / "a", lora={**_lora(), **zero})
+    b = _run(tmp_path / "b", lora={**nudged, **zero}, losses=[x * 1.005 for x in LOSSES])
+    code, out = _cli(capsys, a, b)
+    assert code == EXIT_EQUIVALENT, out
+
+
 def test_other_weights_or_losses_are_different_and_the_differing_input_is_named(tmp_path, capsys):
     a = _run(tmp_path / "a")
     b = _run(tmp_path / "b", lora=_lora(seed=1), seeds={"seed": 7})

@@ -81,13 +81,17 @@ def test_diffusers_lora_loads_with_load_lora_adapter_and_changes_output(tiny_t2v
     assert path == tmp_path / "pytorch_lora_weights.safetensors"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
     saved = load_file(path)
-    assert saved and all(k.startswith("transformer.transformer_blocks.") for k in saved)
+    # the default targets are SimpleTuner's: the dual-stream blocks' and the token refiner's attention
+    assert saved and all(
+        k.startswith(("transformer.transformer_blocks.", "transformer.context_embedder.")) for k in saved
+    )
     assert all(torch.equal(saved[f"transformer.{k}"], v) for k, v in state.items())  # fp32, bit-exact
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["hvtune.rank"] == "4" and meta["hvtune.alpha"] == "8.0" and meta["hvtune.flavour"] == "t2v-480p"
     targets = json.loads(meta["hvtune.target_modules"])
-    assert "transformer_blocks.0.attn.to_add_out" in targets and "transformer_blocks.1.attn.to_add_out" not in targets
+    assert "context_embedder.token_refiner.refiner_blocks.0.attn.to_q" in targets  # SimpleTuner's set:
+    assert "transformer_blocks.1.attn.to_add_out" in targets  # the refiner, and the last block's (dead) text modules
     assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
 
     pipe = HunyuanVideo15Pipeline.from_pretrained(tiny_t2v)  # a freshly loaded pipeline, as a user would
@@ -145,9 +149,12 @@ def test_comfyui_file_merged_as_comfyui_does_reproduces_the_trained_model(tiny_t
             for m in ("img_attn_qkv", "txt_attn_qkv", "img_attn_proj", "txt_attn_proj")
             for s in ("lora_A.weight", "lora_B.weight", "alpha")
         }
-        expected -= {
-            f"diffusion_model.double_blocks.1.txt_attn_proj.{s}" for s in ("lora_A.weight", "lora_B.weight", "alpha")
-        }
+        expected |= {
+            f"diffusion_model.txt_in.individual_token_refiner.blocks.{i}.{m}.{s}"
+            for i in range(trained.config.num_refiner_layers)
+            for m in ("self_attn_qkv", "self_attn_proj")
+            for s in ("lora_A.weight", "lora_B.weight", "alpha")
+        }  # SimpleTuner's default targets: the token refiner's attention and the last block's text projection too
         assert set(comfy) == expected
         # fused: A stacks q, k, v (3r rows), B is block diagonal, alpha 3a keeps alpha / rank
         a, b = (

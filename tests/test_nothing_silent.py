@@ -250,7 +250,7 @@ def test_resume_with_another_lora_shape_is_one_line_and_a_changed_seed_is_announ
     for key, value, shown in [
         ("lora_rank", 4, "lora_rank 8 -> 4"),
         ("lora_alpha", 2, "lora_alpha 8 -> 2.0"),
-        ("lora_target_modules", '["to_q"]', "lora_target_modules None -> ['to_q']"),
+        ("lora_target_modules", '["to_q"]', "lora_target_modules 'simpletuner' -> ['to_q']"),
         ("model_flavour", "t2v-720p", "model_flavour 't2v-480p' -> 't2v-720p'"),
     ]:
         with pytest.raises(CheckpointError) as refused:

@@ -30,7 +30,7 @@ from hvtune.plan.validation import (
 
 SEED_PROJECT = Path(__file__).resolve().parents[1] / "examples" / "seed-project"
 FULL_PARAMS = 8_326_608_160
-TARGETED_PROJECTIONS = 54 * 8 - 2  # 8 attention projections per block, minus the last block's two dead ones
+TARGETED_PROJECTIONS = 54 * 8 + 2 * 4  # SimpleTuner's set: 8 projections per block, 4 per token-refiner block
 
 
 @functools.cache

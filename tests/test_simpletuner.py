@@ -246,7 +246,9 @@ def test_optimizer_names_and_settings_as_simpletuner(name, cls, eps, weight_deca
 
 
 def test_unavailable_optimizer_is_refused_with_the_nearest(tmp_path):
-    with pytest.raises(ConfigError, match=r"prodigy.*nearest is adamw_bf16"):
+    with pytest.raises(
+        ConfigError, match=r"prodigy.*SimpleTuner optimizer hvtune does not offer; the nearest it offers is adamw_bf16"
+    ):
         load_config(_project(tmp_path, {"optimizer": "prodigy"}), env={})
 
 

@@ -29,6 +29,7 @@ from hvtune.output.checkpoints import (
     clear_run_outputs,
     plan_start,
     restore_checkpoint,
+    rolling_checkpoint_due,
     run_identity,
     save_checkpoint,
 )
@@ -293,10 +294,13 @@ def _after_step(run: _Run, loss: float) -> bool:
     stop_now = agree(run.accelerator, bool(run.stop.requested))
     last = step >= run.total_steps
     limited = run.max_steps_this_run is not None and run.steps_this_run >= run.max_steps_this_run
-    if run.main and (step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
+    regular = step % cfg.checkpointing_steps == 0 or stop_now or limited
+    rolling = not regular and rolling_checkpoint_due(cfg, step)
+    if run.main and (regular or rolling) and not last:
         run.status.phase("checkpointing")
         run.room.check(run.room.checkpoint, f"the checkpoint of step {step}")
-        run.room.write(f"the checkpoint of step {step}", _checkpoint, run, cfg.checkpoints_total_limit)
+        keep = cfg.checkpoints_rolling_total_limit if rolling else cfg.checkpoints_total_limit
+        run.room.write(f"the checkpoint of step {step}", _checkpoint, run, keep, rolling)
     if validation_due(cfg, step, run.total_steps, final=last) and run.main:
         run.status.phase("validating")
         for suffix, weights in lora_ema.validation_variants(cfg, run.ema):
@@ -326,10 +330,10 @@ def _log_step(run: _Run, loss: float) -> None:
     run.step_started = now
 
 
-def _checkpoint(run: _Run, keep: int | None) -> Path:
+def _checkpoint(run: _Run, keep: int | None, rolling: bool = False) -> Path:
     extra = run.ema.checkpoint_files() if run.ema is not None else None
     lora, opt, sched = lora_state_dict(run.model), run.optimizer.state_dict(), run.lr_scheduler.state_dict()
-    return save_checkpoint(run.out, run.state, lora, opt, sched, keep, extra)
+    return save_checkpoint(run.out, run.state, lora, opt, sched, keep, extra, rolling)
 
 
 # ------------------------------------------------------------------------------------------------------------ finish

@@ -65,6 +65,7 @@ def _round_resolution(ds: DatasetConfig, key: str, where: str, problems: list[Pr
 def _report_dataset_keys(path, label, ds: DatasetConfig, allow: bool, problems, notices) -> None:
     """Dataset and video keys hvtune has no field for: SimpleTuner's harmless ones are a notice; anything else would
     change what is trained (or is a typo of a key that does), so it is an error unless allow_unsupported_keys."""
+    from hvtune.config.simpletuner import simpletuner_dataset_keys
     from hvtune.config.simpletuner_keys import DATASET_KEYS
 
     found = [(k, v, DATASET_KEYS.get(k)) for k, v in ds.unknown_keys.items()]
@@ -74,7 +75,12 @@ def _report_dataset_keys(path, label, ds: DatasetConfig, allow: bool, problems, 
         if policy is not None and policy.status == "ignored":
             ignored.append(f"{key} ({policy.note})")
             continue
-        reason = policy.note if policy is not None else "not a key hvtune or SimpleTuner 4.10.1 reads here (a typo?)"
+        if policy is not None:
+            reason = policy.note
+        elif key in simpletuner_dataset_keys():
+            reason = "a SimpleTuner dataset option hvtune does not implement"
+        else:
+            reason = "not a key hvtune or SimpleTuner 4.10.1 reads here (a typo?)"
         if allow:
             notices.append(f"{path} {label}: {key} NOT applied ({reason}; allow_unsupported_keys)")
         else:
@@ -144,8 +150,6 @@ def _video_findings(ds: DatasetConfig) -> list[Finding]:
         found.append(("video.bucket_strategy", v.bucket_strategy, "must be aspect_ratio or resolution_frames"))
     if v.frame_interval < 1:
         found.append(("video.frame_interval", v.frame_interval, "must be >= 1"))
-    if v.min_frames is not None and v.min_frames > v.num_frames:
-        found.append(("video.min_frames", v.min_frames, f"must be <= num_frames ({v.num_frames})"))
     if v.max_frames is not None and v.max_frames < v.num_frames:
         found.append(("video.max_frames", v.max_frames, f"must be >= num_frames ({v.num_frames})"))
     return found
@@ -186,10 +190,18 @@ def check_dataset_simpletuner(
     datasets: list[DatasetConfig], t: TrainConfig, where: str, problems: list[Problem], notices: list[str]
 ) -> None:
     """Dataset settings whose SimpleTuner meaning needs the top-level config too."""
+    media = [ds for ds in datasets if not ds.skipped and ds.dataset_type in ("video", "image")]
+    if t.data_backend_sampling == "uniform" and len(media) > 1:
+        rule = (
+            "SimpleTuner's uniform draws each dataset equally often; hvtune trains every sample of every dataset "
+            "each epoch (times its repeats): use auto-weighting, or one dataset"
+        )
+        problems.append(Problem(where, "data_backend_sampling", t.data_backend_sampling, rule))
     for i, ds in enumerate(datasets):
         if ds.skipped or ds.dataset_type not in ("video", "image"):
             continue
         label = f"[{i}] id={ds.id}"
+        _frames_and_probability(ds, where, label, problems, notices)
         maximum = ds.maximum_image_size if ds.maximum_image_size is not None else t.maximum_image_size
         downsample = ds.target_downsample_size if ds.target_downsample_size is not None else t.target_downsample_size
         if ds.crop and maximum and downsample:  # SimpleTuner: TrainingSample._should_resize_before_crop
@@ -203,3 +215,19 @@ def check_dataset_simpletuner(
                 f"{where} {label}: caption_strategy not set: SimpleTuner's default, filename (captions from file "
                 "names); set textfile to read the .txt beside each file"
             )
+
+
+def _frames_and_probability(ds: DatasetConfig, where: str, label: str, problems: list[Problem], notices: list[str]):
+    """SimpleTuner's factory requires video.min_frames >= num_frames (clips shorter than min_frames are skipped, every
+    sample trains num_frames); hvtune also takes a smaller min_frames, training a shorter clip at its own 4n+1 length,
+    and says so. A dataset's `probability` weighs how often SimpleTuner draws it; hvtune draws every sample of every
+    dataset each epoch, which is SimpleTuner's default 1.0."""
+    v = ds.video
+    if ds.dataset_type == "video" and v.min_frames is not None and v.min_frames < v.num_frames:
+        notices.append(
+            f"{where} {label}: video.min_frames {v.min_frames} < num_frames {v.num_frames}: clips between them train "
+            "at their own 4n+1 length (hvtune only: SimpleTuner 4.10.1 refuses min_frames < num_frames)"
+        )
+    if ds.probability != 1.0:
+        rule = "dataset sampling probabilities are not implemented (hvtune uses every sample each epoch): use 1.0"
+        problems.append(Problem(where, f"{label}.probability", ds.probability, rule))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hvtune.config.layering import resolve_path
-from hvtune.config.schema import DatasetConfig, TrainConfig, parse_wxh
+from hvtune.config.schema import LORA_TARGET_PRESETS, DatasetConfig, TrainConfig, parse_wxh
 from hvtune.errors import Problem
 from hvtune.flavours import DEFAULT_FLAVOUR, FLAVOURS
 
@@ -32,14 +32,43 @@ def round16(value: int, key: str, notices: list[str]) -> int:
 
 def check_train_rules(t: TrainConfig, where: Where, problems: list[Problem], notices: list[str]) -> None:
     check_flavour(t, where, problems)
-    if not frames_ok(t.validation_num_video_frames):
-        key = "validation_num_video_frames"
-        problems.append(Problem(where(key), key, t.validation_num_video_frames, FRAMES_RULE))
+    validation_frames(t, where, problems, notices)
     normalise_validation_resolution(t, where, problems, notices)
-    if t.lr_scheduler == "constant" and t.lr_warmup_steps > 0:
-        notices.append("lr_scheduler constant ignores lr_warmup_steps, as in SimpleTuner: use constant_with_warmup")
+    simpletuner_meanings(t, notices)
     for key, rule in (*unsupported_values(t), *schedule_problems(t), *offload_conflicts(t)):
         problems.append(Problem(where(key), key, getattr(t, key), rule))
+
+
+def simpletuner_meanings(t: TrainConfig, notices: list[str]) -> None:
+    """Values SimpleTuner reads as another: the schedule its cli_utils.normalize_lr_scheduler_value runs (constant
+    with a warmup is constant_with_warmup, cosine_with_warmup is cosine), and null validation prompts (no prompt: no
+    validation; no negative prompt: empty)."""
+    from hvtune.config.simpletuner import simpletuner_scheduler
+
+    runs = simpletuner_scheduler(t.lr_scheduler, t.lr_warmup_steps)
+    if runs != t.lr_scheduler:
+        notices.append(
+            f"lr_scheduler {t.lr_scheduler} with lr_warmup_steps {t.lr_warmup_steps}: runs as {runs}, as in SimpleTuner"
+        )
+        t.lr_scheduler = runs
+    if t.validation_negative_prompt is None:
+        t.validation_negative_prompt = ""
+    if t.validation_prompt is None:
+        t.validation_prompt = ""
+        if not t.validation_disable:
+            notices.append("validation_prompt null: no validation videos, as in SimpleTuner (no prompt to validate)")
+            t.validation_disable = True
+
+
+def validation_frames(t: TrainConfig, where: Where, problems: list[Problem], notices: list[str]) -> None:
+    """The diffusers pipeline SimpleTuner validates with renders (n - 1) // 4 * 4 + 1 frames for n: round down to
+    that, with a notice (validation only)."""
+    key, asked = "validation_num_video_frames", t.validation_num_video_frames
+    if asked < 1:
+        problems.append(Problem(where(key), key, asked, FRAMES_RULE))
+    elif not frames_ok(asked):
+        t.validation_num_video_frames = (asked - 1) // 4 * 4 + 1
+        notices.append(f"{key} {asked}: renders {t.validation_num_video_frames} ({FRAMES_RULE}), as the pipeline does")
 
 
 def check_flavour(t: TrainConfig, where: Where, problems: list[Problem]) -> None:
@@ -88,6 +117,9 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("validation_prompt_library", rule))
     if not t.train_steps_limit and t.num_train_epochs == 0:
         found.append(("num_train_epochs", "0 means 'use max_train_steps': set one of them"))
+    if isinstance(t.lora_target_modules, str) and t.lora_target_modules not in LORA_TARGET_PRESETS:
+        rule = f'a preset ({", ".join(LORA_TARGET_PRESETS)}) or a list of module names such as ["to_q", "to_k"]'
+        found.append(("lora_target_modules", rule))
     if t.aspect_bucket_alignment % 16:
         found.append(("aspect_bucket_alignment", "HunyuanVideo 1.5 needs multiples of 16: use 16, 32 or 64"))
     return found

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hvtune.flavours import DEFAULT_FLAVOUR, FLAVOURS, MODEL_REPO, FlavourSpec
 
@@ -21,6 +21,10 @@ class _Section(BaseModel):
 
 
 CaptionStrategy = Literal["textfile", "filename", "instanceprompt", "metadata"]
+# lora_target_modules by name (train.lora turns them into peft targets): "simpletuner" is SimpleTuner 4.10.1's set for
+# HunyuanVideo (its DEFAULT_LORA_TARGET, every attention including the token refiner's), "main_blocks" hvtune's
+# earlier default (the dual-stream blocks' attention only, minus the last block's modules that get no gradient)
+LORA_TARGET_PRESETS = ("simpletuner", "main_blocks")
 
 
 class VideoOptions(_Section):
@@ -58,6 +62,7 @@ class DatasetConfig(_Section):
     cache_dir_vae: str | None = None
     disabled: bool = False
     disable: bool = False
+    probability: float = Field(1.0, ge=0.0)  # SimpleTuner's sampling weight: only 1.0 (backends)
 
     @property
     def skipped(self) -> bool:
@@ -94,12 +99,13 @@ class TrainConfig(_Section):
     prepend_instance_prompt: bool = False
     only_instance_prompt: bool = False
     caption_strategy: CaptionStrategy = "filename"  # each dataset's default, as SimpleTuner
+    data_backend_sampling: Literal["auto-weighting", "uniform"] = "auto-weighting"  # uniform: one dataset only
     # LoRA
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = Field(None, gt=0)  # 0 would scale the LoRA to nothing: nothing would train
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # SimpleTuner 0.1; see simpletuner.KEPT_DEFAULTS
     lora_init_type: Literal["default", "gaussian"] = "default"
-    lora_target_modules: list[str] | None = None
+    lora_target_modules: str | list[str] = "simpletuner"  # a LORA_TARGET_PRESETS name or peft module names
     # optimisation
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -139,12 +145,14 @@ class TrainConfig(_Section):
     # checkpoints, validation, logging
     checkpointing_steps: int = Field(500, ge=1, alias="checkpoint_step_interval")
     checkpoints_total_limit: int | None = Field(5, ge=1)
+    checkpointing_rolling_steps: int = Field(0, ge=0)  # SimpleTuner: a second series, checkpoint-N-rolling
+    checkpoints_rolling_total_limit: int | None = Field(1, ge=1)  # newest rolling checkpoints kept (SimpleTuner's 1)
     resume_from_checkpoint: str | None = "latest"
     overwrite_output_dir: bool = False  # replace another run's outputs in output_dir instead of refusing to mix them
     validation_steps: int = Field(0, ge=0, alias="validation_step_interval")
     validation_disable: bool = False
-    validation_prompt: str = "A cat walks across a sunlit kitchen floor."
-    validation_negative_prompt: str = ""
+    validation_prompt: str | None = "A cat walks across a sunlit kitchen floor."  # null: no validation (rules)
+    validation_negative_prompt: str | None = ""  # null: empty, SimpleTuner's default
     validation_resolution: str | int | list[str | int] | None = None
     validation_num_video_frames: int = 61
     validation_guidance: float = 6.0
@@ -170,6 +178,11 @@ class TrainConfig(_Section):
     eval_dataset_id: str | list[str] | None = None  # which datasets those come from (default: all)
     num_eval_images: int = Field(4, ge=1)  # samples per dataset
     allow_unsupported_keys: bool = False
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _default_targets(cls, value: Any) -> Any:
+        return "simpletuner" if value is None else value  # null: the default set
 
     @property
     def train_steps_limit(self) -> int | None:

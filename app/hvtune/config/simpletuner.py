@@ -25,10 +25,32 @@ from hvtune.config.simpletuner_keys import (
 
 
 @cache
+def _options() -> dict[str, Any]:
+    return json.loads((Path(__file__).with_name("simpletuner_options.json")).read_text(encoding="utf-8"))
+
+
+@cache
 def simpletuner_defaults() -> dict[str, Any]:
     """Every SimpleTuner 4.10.1 option -> its default (the field registry; see simpletuner_options.json)."""
-    doc = json.loads((Path(__file__).with_name("simpletuner_options.json")).read_text(encoding="utf-8"))
-    return {name: entry["default"] for name, entry in doc["options"].items()}
+    return {name: entry["default"] for name, entry in _options()["options"].items()}
+
+
+def simpletuner_optimizers() -> list[str]:
+    """Every optimizer name SimpleTuner 4.10.1 accepts (helpers/training/optimizer_param.py optimizer_choices)."""
+    return _options()["optimizers"]
+
+
+@cache
+def example_results() -> dict[str, dict[str, str]]:
+    """{SimpleTuner example config: {key `hvtune check` refuses: why}} ({}: it passes), written by
+    benchmarks/simpletuner_examples.py from the wheel; tests/test_simpletuner_parity.py reruns it."""
+    path = Path(__file__).with_name("simpletuner_examples.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def simpletuner_dataset_keys() -> list[str]:
+    """Every key SimpleTuner 4.10.1 reads from a dataset entry of multidatabackend.json."""
+    return _options()["dataset_keys"]
 
 
 def train_policy(key: str) -> KeyPolicy | None:
@@ -40,7 +62,7 @@ def is_simpletuner_default(key: str, value: Any) -> bool:
     if key not in defaults:
         return False
     default = defaults[key]
-    return value == default or (default is None and value in ("", False, 0, None))
+    return value == default or (default in (None, "") and value in ("", False, 0, None))
 
 
 def classify_unknown(key: str, value: Any) -> tuple[str, str]:
@@ -100,18 +122,42 @@ NEAREST_OPTIMIZER: dict[str, str] = {
 # constant_with_warmup, linear and polynomial are diffusers' schedules there too; cosine, cosine_with_restarts and
 # sine are SimpleTuner's own classes, whose period is lr_warmup_steps (train.optim.build_lr_scheduler restates them).
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "polynomial", "cosine", "cosine_with_restarts", "sine")
+SCHEDULER_ALIASES = {"cosine_with_warmup": "cosine"}  # helpers/configuration/cli_utils.py normalize_lr_scheduler_value
 NEEDS_WARMUP_PERIOD = ("cosine_with_restarts", "sine")  # SimpleTuner raises for T_0 = lr_warmup_steps = 0
+
+
+def nearest_optimizer(name: str) -> str:
+    """The optimizer hvtune offers that is closest to SimpleTuner's `name`: the table above, else by family (an 8-bit
+    one -> bnb-adamw8bit, an Adam without decoupled decay -> torch-adam), else SimpleTuner's default adamw_bf16."""
+    if name in NEAREST_OPTIMIZER:
+        return NEAREST_OPTIMIZER[name]
+    if any(part in name for part in ("8bit", "4bit", "fp8")):
+        return "bnb-adamw8bit"
+    if name.startswith("torch-") and "adam" in name:
+        return "torch-adam"
+    return "adamw_bf16"
 
 
 def optimizer_problem(name: str) -> str | None:
     if name in OPTIMIZERS:
         return None
-    if name in NEAREST_OPTIMIZER:
-        return f"not available in hvtune; the nearest is {NEAREST_OPTIMIZER[name]}"
-    return f"unknown optimizer; one of {', '.join(OPTIMIZERS)}"
+    if name in NEAREST_OPTIMIZER or name in simpletuner_optimizers():
+        return f"a SimpleTuner optimizer hvtune does not offer; the nearest it offers is {nearest_optimizer(name)}"
+    return f"not a SimpleTuner 4.10.1 optimizer; one of {', '.join(OPTIMIZERS)}"
+
+
+def simpletuner_scheduler(name: str, warmup_steps: int) -> str:
+    """The schedule SimpleTuner actually runs for `lr_scheduler: name` (cli_utils.normalize_lr_scheduler_value, applied
+    to the parsed args in cmd_args.py): `cosine_with_warmup` is `cosine`, and `constant` with lr_warmup_steps > 0 is
+    `constant_with_warmup` (diffusers' plain constant would skip the warmup)."""
+    name = name.strip().lower()
+    if name in SCHEDULER_ALIASES:
+        return SCHEDULER_ALIASES[name]
+    return "constant_with_warmup" if name == "constant" and warmup_steps > 0 else name
 
 
 def scheduler_problem(name: str, warmup_steps: int) -> str | None:
+    name = simpletuner_scheduler(name, warmup_steps)
     if name not in SCHEDULERS:
         return f"unknown lr_scheduler; one of {', '.join(SCHEDULERS)}"
     if name in NEEDS_WARMUP_PERIOD and warmup_steps <= 0:
@@ -203,10 +249,39 @@ def render_markdown() -> str:
         lines.append(f"| `{name}` | {impl} | {settings} |")
     for name, nearest in NEAREST_OPTIMIZER.items():
         lines.append(f"| `{name}` | refused: nearest `{nearest}` | |")
+    others = [n for n in simpletuner_optimizers() if n not in OPTIMIZERS and n not in NEAREST_OPTIMIZER]
+    lines.extend(f"| `{name}` | refused: nearest `{nearest_optimizer(name)}` | |" for name in others)
     lines.extend(["", "## Defaults kept different on purpose", "", "| key | why |", "|---|---|"])
     lines.extend(f"| `{k}` | {v} |" for k, v in KEPT_DEFAULTS.items())
     lines.append("")
+    lines.extend(_examples_markdown())
     return "\n".join(lines)
+
+
+def _examples_markdown() -> list[str]:
+    results = example_results()
+    passing = [name for name, refused in results.items() if not refused]
+    lines = [
+        "## SimpleTuner's example configs",
+        "",
+        f"`benchmarks/simpletuner_examples.py` runs `hvtune check` over the {len(results)} example configs of",
+        f"SimpleTuner {VERSION} (`simpletuner/examples/*/config.json`; one more is not valid JSON), each switched to",
+        "HunyuanVideo 1.5 (model_family hunyuanvideo, model_flavour t2v-480p, hvtune's hub id) with one local video",
+        f"dataset. **{len(passing)} pass**: {', '.join(f'`{n}`' for n in passing)}.",
+        "",
+        "| example | refused keys |",
+        "|---|---|",
+    ]
+    lines.extend(f"| `{n}` | {', '.join(f'`{k}`' for k in refused)} |" for n, refused in results.items() if refused)
+    reasons: dict[tuple[str, str], int] = {}
+    for refused in results.values():
+        for key, why in refused.items():
+            reasons[(key, why)] = reasons.get((key, why), 0) + 1
+    lines.extend(["", "Why each key is refused (as `hvtune check` says it):", "", "| key | examples | why |"])
+    lines.append("|---|---|---|")
+    lines.extend(f"| `{k}` | {n} | {why.replace('|', '/')} |" for (k, why), n in sorted(reasons.items()))
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":  # regenerate the docs: python -m hvtune.config.simpletuner > docs/SIMPLETUNER.md

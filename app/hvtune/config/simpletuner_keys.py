@@ -106,7 +106,9 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "gradient_accumulation_steps": _same("micro-batches per optimizer step"),
     "learning_rate": _same("peak learning rate"),
     "lr_scheduler": _same(
-        "constant, constant_with_warmup, linear, polynomial (diffusers' schedules, as SimpleTuner); cosine, "
+        "constant, constant_with_warmup, linear, polynomial (diffusers' schedules, as SimpleTuner; constant with "
+        "lr_warmup_steps > 0 runs as constant_with_warmup and cosine_with_warmup is cosine, as SimpleTuner's "
+        "cli_utils.normalize_lr_scheduler_value makes them); cosine, "
         "cosine_with_restarts, sine as SimpleTuner's own classes compute them: period lr_warmup_steps, no warmup, "
         "floor to lr_end; cosine_with_restarts stays at learning_rate (its steps_per_epoch=-1 keeps T_cur at 0)",
         CUSTOM_SCHEDULE,
@@ -152,14 +154,23 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "checkpoint_step_interval": _same("checkpoint every N steps (old name checkpointing_steps)", CLI_UTILS),
     "checkpointing_steps": _same("old name of checkpoint_step_interval", CLI_UTILS),
     "checkpoints_total_limit": _same("keep the newest N checkpoints; default 5 as SimpleTuner"),
+    "checkpointing_rolling_steps": _same(
+        "also checkpoint every N steps (when no regular checkpoint is due) as checkpoint-N-rolling, a series of "
+        "its own; 0 (default): none",
+        TRAINER,
+    ),
+    "checkpoints_rolling_total_limit": _same("keep the newest N rolling checkpoints (default 1)", TRAINER),
     "resume_from_checkpoint": _same(
         "latest (SimpleTuner's default), a checkpoint name in output_dir/checkpoints or a path; empty: fresh start"
     ),
     "validation_step_interval": _same("validate every N steps (old name validation_steps)", CLI_UTILS),
     "validation_steps": _same("old name of validation_step_interval", CLI_UTILS),
     "validation_disable": _same("no validation videos"),
-    "validation_prompt": _same("validation prompt"),
-    "validation_negative_prompt": _same("validation negative prompt"),
+    "validation_prompt": _same(
+        "validation prompt; null (SimpleTuner's default): no validation videos, as SimpleTuner without a prompt",
+        "helpers/training/validation.py",
+    ),
+    "validation_negative_prompt": _same("validation negative prompt; null: empty"),
     "validation_resolution": _same("WxH, an int N (NxN), or a comma list (the first is used, the rest noted)"),
     "validation_num_video_frames": _same("frames of the validation video"),
     "validation_guidance": _same("guidance scale; omitted: 6.0 (Tencent's) on purpose, SimpleTuner's is 7.5"),
@@ -172,6 +183,11 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "instance_prompt": _same("default of each dataset's instance_prompt", FACTORY),
     "prepend_instance_prompt": _same("default of each dataset's prepend_instance_prompt", FACTORY),
     "caption_strategy": _same("default of each dataset's caption_strategy (filename)", FACTORY),
+    "data_backend_sampling": _same(
+        "how SimpleTuner picks the dataset of each batch; with one training dataset both values draw the same. "
+        "hvtune trains every sample of every dataset each epoch (times repeats); uniform with several is refused",
+        "helpers/data_backend/runtime/dataloader_iterator.py",
+    ),
     "only_instance_prompt": _same("true: every dataset uses only its instance_prompt", FACTORY),
     "allow_unsupported_keys": _same("hvtune: accept refused keys with a notice instead of an error"),
     # no effect on the LoRA
@@ -202,6 +218,16 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "lora_format": _ignored("hvtune writes the diffusers and the ComfyUI format"),
     "logging_dir": _ignored(_LOGGING),
     "checkpoint_epoch_interval": _ignored("checkpoint timing only; use checkpoint_step_interval"),
+    "skip_file_discovery": _ignored("hvtune always scans (its probe index makes a rescan cheap)"),
+    "gradient_precision": _ignored("hvtune's LoRA weights, and so their gradients, are always fp32"),
+    "eval_steps_interval": _ignored("evaluation loss only; hvtune has no eval datasets"),
+    "user_prompt_library": _ignored("validation only: hvtune validates validation_prompt (no prompt library)"),
+    "validation_guidance_rescale": _ignored("validation only: not applied to hvtune's validation videos"),
+    "validation_guidance_skip_layers": _ignored("validation only: not applied to hvtune's validation videos"),
+    "evaluation_type": _ignored("evaluation scores of validation images only; hvtune computes none"),
+    "tokenizer_max_length": _ignored(
+        "SimpleTuner's HunyuanVideo model does not read it (its pipeline pads the prompt to 1000 tokens)", HUNYUAN
+    ),
     # changes training; hvtune does not do it
     "context_parallel_size": _refused("context parallelism is not implemented; use 1"),
     "context_parallel_comm_strategy": _refused("context parallelism is not implemented"),
@@ -209,9 +235,30 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "distillation_config": _refused("distillation is not implemented"),
     "tread_config": _refused("TREAD token routing is not implemented"),
     "sdnq_use_hadamard": _refused("SDNQ quantisation is not implemented; use base_model_precision int8-torchao"),
-    "gradient_precision": _refused("hvtune accumulates LoRA gradients in fp32 (SimpleTuner's fp32 setting)"),
+    "peft_lora_target_modules": _refused(
+        "hvtune's key for this list is lora_target_modules (peft module names, or a preset: simpletuner, "
+        "main_blocks): rename it"
+    ),
     "pretrained_t5_model_name_or_path": _refused("not a HunyuanVideo component"),
 }
+
+# torch.compile (SimpleTuner's dynamo_* keys): a speed knob; hvtune does not compile yet (issue 22 adds it)
+TRAIN_KEYS.update(
+    {
+        key: _ignored("torch.compile setting: hvtune does not compile yet; no effect on the LoRA")
+        for key in (
+            "dynamo_backend",
+            "dynamo_mode",
+            "dynamo_dynamic",
+            "dynamo_fullgraph",
+            "dynamo_use_regional_compilation",
+            "dynamo_wrapper",
+            "dynamo_cache_export",
+            "dynamo_cache_export_after_first_step",
+            "dynamo_hub_repo_id",
+        )
+    }
+)
 
 # Options other model families register (helpers/models/field_registry/*.py), seen in the Wan/LTX examples.
 TRAIN_KEYS.update(
@@ -285,6 +332,7 @@ DATASET_KEYS: dict[str, KeyPolicy] = {
     "cache_dir_vae": _same("latent cache folder"),
     "disabled": _same("skip this dataset"),
     "disable": _same("skip this dataset (SimpleTuner reads both names)", FACTORY),
+    "probability": _same("1.0 only (SimpleTuner's default: every sample each epoch); other weights are refused"),
     "metadata_backend": _ignored("hvtune probes files itself"),
     "compress_cache": _ignored("cache storage format"),
     "skip_file_discovery": _ignored("hvtune always scans"),
@@ -301,14 +349,17 @@ DATASET_KEYS: dict[str, KeyPolicy] = {
     "is_regularization_data": _refused("regularisation datasets are not implemented"),
     "conditioning": _refused("conditioning datasets are not implemented"),
     "conditioning_data": _refused("conditioning datasets are not implemented"),
-    "probability": _refused("dataset sampling probabilities are not implemented (hvtune uses every sample)"),
     "max_upscale_threshold": _refused("hvtune never upscales (sources below the bucket are skipped)"),
     "text_embeds": _refused("per-dataset text-embed routing is not implemented; hvtune uses the default one"),
 }
 
 VIDEO_KEYS: dict[str, KeyPolicy] = {
     "num_frames": _same("frames per sample"),
-    "min_frames": _same("shorter clips are skipped (default num_frames)"),
+    "min_frames": _same(
+        "shorter clips are skipped (default num_frames; SimpleTuner requires >= num_frames). hvtune also takes a "
+        "smaller one, training a shorter clip at its own 4n+1 length, with a notice",
+        FACTORY,
+    ),
     "max_frames": _same("longer clips are skipped"),
     "bucket_strategy": _same("aspect_ratio or resolution_frames"),
     "frame_interval": _same("resolution_frames frame step"),

@@ -25,6 +25,7 @@ from hvtune.files import atomic_directory
 from hvtune.run_files import RunFiles
 
 PREFIX = "checkpoint-"
+ROLLING = "-rolling"  # SimpleTuner's second series (checkpointing_rolling_steps): checkpoint-NNNNNN-rolling
 STATE_FILE = "trainer_state.json"
 
 
@@ -45,13 +46,20 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return RunFiles(output_dir).checkpoints
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def list_checkpoints(output_dir: str | Path, rolling: bool | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first: both series, or only the rolling (True) or the regular (False) ones."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    if rolling is not None:
+        found = [p for p in found if p.name.endswith(ROLLING) == rolling]
+    return sorted(found, key=_step)
+
+
+def rolling_checkpoint_due(cfg, step: int) -> bool:
+    """SimpleTuner's rolling series: every checkpointing_rolling_steps, when no regular checkpoint is written."""
+    return cfg.checkpointing_rolling_steps > 0 and step % cfg.checkpointing_rolling_steps == 0
 
 
 def save_checkpoint(
@@ -62,8 +70,11 @@ def save_checkpoint(
     scheduler: dict,
     keep: int | None,
     extra_files: dict[str, bytes] | None = None,
+    rolling: bool = False,
 ) -> Path:
-    """`extra_files`: {name: bytes} written into the checkpoint too (the EMA's `ema.safetensors`)."""
+    """`extra_files`: {name: bytes} written into the checkpoint too (the EMA's `ema.safetensors`). `keep`: the newest
+    checkpoints of the same series kept (regular: checkpoints_total_limit, rolling: checkpoints_rolling_total_limit;
+    SimpleTuner's checkpoint_state_cleanup prunes each series apart)."""
     import torch
     from safetensors.torch import save
 
@@ -71,7 +82,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".{PREFIX}*"):  # debris of a killed save
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"{PREFIX}{state.global_step:06d}"
+    final = root / f"{PREFIX}{state.global_step:06d}{ROLLING if rolling else ''}"
     with atomic_directory(final) as tmp:  # its temp name starts with f".{PREFIX}": the glob above removes it
         # bytes through open(), not save_file: safetensors creates its files 0600, unreadable to other users
         (tmp / "lora.safetensors").write_bytes(save({k: v.detach().cpu().contiguous() for k, v in lora.items()}))
@@ -80,7 +91,7 @@ def save_checkpoint(
             (tmp / name).write_bytes(data)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # written last: its presence marks completeness
     if keep is not None:
-        for old in list_checkpoints(output_dir)[:-keep]:
+        for old in list_checkpoints(output_dir, rolling)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -164,6 +175,8 @@ def identity_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> t
     blocking, announced = [], []
     for key in MUST_MATCH + ANNOUNCED:
         old, new = saved.get(key), current.get(key)
+        if key == "lora_target_modules":  # null meant main_blocks until the default became SimpleTuner's (issue 27)
+            old, new = old or "main_blocks", new or "main_blocks"
         if old != new:
             text = "the data (cache manifest) changed" if key == "dataset" else f"{key} {old!r} -> {new!r}"
             (blocking if key in MUST_MATCH else announced).append(text)
@@ -238,7 +251,7 @@ def plan_start(
 
 
 def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name[len(PREFIX) :])
+    return int(checkpoint.name[len(PREFIX) :].removesuffix(ROLLING))
 
 
 def check_resumable(checkpoint: Path, identity: dict[str, Any], total_steps: int) -> list[str]:

@@ -101,8 +101,10 @@ def _tensor_differences(run_a: Path, run_b: Path) -> tuple[list[tuple[str, float
             missing.append(f"{name} (shape {tuple(lora_a[name].shape)} vs {tuple(lora_b[name].shape)})")
             continue
         rel = (torch.linalg.norm(ta - tb) / torch.linalg.norm(ta).clamp_min(1e-12)).item()
-        cos = torch.nn.functional.cosine_similarity(ta, tb, dim=0, eps=1e-12).item()
-        tensors.append((name, rel, cos, torch.equal(lora_a[name], lora_b[name])))
+        equal = torch.equal(lora_a[name], lora_b[name])
+        # equal tensors point the same way, all-zero ones too (a LoRA B that never got a gradient)
+        cos = 1.0 if equal else torch.nn.functional.cosine_similarity(ta, tb, dim=0, eps=1e-12).item()
+        tensors.append((name, rel, cos, equal))
     return tensors, missing
 
 

@@ -3,8 +3,12 @@
 `add_lora(transformer, cfg)` runs after `hvtune.train.base_model.prepare_base`: the adapter wraps the prepared (cast,
 quantized, offloaded) base layers and its weights stay float32 and resident on the training device.
 
-- `lora_type: lora` (default): peft LoRA on `lora_target_modules` (default: the attention projections of the main
-  dual-stream blocks), rank `lora_rank`, alpha `lora_alpha` (default: the rank).
+- `lora_type: lora` (default): peft LoRA on `lora_target_modules`, rank `lora_rank`, alpha `lora_alpha` (default: the
+  rank). `lora_target_modules` is a preset or peft module names: `simpletuner` (default) is SimpleTuner 4.10.1's set
+  for HunyuanVideo, its `DEFAULT_LORA_TARGET` names matched the way peft matches a list (by suffix), so every
+  attention: the 54 dual-stream blocks' and the token refiner's (440 modules on the full model, the same LoRA
+  SimpleTuner trains from the same config); `main_blocks` is hvtune's earlier default, the dual-stream blocks only,
+  without the last block's modules that get no gradient (430).
 - `lora_type: lycoris`: peft LoKr / LoHa layers instead of LoRA, shaped and scaled by LyCORIS' rules
   (`add_lycoris`; the rules in `hvtune.config.lycoris`). Everything in `base_model` applies to them as to LoRA.
 """
@@ -19,7 +23,9 @@ from hvtune.config.settings import TrainConfig
 from hvtune.errors import UserError
 from hvtune.train.base_model import is_adapter_parameter, offload_device
 
-MAIN_BLOCK_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# SimpleTuner 4.10.1 helpers/models/hunyuanvideo/model.py HunyuanVideo.DEFAULT_LORA_TARGET (test_simpletuner_parity.py
+# compares them with the wheel)
+SIMPLETUNER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 # In the last dual-stream block the model drops the text stream's output (forward() keeps only hidden_states after the
 # loop), so these modules get no gradient (to_add_out, ff_context: None) or an all-zero one (add_q_proj: text queries
 # only produce text outputs). LoRA on them would train nothing, and DDP would need find_unused_parameters=True.
@@ -32,11 +38,21 @@ def lora_alpha(cfg: TrainConfig) -> float:
     return cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
 
 
-def default_target_modules() -> str:
-    """A regex (peft full-matches it against module names): the brief's projections in the main dual-stream blocks,
-    not the token refiner's same-named layers. The last block's dead modules are removed by `add_lora`."""
-    names = "|".join(re.escape(t) for t in MAIN_BLOCK_TARGETS)
+def main_blocks_target_modules() -> str:
+    """The `main_blocks` preset, a regex (peft full-matches it against module names): the projections in the main
+    dual-stream blocks, not the token refiner's same-named layers. The last block's dead modules are removed by
+    `lora_config`."""
+    names = "|".join(re.escape(t) for t in SIMPLETUNER_TARGETS)
     return rf"transformer_blocks\.\d+\.attn\.({names})"
+
+
+def target_modules(cfg: TrainConfig) -> str | list[str]:
+    """peft's target_modules for `lora_target_modules`: a preset's, or the user's module names as given."""
+    if cfg.lora_target_modules == "simpletuner":
+        return list(SIMPLETUNER_TARGETS)
+    if cfg.lora_target_modules == "main_blocks":
+        return main_blocks_target_modules()
+    return cfg.lora_target_modules
 
 
 def dead_modules(transformer) -> list[str]:
@@ -46,11 +62,13 @@ def dead_modules(transformer) -> list[str]:
 
 
 def lora_config(transformer, cfg: TrainConfig):
-    """The peft LoraConfig for this run: rank, alpha (default = rank), dropout, init, targets minus the dead modules."""
+    """The peft LoraConfig for this run: rank, alpha (default = rank), dropout, init, targets. The `simpletuner` preset
+    keeps SimpleTuner's whole set, the last block's dead modules included (their LoRA stays a zero delta, and
+    `_make_adapter_trainable` keeps DDP off them); any other targets leave the dead modules out."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    targets = cfg.lora_target_modules or default_target_modules()
+    targets = target_modules(cfg)
     config = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=lora_alpha(cfg),
@@ -58,6 +76,8 @@ def lora_config(transformer, cfg: TrainConfig):
         init_lora_weights="gaussian" if cfg.lora_init_type == "gaussian" else True,
         target_modules=targets,
     )
+    if cfg.lora_target_modules == "simpletuner":
+        return config
     names = {name for name, _ in transformer.named_modules()}
     # exclude only what the targets would match: peft warns about an exclusion list that excluded nothing
     excluded = [
@@ -92,18 +112,23 @@ def add_lora(transformer, cfg: TrainConfig) -> None:
 
 def _make_adapter_trainable(transformer) -> None:
     device = offload_device(transformer)
-    frozen = []
+    frozen, dead_adapter = [], []
+    dead = tuple(f"{name}." for name in dead_modules(transformer))
     for name, param in transformer.named_parameters():
         if is_adapter_parameter(name):  # resident on the training device even when the base is offloaded
             param.data = param.data.to(device=device or param.device, dtype=torch.float32)
             param.requires_grad_(True)
+            if name.startswith(dead):
+                dead_adapter.append(name)
         else:
             param.requires_grad_(False)
             frozen.append(name)
     # DDP (accelerate launch with N processes) would broadcast the whole frozen base from rank 0 at wrap time and
     # refuse a module whose parameters sit on two device types (an offloaded base on the CPU, LoRA on the GPU): it only
-    # needs to know the LoRA weights, every rank loads the same base.
-    transformer._ddp_params_and_buffers_to_ignore = frozen + [name for name, _ in transformer.named_buffers()]
+    # needs to know the LoRA weights, every rank loads the same base. The LoRA of the last block's dead modules (the
+    # simpletuner preset keeps them) gets no gradient on any rank: synced, DDP would need find_unused_parameters.
+    buffers = [name for name, _ in transformer.named_buffers()]
+    transformer._ddp_params_and_buffers_to_ignore = frozen + dead_adapter + buffers
 
 
 def lycoris_targets(transformer, spec) -> dict[str, str]:

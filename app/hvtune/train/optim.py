@@ -95,15 +95,17 @@ def simpletuner_wave(name: str, cfg: TrainConfig):
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """diffusers' `get_scheduler`: constant, constant_with_warmup, linear and cosine (linear warmup over
-    `lr_warmup_steps`, then constant or a decay to 0 at `total_steps`). Stepped once per optimizer step.
-    diffusers' plain `constant` ignores `lr_warmup_steps`; here a warmup asked for is a warmup, so `constant` with
-    `lr_warmup_steps` > 0 runs as `constant_with_warmup` (the same lr after the warmup)."""
+    """SimpleTuner's get_lr_scheduler (helpers/training/custom_schedule.py) for the name SimpleTuner runs
+    (`simpletuner_scheduler`: `constant` with `lr_warmup_steps` > 0 is `constant_with_warmup`, `cosine_with_warmup`
+    is `cosine`): diffusers' `get_scheduler` for constant, constant_with_warmup and linear (linear warmup over
+    `lr_warmup_steps`, then constant or a decay to 0 at `total_steps`), diffusers' polynomial decay, and SimpleTuner's
+    own cosine / cosine_with_restarts / sine (`simpletuner_wave`). Stepped once per optimizer step: the first step
+    trains at the schedule's step-0 lr (0 during a warmup), as SimpleTuner's does."""
     from diffusers.optimization import get_scheduler
 
-    from hvtune.config.simpletuner import scheduler_problem
+    from hvtune.config.simpletuner import scheduler_problem, simpletuner_scheduler
 
-    name = cfg.lr_scheduler
+    name = simpletuner_scheduler(cfg.lr_scheduler, cfg.lr_warmup_steps)
     if problem := scheduler_problem(name, cfg.lr_warmup_steps):
         raise UserError(f"lr_scheduler {name!r}: {problem}")
     if name in ("cosine", "cosine_with_restarts", "sine"):
