@@ -18,7 +18,7 @@ from hvtune.output.comfyui import _KEY, _comfy_name
 from hvtune.output.export import adapter_config, lora_state_dict, save_diffusers_lora
 
 
-def full_size_lora_bytes(rank: int) -> tuple[int, int]:
+def full_size_lora_bytes(rank: int, targets: str | None = None) -> tuple[int, int]:
     """(diffusers file, ComfyUI file) weight bytes of a float32 LoRA on the default targets of the full model.
     ComfyUI's fused q/k/v: lora_A stacks the three (3r x in), lora_B is block-diagonal (3 out x 3r), one alpha."""
     from accelerate import init_empty_weights
@@ -30,7 +30,8 @@ def full_size_lora_bytes(rank: int) -> tuple[int, int]:
 
     with init_empty_weights():
         transformer = HunyuanVideo15Transformer3DModel(**TRANSFORMER_CONFIG)
-    add_lora(transformer, TrainConfig(lora_rank=rank))
+    extra = {} if targets is None else {"lora_target_modules": targets}
+    add_lora(transformer, TrainConfig(lora_rank=rank, **extra))
     state = get_peft_model_state_dict(transformer)
     shapes: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     for key, tensor in state.items():
@@ -47,8 +48,13 @@ def full_size_lora_bytes(rank: int) -> tuple[int, int]:
     return 4 * sum(t.numel() for t in state.values()), comfy
 
 
-def test_full_size_rank_16_files_are_about_113_and_198_mb():
+def test_full_size_rank_16_files_are_about_115_and_202_mb():
     diffusers, comfy = full_size_lora_bytes(16)
+    assert round(diffusers / 1e6) == 115 and round(comfy / 1e6) == 202, (diffusers, comfy)
+
+
+def test_full_size_rank_16_main_blocks_files_are_about_113_and_198_mb():
+    diffusers, comfy = full_size_lora_bytes(16, targets="main_blocks")
     assert round(diffusers / 1e6) == 113 and round(comfy / 1e6) == 198, (diffusers, comfy)
 
 
