@@ -67,7 +67,11 @@ hv_drop_root() {
     find "$dir" -xdev \( ! -uid "$uid" -o ! -gid "$gid" \) -exec chown -h "$uid:$gid" {} + 2>/dev/null || true
     handed+=("$name")
   done
-  hv_log "started as root: $root/{$(IFS=,; echo "${handed[*]}")} handed to uid:gid $uid:$gid, continuing as that user (PUID/PGID choose it)"
+  if [ "${#handed[@]}" = 0 ]; then
+    hv_log "started as root: continuing as uid:gid $uid:$gid (PUID/PGID choose it); your folders are checked, not chowned"
+  else
+    hv_log "started as root: $root/{$(IFS=,; echo "${handed[*]}")} handed to uid:gid $uid:$gid, continuing as that user (PUID/PGID choose it)"
+  fi
   # keep access to GPU device nodes that belong to a group (ROCm: /dev/kfd and /dev/dri/* are video/render)
   groups=$(stat -c %g /dev/kfd /dev/dri/* 2>/dev/null | sort -un | grep -vx 0 | paste -sd, -) || true
   if [ -n "$groups" ]; then set -- --groups "$groups" "$@"; else set -- --clear-groups "$@"; fi
