@@ -136,3 +136,12 @@ def test_cpu_image_has_no_torch_wheel_layer(image):
     assert labels["io.hvtune.torch.version"] == "2.13.0"
     check = run(["docker", "run", "--rm", image, "python", "-c", "import torch; print(torch.__version__)"])
     assert check.stdout.strip() == "2.13.0+cpu"
+
+
+def test_cpu_threads_in_the_image_sleep_and_follow_the_cpu_quota(image):
+    """docker run --cpus 1 on a many-core host: one torch thread, not one per host core; waits sleep (PASSIVE)."""
+    probe = "import hvtune, os, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+    limited = run(["docker", "run", "--rm", "--cpus", "1", image, "python", "-c", probe]).stdout.split()
+    assert limited == ["PASSIVE", "1"], limited
+    free = run(["docker", "run", "--rm", image, "python", "-c", probe]).stdout.split()
+    assert free[0] == "PASSIVE" and int(free[1]) >= 1

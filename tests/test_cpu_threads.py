@@ -30,9 +30,10 @@ def test_hvtune_makes_cpu_threads_sleep_and_keeps_their_count():
         capture_output=True,
         text=True,
     )
-    quota = Path("/sys/fs/cgroup/cpu.max")
-    if not (quota.exists() and quota.read_text().split()[0] != "max"):
-        assert threads == bare.stdout.strip(), "same thread count as torch's default: same results"
+    from hvtune import _cpu_quota
+
+    if not _cpu_quota():  # no container CPU quota here: torch's own count, so the same numbers
+        assert threads == bare.stdout.strip()
 
 
 def test_a_value_the_user_set_wins():
