@@ -71,4 +71,5 @@ engine:
 	docker/ci-engine.sh
 
 container-test:
-	$(VENV)/bin/python -m pytest -q -rs tests/test_container_static.py tests/test_container.py
+	$(VENV)/bin/python -m pytest -q -rs tests/test_container_static.py tests/test_container_pins.py tests/test_container.py \
+	  tests/test_container_runtime.py tests/test_container_fresh_box.py
