@@ -1,9 +1,13 @@
 # Container targets; the top Makefile includes this file (`include docker/docker.mk`).
 #   make build-cuda | build-cuda12 | build-rocm | build-cpu   build an image (compose build of the `cache` service of that profile)
-#   make cache | train                         docker compose up cache / train, exit code of the failing service
+#   make cache | train                         docker compose up cache / train: exit 0 when it finished, 2 when anything
+#                                              failed (make's code; the log names the service and its one-line reason).
+#                                              Builds a missing image locally, never pulls it (pull_policy: never).
 #                                              (vendor: COMPOSE_PROFILES, from the shell or .env; cpu: fetches the wheel)
-#   make pin                                   resolve base image digests (online) into docker/compose.vendors.yaml
-#   make lock                                  regenerate docker/requirements-py3*.lock (hashed) from pyproject.toml
+#   make pin                                   resolve every vendor's base image digest (online) into
+#                                              docker/compose.vendors.yaml and the Dockerfile's default
+#   make lock                                  regenerate docker/requirements-*.lock (hashed) from pyproject.toml and the
+#                                              torch indexes (online)
 #   make lint-docker                           hadolint + shellcheck (also run by `make lint`)
 #   make engine                                CI: Docker engine + compose v2 + local Debian base (docker/ci-engine.sh)
 #   make container-test                        static container tests + the real end-to-end test (needs an engine)
@@ -41,8 +45,9 @@ $(TORCH_CPU_WHEEL):
 PROFILE := $(or $(COMPOSE_PROFILES),$(shell sed -n 's/^COMPOSE_PROFILES=//p' .env 2>/dev/null | tail -n 1),cuda)
 IMAGE_INPUTS := $(if $(filter cpu,$(PROFILE)),$(TORCH_CPU_WHEEL))
 
-# A bare `docker compose up train` exits 0 when train fails. --abort-on-container-failure returns the failing
-# service's exit code (and does not stop train when cache exits 0); --attach-dependencies shows cache's log too.
+# A bare `docker compose up train` exits 0 when train fails. --abort-on-container-failure makes `up` fail when a service
+# fails (train's own code; 1 when cache failed, compose's "dependency failed to start") and does not stop train when
+# cache exits 0; --attach-dependencies shows cache's log too. make turns any failure into 2, the code the docs give.
 # README.md and docs/CONTAINERS.md document this same invocation (tests/test_container_runtime.py runs it).
 cache: $(IMAGE_INPUTS)
 	$(COMPOSE) up --abort-on-container-failure cache
@@ -66,4 +71,5 @@ engine:
 	docker/ci-engine.sh
 
 container-test:
-	$(VENV)/bin/python -m pytest -q -rs tests/test_container_static.py tests/test_container.py
+	$(VENV)/bin/python -m pytest -q -rs tests/test_container_static.py tests/test_container_pins.py tests/test_container.py \
+	  tests/test_container_runtime.py tests/test_container_fresh_box.py

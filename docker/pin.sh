@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# `make pin`: resolve the base images' tags to digests and write them where the build reads them (the
-# ${<VENDOR>_BASE_DIGEST:-...} defaults in docker/compose.vendors.yaml, passed to docker/Dockerfile as BASE_DIGEST,
-# which makes FROM use tag@digest and lands in the image label org.opencontainers.image.base.digest).
+# `make pin`: resolve every base image tag to its digest and write it where the build reads it: the
+# ${<VENDOR>_BASE_IMAGE:-tag@sha256:...} defaults in docker/compose.vendors.yaml (every vendor in the file: cuda,
+# cuda12, rocm, cpu), passed to docker/Dockerfile as BASE_IMAGE, so FROM uses tag@digest and the image label
+# org.opencontainers.image.base.name records it. tests/test_container_static.py checks the form.
 #
-# Online it asks the registry (Docker Hub's token + manifest HEAD; no docker login, no pull). Offline, or for a
-# registry it cannot reach, it keeps the digest already written and says so; --strict makes that an error.
+# Online it asks the registry (Docker Hub's token + manifest HEAD for the multi-arch index; no docker login, no pull).
+# Offline, or for a registry it cannot reach, it keeps what is written and says so; --strict makes that an error.
 #   docker/pin.sh [--strict] [--check]     --check: only print tag -> digest, change nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,19 +37,24 @@ resolve() {
 }
 
 failed=0
-for vendor in CUDA ROCM CPU; do
-  ref=$(sed -n "s/.*\${${vendor}_BASE_IMAGE:-\([^}]*\)}.*/\1/p" "$FILE")
-  [ -n "$ref" ] || { echo "pin: no ${vendor}_BASE_IMAGE default in $FILE" >&2; exit 1; }
-  old=$(sed -n "s/.*\${${vendor}_BASE_DIGEST:-\([^}]*\)}.*/\1/p" "$FILE")
+vendors=$(sed -n 's/.*\${\([A-Z0-9]*\)_BASE_IMAGE:-[^}]*}.*/\1/p' "$FILE" | sort -u)
+[ -n "$vendors" ] || { echo "pin: no <VENDOR>_BASE_IMAGE default in $FILE" >&2; exit 1; }
+for vendor in $vendors; do
+  pinned=$(sed -n "s/.*\${${vendor}_BASE_IMAGE:-\([^}]*\)}.*/\1/p" "$FILE" | head -n 1)
+  ref=${pinned%@*}
   new=$(resolve "$ref")
   if [ -z "$new" ]; then
-    echo "pin: $ref: digest not resolvable here (offline or registry unreachable); keeping '${old:-tag only}'" >&2
+    echo "pin: $ref ($vendor): digest not resolvable here (offline or registry unreachable); keeping '$pinned'" >&2
     failed=1; continue
   fi
-  echo "pin: $ref -> $new"
-  if [ "$CHECK" = 0 ] && [ "$new" != "$old" ]; then
-    sed -i "s|\${${vendor}_BASE_DIGEST:-[^}]*}|\${${vendor}_BASE_DIGEST:-$new}|" "$FILE"
+  echo "pin: $ref ($vendor) -> $new"
+  if [ "$CHECK" = 0 ] && [ "$ref@$new" != "$pinned" ]; then
+    sed -i "s|\${${vendor}_BASE_IMAGE:-[^}]*}|\${${vendor}_BASE_IMAGE:-$ref@$new}|" "$FILE"
   fi
 done
+# a plain `docker build` (no compose) uses the Dockerfile's default: the cpu base, pinned the same way
+# shellcheck disable=SC2016  # a literal ${ in the pattern
+cpu=$(sed -n 's/.*\${CPU_BASE_IMAGE:-\([^}]*\)}.*/\1/p' "$FILE" | head -n 1)
+if [ "$CHECK" = 0 ] && [ -n "$cpu" ]; then sed -i "s|^ARG BASE_IMAGE=.*|ARG BASE_IMAGE=$cpu|" docker/Dockerfile; fi
 if [ "$failed" = 1 ] && [ "$STRICT" = 1 ]; then exit 1; fi
 exit 0

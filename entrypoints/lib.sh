@@ -37,28 +37,41 @@ hv_resolve() {
   done <<<"$out"
 }
 
-# Started as root (RunPod, Vast, `docker run --user 0`): create the folders the run writes under the data root, hand
-# them to PUID:PGID and run this entrypoint again as that user (setpriv, util-linux), so no hvtune process runs as
-# root and the outputs belong to a normal uid. PUID/PGID default to the owner of the data root, or 1000:1000 when
-# root owns it (a RunPod volume). HVTUNE_RUN_AS_ROOT=1 keeps root. Started as another uid: nothing to do.
+# Started as root (compose, RunPod, Vast, `docker run` without --user): create the folders the run writes under the
+# data root, hand them to PUID:PGID and run this entrypoint again as that user (setpriv, util-linux), so no hvtune
+# process runs as root, outputs belong to a normal uid, and any uid works without rebuilding the image. PUID/PGID
+# default to the owner of the data root, or 1000:1000 when root owns it (a RunPod volume). HVTUNE_RUN_AS_ROOT=1
+# keeps root. Started as another uid: nothing to do.
+# Which folders are handed over: compose names each folder's host side (HVTUNE_HOST_<X>_DIR); a name is one of its
+# named volumes, which only the container can repair (e.g. left root-owned by an earlier PUID=0 run), so it is
+# chowned; a host path is your folder, checked and never chowned. Without compose (RunPod, Vast) all three are.
 hv_drop_root() {
   # only inside hvtune's image (HVTUNE_IMAGE_TAG is set there): root on a bare host running these scripts stays root
   [ "$(id -u)" = 0 ] && [ -n "${HVTUNE_IMAGE_TAG:-}" ] && [ "${HVTUNE_RUN_AS_ROOT:-0}" != 1 ] || return 0
-  local root owner uid gid dir groups
+  local root owner uid gid name dir host groups handed=()
   root=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
   root=${root%/}
   owner=$(stat -c '%u:%g' "$root" 2>/dev/null) || owner=0:0
   [ "${owner%%:*}" != 0 ] || owner=1000:1000
   uid=${PUID:-${owner%%:*}} gid=${PGID:-${owner##*:}}
   [[ "$uid" =~ ^[0-9]+$ && "$gid" =~ ^[0-9]+$ ]] || hv_die "PUID=$uid / PGID=$gid must be numeric ids (id -u, id -g)"
-  [ "$uid" != 0 ] || hv_die "PUID=0 would train as root: set PUID to a normal uid, or HVTUNE_RUN_AS_ROOT=1 to keep root on purpose"
+  [ "$uid" != 0 ] || hv_die "PUID=0 would train as root: set PUID and PGID (.env, or -e) to a normal user's ids, e.g. PUID=1000 PGID=1000 (as root on the host: 'chown 1000:1000 ${HVTUNE_HOST_OUTPUT_DIR:-<your outputs folder>}' too), or HVTUNE_RUN_AS_ROOT=1 to keep root on purpose"
   command -v setpriv >/dev/null || hv_die "started as root but setpriv (util-linux) is missing from the image: start the container as a normal uid (--user)"
-  hv_log "started as root: preparing $root/{models,cache,outputs} for uid:gid $uid:$gid and continuing as that user (set PUID/PGID to choose)"
-  for dir in "$root/models" "$root/cache" "$root/outputs"; do
+  for name in models cache outputs; do
+    case $name in models) host=${HVTUNE_HOST_MODELS_DIR:-} ;; cache) host=${HVTUNE_HOST_CACHE_DIR:-} ;; *) host=${HVTUNE_HOST_OUTPUT_DIR:-} ;; esac
+    # compose's own rule: a volume source starting with . / or ~ is a host path, anything else a named volume
+    case $host in .*|/*|\~*) continue ;; esac
+    dir=$root/$name
     # a read-only mount stays as it is; the writable checks that follow name it
     mkdir -p "$dir" 2>/dev/null || continue
     find "$dir" -xdev \( ! -uid "$uid" -o ! -gid "$gid" \) -exec chown -h "$uid:$gid" {} + 2>/dev/null || true
+    handed+=("$name")
   done
+  if [ "${#handed[@]}" = 0 ]; then
+    hv_log "started as root: continuing as uid:gid $uid:$gid (PUID/PGID choose it); your folders are checked, not chowned"
+  else
+    hv_log "started as root: $root/{$(IFS=,; echo "${handed[*]}")} handed to uid:gid $uid:$gid, continuing as that user (PUID/PGID choose it)"
+  fi
   # keep access to GPU device nodes that belong to a group (ROCm: /dev/kfd and /dev/dri/* are video/render)
   groups=$(stat -c %g /dev/kfd /dev/dri/* 2>/dev/null | sort -un | grep -vx 0 | paste -sd, -) || true
   if [ -n "$groups" ]; then set -- --groups "$groups" "$@"; else set -- --clear-groups "$@"; fi
@@ -133,17 +146,37 @@ hv_check_dataset() {
 # its nearest existing parent (it is created later by hvtune), so a failed check leaves nothing behind.
 # $3: the host-side path, when known, to word the fix.
 hv_check_writable() {
-  local dir=$1 what=$2 host=${3:-} probe ids at
+  local dir=$1 what=$2 host=${3:-} probe ids at fix
   ids="$(id -u):$(id -g)"
+  # a host folder: chown it on the host; a named volume (or unknown): let a root start hand it over
+  fix="run 'sudo chown -R $ids $host' on the host, or set PUID/PGID in .env to its owner"
+  [ -n "$host" ] || fix="start the container as root (no --user) with PUID=$(id -u) PGID=$(id -g) in its environment: it hands its folders to that uid, then drops root"
   at=$dir
   while [ ! -d "$at" ] && [ "$at" != / ]; do at=$(dirname "$at"); done
   if ! probe=$(mktemp -p "$at" .hvtune-write-test.XXXXXX 2>/dev/null); then
     if [ "$at" = "$dir" ]; then
-      hv_die "$what folder $dir is not writable by uid:gid $ids: run 'sudo chown -R $ids ${host:-<the mounted folder>}' on the host, or set PUID/PGID in .env to its owner"
+      hv_die "$what folder $dir is not writable by uid:gid $ids: $fix"
     fi
-    hv_die "$what folder $dir cannot be created by uid:gid $ids ($at is not writable): run 'sudo chown $ids ${host:-<the mounted folder>}' on the host, or set PUID/PGID in .env to the owner"
+    hv_die "$what folder $dir cannot be created by uid:gid $ids ($at is not writable): $fix"
   fi
   rm -f "$probe"
+}
+
+# Every folder that cache AND train need, checked by each service (and `all`) before the first download, so a
+# read-only or root-owned outputs folder stops `cache` at once instead of `train` after the whole cache was built.
+# $1 = models: the models folder too (where `hvtune fetch` downloads into HF_HOME; train only reads it).
+hv_check_folders() {
+  hv_check_dataset
+  if [ "${1:-}" = models ]; then hv_check_writable "$HF_HOME" "models (HF_HOME)" "$(hv_host_of models)"; fi
+  hv_check_writable "$HV_CACHE_DIR" "cache" "$(hv_host_of cache)"
+  hv_check_writable "$HV_OUTPUT_DIR" "output" "$(hv_host_of outputs)"
+}
+
+# The host path behind a folder of the data root (compose's HVTUNE_HOST_<X>_DIR), empty for a named volume or unknown.
+hv_host_of() {
+  local host
+  case $1 in models) host=${HVTUNE_HOST_MODELS_DIR:-} ;; cache) host=${HVTUNE_HOST_CACHE_DIR:-} ;; *) host=${HVTUNE_HOST_OUTPUT_DIR:-} ;; esac
+  case $host in .*|/*|\~*) printf '%s' "$host" ;; esac
 }
 
 # No GPU visible in the cuda/rocm image. HVTUNE_SKIP_GPU_CHECK=1 skips it (e.g. `hvtune check` on a login node).

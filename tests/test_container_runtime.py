@@ -89,7 +89,7 @@ def test_root_start_on_root_owned_workspace_trains_as_puid_with_progress_in_the_
         assert code == 0, text[-4000:]
         assert len(seen_running) >= 2, f"no progress lines in the log while training ran:\n{text[-4000:]}"
         assert seen_running == sorted(seen_running), seen_running
-        assert "started as root: preparing /workspace/{models,cache,outputs} for uid:gid 1000:1000" in text
+        assert "started as root: /workspace/{models,cache,outputs} handed to uid:gid 1000:1000" in text
         # the data root belongs to root, so the default uid is 1000; everything written belongs to it
         assert PUID == 1000
         assert_run_outputs(ws / "outputs")
@@ -109,7 +109,7 @@ def test_puid_pgid_choose_the_uid_a_root_start_hands_the_folders_to(image, tmp_p
     env = ["PUID=4321", "PGID=4322", "HVTUNE_DATA_ROOT=/workspace", "HVTUNE_CONFIG=/workspace/datasets/config.json"]
     cmd = ["docker", "run", "--rm", "--user", "0:0", "-v", f"{ws}:/workspace:rw", "-e", "HF_HUB_OFFLINE=1"]
     proc = run([*cmd, *(a for kv in env for a in ("-e", kv)), image, "fetch-encoders"], timeout=300)
-    assert "for uid:gid 4321:4322" in proc.stderr, proc.stderr
+    assert "handed to uid:gid 4321:4322" in proc.stderr, proc.stderr
     assert "all components present" in proc.stdout, "hvtune fetch ran after the hand-over"
     for folder in ("outputs", "cache", "models"):
         assert owners(ws / folder) == {(4321, 4322)}, f"{folder}: {owners(ws / folder)}"
