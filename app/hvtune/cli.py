@@ -138,11 +138,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hvtune.output.run_dir import output_dir_lock
     from hvtune.output.status import recorded
     from hvtune.trainer import train
 
     resolved = _config(args)
-    with recorded(resolved.train.output_dir):
+    out = Path(resolved.train.output_dir)
+    with output_dir_lock(out), recorded(out):  # the lock first: a refused second run writes nothing there
         result = train(resolved)
     if not result.is_main_process:
         return EXIT_OK

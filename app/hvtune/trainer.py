@@ -98,6 +98,7 @@ class _Run:
     step_inputs: dict = field(default_factory=dict)  # training_step's arguments that stay the same every step
     step_started: float = 0.0
     micro_losses: list = field(default_factory=list)  # of the optimizer step in progress
+    micro_samples: list = field(default_factory=list)  # the ids of its samples: a NaN loss names them
     steps_this_run: int = 0
     stopped_early: bool = False
 
@@ -272,12 +273,14 @@ def _step(run: _Run, index: int, items: list) -> float | None:
     accelerator, state = run.accelerator, run.state
     loss = training_step(batch=load_batch(run.manifest, items), epoch=state.epoch, index=index, **run.step_inputs)
     run.micro_losses.append(loss.detach())
+    run.micro_samples += [run.manifest.samples[i].id for i, _draw in items]
     state.batch_in_epoch = index + 1
     if not accelerator.sync_gradients:
         return None
     run.lr_scheduler.step()
-    loss = step_loss(accelerator, run.micro_losses, state.global_step + 1)
-    run.micro_losses = []
+    verify = run.manifest.verify_command
+    loss = step_loss(accelerator, run.micro_losses, state.global_step + 1, samples=run.micro_samples, verify=verify)
+    run.micro_losses, run.micro_samples = [], []
     state.global_step += 1
     run.steps_this_run += 1
     if run.ema is not None:

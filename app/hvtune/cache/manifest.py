@@ -74,6 +74,7 @@ class Manifest:
     validation_image: dict[str, str] | None
     data: dict[str, Any] = field(repr=False)
     repair_hint: str = "run `hvtune cache` again"  # the command that re-encodes a damaged entry
+    verify_command: str = "hvtune cache verify"  # the command that rehashes every entry
 
     def text_path(self, key: str) -> Path:
         return entry_path(self.text_root, key)
@@ -139,6 +140,7 @@ def parse_manifest(layout: CacheLayout, data: dict[str, Any]) -> Manifest:
         validation_image=data.get("validation_image"),
         data=data,
         repair_hint=layout.repair_hint,
+        verify_command=layout.verify_command,
     )
 
 
