@@ -64,6 +64,7 @@ STAGES = [
     "output.compare",
     "output.progress",
     "output.status",
+    "output.preflight",
     "trainer",  # the loop: wires the stages
     "plan.autocast",  # the full-size step on meta tensors (calls the training step)
     "plan.dataset",

@@ -79,3 +79,18 @@ def exclusive_lock(
             f.flush()
     finally:
         f.close()  # closing the file releases the flock
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock at `path` now (as `describe_holder` says it), or None when it is free; takes nothing."""
+    import fcntl
+
+    if not path.is_file():
+        return None
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return describe_holder(_holder(f))
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None

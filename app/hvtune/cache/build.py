@@ -206,6 +206,7 @@ def _write_manifest(
         "sources": source_stats(
             [q for p in plans for q in (p.sample.source, p.sample.source.with_suffix(".txt"))] + result.metadata_files
         ),
+        "dataset_files": {d: {"root": str(root), "files": rels} for d, (root, rels) in result.files.items()},
     }
     mpath = layout.manifest_path
     build.stats.bytes += write_text_atomic(mpath, json.dumps(manifest, indent=1, ensure_ascii=False))
