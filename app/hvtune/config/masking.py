@@ -23,6 +23,10 @@ _PLAIN_KEY_WORDS = {
 }  # fmt: skip
 
 
+# short words that are secrets only as words of their own (`github_pat`, `db_pwd`), never inside another word
+_SECRET_WORDS = {"pat", "pwd", "otp", "jwt"}
+
+
 def _words(key: str) -> list[str]:
     """`wandbApiKey` -> [wandb, api, key]; `HF_TOKEN` -> [hf, token]."""
     spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", key)
@@ -34,7 +38,7 @@ def is_secret_key(key: str) -> bool:
     hvtune uses no such key itself; users paste them into configs and environments."""
     words = _words(key)
     joined = "".join(words)
-    if _SECRET_PARTS.search(joined) or _TOKEN.search(joined):
+    if _SECRET_PARTS.search(joined) or _TOKEN.search(joined) or _SECRET_WORDS.intersection(words):
         return True
     return any(w in ("key", "keys") and (i == 0 or words[i - 1] not in _PLAIN_KEY_WORDS) for i, w in enumerate(words))
 
