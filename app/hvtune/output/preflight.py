@@ -27,7 +27,7 @@ from typing import Any
 from hvtune.config.settings import ResolvedConfig
 from hvtune.errors import UserError
 from hvtune.output.comfyui import to_comfyui
-from hvtune.output.export import adapter_scales
+from hvtune.output.export import adapter_scales, lora_state_dict
 from hvtune.train.batches import plan_epoch
 from hvtune.train.lora import add_lora, lora_alpha
 from hvtune.train.step import TrainError
@@ -69,12 +69,15 @@ def add_lora_checked(transformer, cfg) -> None:
         add_lora(transformer, cfg)
     except UserError as e:
         raise TrainError(str(e)) from e
+    import torch
     from peft.utils import get_peft_model_state_dict
 
-    # the adapter's own tensors, not copied (they may be on the meta device): the mapping needs names and shapes
-    weights = {k: v.detach() for k, v in get_peft_model_state_dict(getattr(transformer, "module", transformer)).items()}
+    on_meta = any(p.is_meta for p in transformer.parameters() if p.requires_grad)  # check: names and shapes only
+    model = getattr(transformer, "module", transformer)
+    weights = get_peft_model_state_dict(model) if on_meta else lora_state_dict(transformer)
     try:
-        to_comfyui(weights, float(lora_alpha(cfg)), adapter_scales(transformer))
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            to_comfyui(weights, float(lora_alpha(cfg)), adapter_scales(transformer))
     except ValueError as e:
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
 
