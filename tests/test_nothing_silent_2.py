@@ -106,6 +106,11 @@ def test_check_refuses_every_refusal_train_makes_before_its_first_step(project, 
             assert not RunFiles(out).loss_log.exists()  # refused before step 1
     code, text = _command(capsys, "check", "--config", str(project), f"--output_dir={out}")
     assert code == 0 and "config OK" in text, text
+    # before any cache: the batch is checked on the clips as `hvtune cache` will find them
+    fresh = [f"--cache_dir={tmp_path / 'no-cache-yet'}", f"--output_dir={out}"]
+    code, text = _command(capsys, "check", "--config", str(project), *fresh, "--train_batch_size=5")
+    assert code == 2 and "no full batch of 5 samples in any bucket (4 samples" in text, text
+    assert not (tmp_path / "no-cache-yet").exists()  # check creates no folder
 
 
 @pytest.mark.parametrize("resolution", [7, 0, -64, 100000, "7x7", 0.0])

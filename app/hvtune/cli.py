@@ -53,7 +53,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     # every refusal `train` would make before its first step, decided by the same functions (output/preflight.py)
-    local = preflight_problems(resolved)
+    notices: list[str] = []
+    local = preflight_problems(resolved, notices)
+    for notice in notices:
+        print(f"notice: {notice}", file=sys.stderr)
     if local:
         raise UserError(f"{len(local)} problem(s) found:\n" + "\n".join(f"  - {p}" for p in local))
     values = mask_secrets(resolved.train.model_dump(mode="json"))

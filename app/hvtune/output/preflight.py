@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from hvtune.config.settings import ResolvedConfig
@@ -82,8 +83,9 @@ def add_lora_checked(transformer, cfg) -> None:
         raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
 
 
-def preflight_problems(resolved: ResolvedConfig) -> list[str]:
-    """Everything train would refuse before step 1 (after the device check), each as its one line, all at once."""
+def preflight_problems(resolved: ResolvedConfig, notices: list[str] | None = None) -> list[str]:
+    """Everything train would refuse before step 1 (after the device check), each as its one line, all at once.
+    What is not known yet (no usable clip in a dataset's folder: not uploaded yet?) goes to `notices`."""
     from hvtune.files import writable_dir_problem
     from hvtune.model.registry import local_source_problems
     from hvtune.output.run_dir import output_dir_in_use
@@ -100,7 +102,7 @@ def preflight_problems(resolved: ResolvedConfig) -> list[str]:
     missing_data = _missing_data_dirs(resolved)
     problems += missing_data
     if not missing_data:
-        problems += _cache_problems(resolved)
+        problems += _cache_problems(resolved, [] if notices is None else notices)
     if not model_problems:  # the LoRA is built on the transformer's own config
         problems += _lora_problems(resolved)
     return problems
@@ -116,7 +118,7 @@ def _missing_data_dirs(resolved: ResolvedConfig) -> list[str]:
     ]
 
 
-def _cache_problems(resolved: ResolvedConfig) -> list[str]:
+def _cache_problems(resolved: ResolvedConfig, notices: list[str]) -> list[str]:
     """The cache's refusal (once one exists), the batch rule on its samples (else the clips'), the output_dir's."""
     from hvtune.cache.layout import CacheLayout
     from hvtune.cache.manifest import load_manifest
@@ -131,6 +133,9 @@ def _cache_problems(resolved: ResolvedConfig) -> list[str]:
         except UserError as e:
             problems.append(str(e))
     samples_of = manifest if manifest is not None else _scanned(resolved, layout)
+    if not samples_of.samples:  # `hvtune cache` refuses a dataset without a usable clip, naming each file's reason
+        notices.append("no usable clip in the datasets yet: the batch size is checked once there are clips")
+        return problems
     batch = no_full_batch(samples_of, cfg.train_batch_size, world, cfg.seed)
     if batch:
         return [*problems, batch]
@@ -153,9 +158,12 @@ def _scanned(resolved: ResolvedConfig, layout):
 
     probe = ProbeIndex(layout.probe_index_path)
     result = scan(resolved, probe_index=probe, progress=False)
-    with contextlib.suppress(OSError):  # a cache_dir that cannot be written is refused above
-        probe.save()
-    return result
+    if layout.root.is_dir():  # kept for `hvtune cache` where its cache is; check creates no folder
+        with contextlib.suppress(OSError):
+            probe.save()
+    # as the manifest will list them: numbered in scan order
+    samples = [SimpleNamespace(index=i, bucket=s.bucket, repeats=s.repeats) for i, s in enumerate(result.samples)]
+    return SimpleNamespace(samples=samples)
 
 
 def _lora_problems(resolved: ResolvedConfig) -> list[str]:
