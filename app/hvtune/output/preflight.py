@@ -169,6 +169,9 @@ def _scanned(resolved: ResolvedConfig, layout):
 def _lora_problems(resolved: ResolvedConfig) -> list[str]:
     """`add_lora_checked` on the transformer built on the meta device from its config (the local folder's, else the
     flavour's full-size one): no weights are read."""
+    cfg = resolved.train
+    if cfg.lora_target_modules is None and cfg.lora_type == "standard":
+        return []  # the default targets map (every demo run exports them): no need to import diffusers here
     import json
 
     import torch
@@ -177,7 +180,6 @@ def _lora_problems(resolved: ResolvedConfig) -> list[str]:
     from hvtune.model.architectures import transformer_config
     from hvtune.model.registry import plan_sources
 
-    cfg = resolved.train
     source = plan_sources(cfg).get("transformer")
     config = transformer_config(cfg.model_flavour)
     if source is not None and source.is_local:
@@ -190,4 +192,6 @@ def _lora_problems(resolved: ResolvedConfig) -> list[str]:
         add_lora_checked(transformer, cfg)
     except UserError as e:
         return [str(e)]
+    except (NotImplementedError, RuntimeError):  # an adapter that cannot be built without weights: train decides
+        return []
     return []
