@@ -106,6 +106,16 @@ def test_check_refuses_every_refusal_train_makes_before_its_first_step(project, 
             assert not RunFiles(out).loss_log.exists()  # refused before step 1
     code, text = _command(capsys, "check", "--config", str(project), f"--output_dir={out}")
     assert code == 0 and "config OK" in text, text
+    # the cache no longer fits the clips: both refuse, naming the file and `hvtune cache`
+    added = _clips_dir(project) / "late-arrival.mp4"
+    shutil.copy(sorted(_clips_dir(project).glob("*.mp4"))[0], added)
+    try:
+        for command in ("train", "check"):
+            code, text = _command(capsys, command, "--config", str(project), f"--output_dir={out}")
+            assert code == 2 and f"{added}: added since the cache was built" in text, (command, text)
+            assert f"hvtune cache --config {project}" in text
+    finally:
+        added.unlink()
     # before any cache: the batch is checked on the clips as `hvtune cache` will find them
     fresh = [f"--cache_dir={tmp_path / 'no-cache-yet'}", f"--output_dir={out}"]
     code, text = _command(capsys, "check", "--config", str(project), *fresh, "--train_batch_size=5")

@@ -8,6 +8,7 @@ was left by a process that ended without letting go (kill -9): the next command 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -25,7 +26,7 @@ class LockHeld(UserError):
 
 def _holder(f) -> dict | None:
     f.seek(0)
-    text = f.read().strip()
+    text = f.read().decode("utf-8", "replace").strip()
     if not text:
         return None
     try:
@@ -33,6 +34,15 @@ def _holder(f) -> dict | None:
     except ValueError:
         return {"pid": "?", "host": "?", "command": text[:80]}
     return holder if isinstance(holder, dict) else None
+
+
+def _rewrite(f, text: str) -> None:
+    """The lock file's content, best effort: on a full disk the lock still holds, it only cannot name its holder
+    (and the command goes on to say the disk is full where it writes)."""
+    with contextlib.suppress(OSError):
+        f.seek(0)
+        f.truncate()
+        f.write(text.encode())
 
 
 def describe_holder(holder: dict | None) -> str:
@@ -54,7 +64,7 @@ def exclusive_lock(
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole block
+    f = open(path, "a+b", buffering=0)  # noqa: SIM115 - held for the whole block; unbuffered: nothing left to flush
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,17 +76,12 @@ def exclusive_lock(
                 f"notice: took over {path} from {describe_holder(stale)}, which ended without releasing it "
                 "(killed?); its work was left as it was"
             )
-        f.seek(0)
-        f.truncate()
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": int(time.time())}
-        f.write(json.dumps(me))
-        f.flush()
+        _rewrite(f, json.dumps(me))
         try:
             yield
         finally:
-            f.seek(0)
-            f.truncate()  # released cleanly: the next holder has nothing to take over
-            f.flush()
+            _rewrite(f, "")  # released cleanly: the next holder has nothing to take over
     finally:
         f.close()  # closing the file releases the flock
 
@@ -87,7 +92,7 @@ def lock_holder(path: Path) -> str | None:
 
     if not path.is_file():
         return None
-    with open(path, "a+", encoding="utf-8") as f:
+    with open(path, "a+b", buffering=0) as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
