@@ -279,6 +279,7 @@ SECRET_KEYS = [
 PLAIN_KEYS = [
     "tokenizer_max_length", "caption_tokens", "allow_unsupported_keys", "caption_key", "lora_key", "sort_key",
     "author", "keyframes", "monkey_patch", "vae_cache_ondemand", "max_tokens_per_caption", "tracker_run_name",
+    "unknown_keys",
 ]  # fmt: skip
 
 
@@ -289,6 +290,9 @@ def test_secret_key_spellings_are_masked_and_ordinary_keys_are_not():
     assert [k for k in PLAIN_KEYS if is_secret_key(k)] == []
     masked = mask_secrets({k: "value-123" for k in SECRET_KEYS + PLAIN_KEYS})
     assert {k for k, v in masked.items() if v == "***"} == set(SECRET_KEYS)
+    # the run record's table of unknown keys stays a table: its secrets are masked inside it
+    record = mask_secrets({"unknown_keys": {"mysecretstuff": "x", "lora_note": "kept"}, "api_keys": ["k1", "k2"]})
+    assert record == {"unknown_keys": {"mysecretstuff": "***", "lora_note": "kept"}, "api_keys": "***"}
 
 
 def test_no_real_config_key_is_masked_but_the_webhook_config():

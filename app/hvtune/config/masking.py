@@ -19,7 +19,8 @@ _TOKEN = re.compile(r"token(?!i[sz]|s)")
 _PLAIN_KEY_WORDS = {
     "caption", "lora", "sort", "column", "metadata", "dict", "lookup", "cache", "partition", "primary", "foreign",
     "hot", "frame", "index", "state", "unsupported", "join", "group", "prompt", "label", "field", "image", "video",
-    "text", "dataset", "data", "embed", "config", "tag", "trigger", "sample", "json", "entry", "hash",
+    "text", "dataset", "data", "embed", "config", "tag", "trigger", "sample", "json", "entry", "hash", "unknown",
+    "known", "extra", "ignored", "refused", "allowed", "missing", "required", "kept", "changed",
 }  # fmt: skip
 
 
@@ -36,10 +37,16 @@ def _words(key: str) -> list[str]:
 def is_secret_key(key: str) -> bool:
     """A key that looks like it holds a secret (`hub_token`, `wandb_api_key`, `clientSecret`, `mysecretstuff`).
     hvtune uses no such key itself; users paste them into configs and environments."""
-    words = _words(key)
+    return _names_secret(_words(key)) or _names_key(_words(key))
+
+
+def _names_secret(words: list[str]) -> bool:
     joined = "".join(words)
-    if _SECRET_PARTS.search(joined) or _TOKEN.search(joined) or _SECRET_WORDS.intersection(words):
-        return True
+    return bool(_SECRET_PARTS.search(joined) or _TOKEN.search(joined) or _SECRET_WORDS.intersection(words))
+
+
+def _names_key(words: list[str]) -> bool:
+    """The word `key(s)` on its own, not after a word that makes it a field's name (`caption_key`)."""
     return any(w in ("key", "keys") and (i == 0 or words[i - 1] not in _PLAIN_KEY_WORDS) for i, w in enumerate(words))
 
 
@@ -73,4 +80,9 @@ def mask_secrets(values: Any) -> Any:
 
 
 def _hides_secret(key: str, value: Any) -> bool:
-    return bool(value) and isinstance(value, str | list | dict) and is_secret_key(key.lstrip("-"))
+    """Whether `value` is masked whole: text (or a list or table of it) under a secret-looking key. A table under a
+    key that says only `keys` (a record's `unknown_keys`, a `metadata_keys` map) is masked inside instead."""
+    if not value or not isinstance(value, str | list | dict):
+        return False
+    words = _words(key.lstrip("-"))
+    return _names_secret(words) or (_names_key(words) and not isinstance(value, dict))
