@@ -198,10 +198,10 @@ def source_stats(paths: Iterable[Path]) -> dict[str, list[int]]:
 def changed_sources(data: dict[str, Any], resolved: ResolvedConfig | None = None) -> list[str]:
     """What changed in the datasets since the cache was built, one "PATH: edited or replaced / deleted / added"
     each: a recorded clip, caption file or caption table whose size or modification time differ, one that is gone
-    while its dataset's folder is here, and a file in a dataset's folder the build never looked at. Nothing is a
-    change where the folder is not on this machine: a training machine need not hold the clips."""
-    recorded_roots = {d: Path(f["root"]) for d, f in (data.get("dataset_files") or {}).items()}
-    present = [r for r in recorded_roots.values() if r.is_dir()]
+    while its dataset's clips are here, and a file in a dataset's folder the build never looked at. Nothing is
+    deleted where none of a dataset's clips is on this machine: a training (or planning) machine need not hold them."""
+    recorded = (data.get("dataset_files") or {}).values()
+    present = [Path(f["root"]) for f in recorded if any((Path(f["root"]) / rel).exists() for rel in f["files"])]
     changed = []
     for path, recorded in (data.get("sources") or {}).items():
         now = source_stats([Path(path)]).get(path)
