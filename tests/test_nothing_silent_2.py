@@ -193,6 +193,13 @@ def test_a_deleted_clip_a_deleted_caption_and_an_added_clip_are_seen_by_train(pr
         else:
             shutil.move(aside, path)
     assert load_manifest(load_config(project, env={})).samples_hash  # all back: nothing to refuse
+    # a training box with the cache and without the clips: no clip of the dataset here is no change
+    away = [_moved_aside(v, tmp_path) for v in videos]
+    try:
+        assert [s.id for s in load_manifest(load_config(project, env={})).samples] == [s.id for s in before]
+    finally:
+        for video, aside in zip(videos, away, strict=True):
+            shutil.move(aside, video)
 
 
 @pytest.mark.slow
