@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 STAGES = [
     "files",  # atomic writes: used by every stage that writes
     "errors",  # the error types every stage raises
+    "locks",  # one writer at a time: the cache's and the output folder's lock
     "progress_lines",  # the progress bar or log lines of every long phase (scan, cache, train)
     "run_files",  # the names of a run's files
     "flavours",  # what each flavour and task decides
@@ -63,6 +64,7 @@ STAGES = [
     "output.compare",
     "output.progress",
     "output.status",
+    "output.preflight",
     "trainer",  # the loop: wires the stages
     "plan.autocast",  # the full-size step on meta tensors (calls the training step)
     "plan.dataset",

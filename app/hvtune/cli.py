@@ -45,23 +45,18 @@ def _config(args: argparse.Namespace) -> ResolvedConfig:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from hvtune.data.datasets import media_datasets
-    from hvtune.files import writable_dir_problem
-    from hvtune.model.registry import detect_device, local_source_problems
+    from hvtune.model.registry import detect_device
+    from hvtune.output.preflight import preflight_problems
 
     resolved = _config(args)
     problems = check_device_support(resolved.train, detect_device(), str(resolved.config_path or "config"))
     if problems:
         raise ConfigError(problems)
-    # every local check `fetch`, `cache` and `train` would make later, before any download or encoding
-    local = local_source_problems(resolved.train)
-    for key in ("output_dir", "cache_dir"):
-        problem = writable_dir_problem(getattr(resolved.train, key))
-        if problem:
-            local.append(f"{key}: {problem}")
-    for ds in media_datasets(resolved):
-        if not Path(ds.instance_data_dir or "").expanduser().is_dir():
-            local.append(f"dataset {ds.id}: instance_data_dir {ds.instance_data_dir} is not a folder")
+    # every refusal `train` would make before its first step, decided by the same functions (output/preflight.py)
+    notices: list[str] = []
+    local = preflight_problems(resolved, notices)
+    for notice in notices:
+        print(f"notice: {notice}", file=sys.stderr)
     if local:
         raise UserError(f"{len(local)} problem(s) found:\n" + "\n".join(f"  - {p}" for p in local))
     values = mask_secrets(resolved.train.model_dump(mode="json"))
@@ -138,11 +133,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hvtune.output.run_dir import output_dir_lock
     from hvtune.output.status import recorded
     from hvtune.trainer import train
 
     resolved = _config(args)
-    with recorded(resolved.train.output_dir):
+    out = Path(resolved.train.output_dir)
+    with output_dir_lock(out), recorded(out):  # the lock first: a refused second run writes nothing there
         result = train(resolved)
     if not result.is_main_process:
         return EXIT_OK

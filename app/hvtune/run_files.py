@@ -40,6 +40,11 @@ class RunFiles:
         return self.root / RECORD_NAME
 
     @property
+    def train_lock(self) -> Path:
+        """Held while `hvtune train` writes here (`hvtune.locks`): names the process that holds it."""
+        return self.root / ".train.lock"
+
+    @property
     def status(self) -> Path:
         return self.root / STATUS_NAME
 

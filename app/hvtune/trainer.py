@@ -23,6 +23,7 @@ from hvtune.config.rules import check_device_support
 from hvtune.config.settings import ConfigError, ResolvedConfig
 from hvtune.files import write_json_atomic
 from hvtune.model.registry import detect_device, load_scheduler, load_transformer, resolve_model
+from hvtune.output import preflight
 from hvtune.output.checkpoints import (
     LoopState,
     RunStart,
@@ -33,12 +34,7 @@ from hvtune.output.checkpoints import (
     run_identity,
     save_checkpoint,
 )
-from hvtune.output.comfyui import to_comfyui
-from hvtune.output.export import (
-    adapter_scales,
-    lora_state_dict,
-    save_run_lora,
-)
+from hvtune.output.export import lora_state_dict, save_run_lora
 from hvtune.output.progress import TrainProgress, start_trackers, trackers
 from hvtune.output.record import LossLog, apply_determinism, plot_losses, run_record
 from hvtune.output.run_dir import DiskRoom, check_output_dir
@@ -48,7 +44,6 @@ from hvtune.run_files import RunFiles
 from hvtune.train import ema as lora_ema
 from hvtune.train.base_model import base_dtype, prepare_base
 from hvtune.train.batches import load_batch, plan_epoch, text_entry
-from hvtune.train.lora import add_lora, lora_alpha
 from hvtune.train.objective import counter_seed, schedule_options
 from hvtune.train.optim import build_lr_scheduler, build_optimizer
 from hvtune.train.step import NonFiniteLoss, TrainError, step_loss, training_step
@@ -99,6 +94,7 @@ class _Run:
     step_inputs: dict = field(default_factory=dict)  # training_step's arguments that stay the same every step
     step_started: float = 0.0
     micro_losses: list = field(default_factory=list)  # of the optimizer step in progress
+    micro_samples: list = field(default_factory=list)  # the ids of its samples: a NaN loss names them
     steps_this_run: int = 0
     stopped_early: bool = False
 
@@ -142,7 +138,7 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
     determinism = apply_determinism(cfg.deterministic)
     names = trackers(cfg)
     accelerator = _accelerator(cfg, out, names)
-    total_steps = _total_steps(cfg, manifest, accelerator.num_processes)
+    total_steps = preflight.total_steps(cfg, manifest, accelerator.num_processes)
     identity = run_identity(cfg.model_dump(), manifest.samples_hash)
     start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
     if start.finished_at is not None:  # a restarted container, or the same command twice: keep the outputs
@@ -184,15 +180,6 @@ def _accelerator(cfg, out: Path, names: list[str]):
     )
 
 
-def _total_steps(cfg, manifest, world: int) -> int:
-    global_batch = cfg.train_batch_size * world
-    batches_per_epoch = len(plan_epoch(manifest, global_batch_size=global_batch, seed=cfg.seed, epoch=0))
-    if batches_per_epoch == 0:
-        raise TrainError(f"no full batch of {global_batch} samples in any bucket: lower train_batch_size or add clips")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.gradient_accumulation_steps)
-    return cfg.train_steps_limit or cfg.num_train_epochs * steps_per_epoch
-
-
 def _take_output_dir(accelerator, start: RunStart, out: Path) -> None:
     if start.clear and accelerator.is_main_process:
         accelerator.print(f"overwrite_output_dir: removing the previous run's outputs in {out}")
@@ -210,12 +197,8 @@ def _trainable(cfg, paths, accelerator, out: Path, total_steps: int) -> dict[str
     transformer.requires_grad_(False)
     prepare_base(transformer, cfg, accelerator.device)  # precision, checkpointing, offload: before LoRA (fp32)
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))  # LoRA A init uses the global RNG
-    add_lora(transformer, cfg)
+    preflight.add_lora_checked(transformer, cfg)  # targets without a layer or a ComfyUI name: now, not at the export
     params = [p for p in transformer.parameters() if p.requires_grad]
-    try:  # fail now, not after hours of training, if the targets have no ComfyUI name
-        to_comfyui(lora_state_dict(transformer), float(lora_alpha(cfg)), adapter_scales(transformer))
-    except ValueError as e:
-        raise TrainError(f"lora_target_modules: {e}; the ComfyUI export could not be written") from e
     optimizer = build_optimizer(params, cfg)
     room = DiskRoom(out, params)
     room.check(room.checkpoint + room.export, "a checkpoint and the final LoRA export")  # now, not after hours
@@ -273,12 +256,14 @@ def _step(run: _Run, index: int, items: list) -> float | None:
     accelerator, state = run.accelerator, run.state
     loss = training_step(batch=load_batch(run.manifest, items), epoch=state.epoch, index=index, **run.step_inputs)
     run.micro_losses.append(loss.detach())
+    run.micro_samples += [run.manifest.samples[i].id for i, _draw in items]
     state.batch_in_epoch = index + 1
     if not accelerator.sync_gradients:
         return None
     run.lr_scheduler.step()
-    loss = step_loss(accelerator, run.micro_losses, state.global_step + 1)
-    run.micro_losses = []
+    verify = run.manifest.verify_command
+    loss = step_loss(accelerator, run.micro_losses, state.global_step + 1, samples=run.micro_samples, verify=verify)
+    run.micro_losses, run.micro_samples = [], []
     state.global_step += 1
     run.steps_this_run += 1
     if run.ema is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from hvtune.cache.encode_missing import encode_latents, encode_siglip, encode_text
@@ -31,6 +32,7 @@ from hvtune.cache.store import CacheError, RootIndex, entry_intact, entry_path, 
 from hvtune.config.settings import ResolvedConfig
 from hvtune.data.datasets import Issue, ProbeIndex, ScanResult, scan
 from hvtune.files import disk_full_message, is_disk_full, write_text_atomic
+from hvtune.locks import exclusive_lock
 
 
 def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, progress: bool = True) -> CacheSummary:
@@ -38,7 +40,9 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
     started = time.time()
     layout = CacheLayout(resolved)
     shard = Shard.start(layout.root)  # SHARD HOOK
-    lock = _lock(layout.root) if shard.main else None  # SHARD HOOK: the main process holds the lock for all
+    lock = ExitStack()
+    if shard.main:  # SHARD HOOK: the main process holds the lock for all
+        lock.enter_context(exclusive_lock(layout.root / ".lock", "hvtune cache", _cache_refusal(layout.root)))
     try:
         build = Build(layout, progress, shard)
         report = Path(report_path) if report_path else layout.report_path
@@ -74,22 +78,12 @@ def build_cache(resolved: ResolvedConfig, *, report_path: Path | None = None, pr
         fix = f"free space there or point cache_dir at a bigger disk, then {layout.rerun_hint} (entries already "
         raise CacheError(disk_full_message(layout.root, "the cache", fix + "written are kept)")) from e
     finally:
-        if lock is not None:  # SHARD HOOK
-            lock.close()
+        lock.close()  # SHARD HOOK
         shard.close()  # SHARD HOOK
 
 
-def _lock(root: Path):
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
-    f = open(root / ".lock", "a+")  # noqa: SIM115 - held for the whole build
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.close()
-        raise CacheError(f"another `hvtune cache` is writing {root}; wait for it to finish") from e
-    return f
+def _cache_refusal(root: Path):
+    return lambda holder: f"another `hvtune cache` is writing {root}: {holder}; wait for it to finish"
 
 
 def _scan(build: Build, report: Path) -> ScanResult:
@@ -212,6 +206,7 @@ def _write_manifest(
         "sources": source_stats(
             [q for p in plans for q in (p.sample.source, p.sample.source.with_suffix(".txt"))] + result.metadata_files
         ),
+        "dataset_files": {d: {"root": str(root), "files": rels} for d, (root, rels) in result.files.items()},
     }
     mpath = layout.manifest_path
     build.stats.bytes += write_text_atomic(mpath, json.dumps(manifest, indent=1, ensure_ascii=False))

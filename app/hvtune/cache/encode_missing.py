@@ -22,14 +22,13 @@ from hvtune.cache.encoders import (
     to_pil,
 )
 from hvtune.cache.plan import Build, EntryPlan, ValidationPlan, missing
-from hvtune.cache.store import entry_intact, entry_path
 from hvtune.data.datasets import Issue, Sample
 from hvtune.files import atomic_path
 
 
 def encode_text(build: Build, captions: dict[str, str]) -> None:
     """The text encoders, loaded only when a caption's entry is missing."""
-    text_misses = [k for k in captions if not entry_intact(entry_path(build.layout.text_root, k))]
+    text_misses = [k for k in captions if not build.reusable(build.layout.text_root, k)]
     build.stats.hits["text"] = len(captions) - len(text_misses)
     build.stats.misses["text"] = len(text_misses)
     total = len(text_misses)  # SHARD HOOK: this process's share

@@ -51,6 +51,12 @@ class CacheLayout:
         return f"hvtune cache --config {path}" if path else "hvtune cache"
 
     @property
+    def verify_command(self) -> str:
+        """The command that rehashes every entry of this cache."""
+        path = self.resolved.config_path
+        return f"hvtune cache verify --config {path}" if path else "hvtune cache verify"
+
+    @property
     def rerun_hint(self) -> str:
         return f"run `{self.command}` to build it"
 

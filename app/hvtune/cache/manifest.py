@@ -11,6 +11,8 @@ exists, and otherwise raises a `CacheError` that names what differs and says to 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,7 @@ class Manifest:
     validation_image: dict[str, str] | None
     data: dict[str, Any] = field(repr=False)
     repair_hint: str = "run `hvtune cache` again"  # the command that re-encodes a damaged entry
+    verify_command: str = "hvtune cache verify"  # the command that rehashes every entry
 
     def text_path(self, key: str) -> Path:
         return entry_path(self.text_root, key)
@@ -139,6 +142,7 @@ def parse_manifest(layout: CacheLayout, data: dict[str, Any]) -> Manifest:
         validation_image=data.get("validation_image"),
         data=data,
         repair_hint=layout.repair_hint,
+        verify_command=layout.verify_command,
     )
 
 
@@ -191,15 +195,57 @@ def source_stats(paths: Iterable[Path]) -> dict[str, list[int]]:
     return out
 
 
-def changed_sources(data: dict[str, Any]) -> list[str]:
-    """Recorded sources whose size or modification time differ now. A source absent here is not a change: a
-    training machine need not hold the clips."""
+def changed_sources(data: dict[str, Any], resolved: ResolvedConfig | None = None) -> list[str]:
+    """What changed in the datasets since the cache was built, one "PATH: edited or replaced / deleted / added"
+    each: a recorded clip, caption file or caption table whose size or modification time differ, one that is gone
+    while its dataset's clips are here, and a file in a dataset's folder the build never looked at. Nothing is
+    deleted where none of a dataset's clips is on this machine: a training (or planning) machine need not hold them."""
+    recorded = (data.get("dataset_files") or {}).values()
+    present = [Path(f["root"]) for f in recorded if any((Path(f["root"]) / rel).exists() for rel in f["files"])]
     changed = []
     for path, recorded in (data.get("sources") or {}).items():
         now = source_stats([Path(path)]).get(path)
-        if now is not None and now != recorded:
-            changed.append(path)
-    return changed
+        if now is None and any(Path(path).is_relative_to(r) for r in present):
+            changed.append(f"{path}: deleted since the cache was built")
+        elif now is not None and now != recorded:
+            changed.append(f"{path}: edited or replaced since the cache was built")
+    return changed + (_added_files(data, resolved) if resolved is not None else [])
+
+
+def _added_files(data: dict[str, Any], resolved: ResolvedConfig) -> list[str]:
+    """Files in a dataset's folder that the build did not look at (no sample, no skip): added since."""
+    from hvtune.data.datasets import candidate_files, media_datasets
+
+    added = []
+    for ds in media_datasets(resolved):
+        recorded = (data.get("dataset_files") or {}).get(ds.id)
+        root = Path(ds.instance_data_dir or "").expanduser()
+        if recorded is None or not root.is_dir():
+            continue
+        known = set(recorded["files"])
+        added += [
+            f"{path}: added since the cache was built"
+            for path, rel in candidate_files(ds, root, [])
+            if rel not in known
+        ]
+    return added
+
+
+def _source_changes_refused(resolved: ResolvedConfig, layout: CacheLayout, changes: list[str]) -> None:
+    """The datasets changed since the cache was built: refused in one line naming the files and the command that
+    updates the cache, or, with train_on_cache_as_is, announced and trained on as cached."""
+    shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+    if resolved.train.train_on_cache_as_is:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"notice: train_on_cache_as_is: training on the cache as it was built; not seen: {shown}",
+                file=sys.stderr,
+            )
+        return
+    raise CacheError(
+        f"the datasets changed: {shown}. Run `{layout.command}` to update the cache (only what changed is encoded), "
+        "or set train_on_cache_as_is: true to train on the cache as it is"
+    )
 
 
 def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> Manifest:
@@ -221,16 +267,15 @@ def load_manifest(resolved: ResolvedConfig, *, check_encoders: bool = True) -> M
         for name, ident in _current_identities(resolved).items():
             if name in built and built[name] != ident:
                 problems.append(f"encoder {name}: the cache was built with other weights or files ({built[name]})")
-    changed = changed_sources(data)
-    if changed:
-        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-        problems.append(f"{changed[0]}{more}: edited or replaced since the cache was built")
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise CacheError(
             f"the cache at {layout.root} was built with other settings:\n{listed}\n"
             f"{layout.rerun_hint} again (only what changed is encoded)"
         )
+    changes = changed_sources(data, resolved)
+    if changes:
+        _source_changes_refused(resolved, layout, changes)
     manifest = parse_manifest(layout, data)
     for what, entry in manifest.entry_files():
         damage = entry_damage(entry)  # size and header only: cheap enough for every run

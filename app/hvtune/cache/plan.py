@@ -27,7 +27,7 @@ from hvtune.cache.report import BuildCounts
 from hvtune.cache.shard import Shard
 from hvtune.cache.store import CacheError, RootIndex, entry_intact, entry_path, write_entry
 from hvtune.config.settings import ResolvedConfig
-from hvtune.data.datasets import Issue, Sample, ScanResult
+from hvtune.data.datasets import Issue, Sample, ScanResult, file_sha256
 
 
 @dataclass
@@ -97,9 +97,20 @@ class Build:
         self.written[root][key] = (nbytes, sha)
         self.stats.bytes += nbytes
 
+    def reusable(self, root: Path, key: str) -> bool:
+        """Whether the entry `key` of `root` counts as a hit: whole (size and header) and, where the root's index
+        records its sha256, still those bytes. What `hvtune cache verify` rejects (a flipped byte, same size, header
+        intact) is a miss, encoded again: the repair verify prints does repair."""
+        path = entry_path(root, key)
+        if not entry_intact(path):
+            return False
+        index = self.indexes.get(Path(root))
+        recorded = index.entries.get(key, {}).get("sha256") if index is not None else None
+        return recorded is None or file_sha256(path) == recorded
+
     def validation_missing(self, key: str) -> bool:
-        """Whether the validation entry `key` must be encoded (absent or damaged)."""
-        return not entry_intact(entry_path(self.layout.validation_root, key))
+        """Whether the validation entry `key` must be encoded (absent, damaged or not the bytes its index holds)."""
+        return not self.reusable(self.layout.validation_root, key)
 
 
 def plan_keys(build: Build, result: ScanResult) -> tuple[list[EntryPlan], ValidationPlan | None]:
@@ -171,7 +182,7 @@ def missing(build: Build, plans: list[EntryPlan], attr: str) -> tuple[list[Entry
         if where in seen:
             continue
         seen.add(where)
-        if entry_intact(entry_path(*where)):  # a damaged entry is a miss: encoded again
+        if build.reusable(*where):  # a damaged entry is a miss: encoded again
             hits += 1
         else:
             jobs.append(p)

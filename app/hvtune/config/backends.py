@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtune.config.layering import read_json, resolve_path, validate_section
-from hvtune.config.rules import FRAMES_RULE, frames_ok, round16
+from hvtune.config.rules import FRAMES_RULE, frames_ok, resolution_problem, round16
 from hvtune.config.schema import DatasetConfig, TrainConfig, parse_wxh
 from hvtune.errors import ConfigError, Problem
 
@@ -51,7 +51,11 @@ def load_backends(path: Path, problems: list[Problem], notices: list[str], allow
 
 
 def _round_resolution(ds: DatasetConfig, key: str, where: str, problems: list[Problem], notices: list[str]) -> None:
-    """A dataset's WxH or pixel resolution, each side rounded down to a multiple of 16."""
+    """A dataset's WxH or pixel resolution, each side rounded down to a multiple of 16; one out of range is left as
+    it is for `resolution_problem` to refuse (not rounded down to 0)."""
+    kind = ds.resolution_type or "pixel"
+    if ds.resolution is None or resolution_problem(ds.resolution, kind) or kind == "area":
+        return
     if isinstance(ds.resolution, str):
         try:
             w, h = parse_wxh(ds.resolution)
@@ -202,6 +206,10 @@ def check_dataset_simpletuner(
             continue
         label = f"[{i}] id={ds.id}"
         _frames_and_probability(ds, where, label, problems, notices)
+        if ds.resolution is not None:  # the top-level one is checked with the training keys
+            rule = resolution_problem(ds.resolution, ds.resolution_type or t.resolution_type)
+            if rule:
+                problems.append(Problem(where, f"{label}.resolution", ds.resolution, rule))
         maximum = ds.maximum_image_size if ds.maximum_image_size is not None else t.maximum_image_size
         downsample = ds.target_downsample_size if ds.target_downsample_size is not None else t.target_downsample_size
         if ds.crop and maximum and downsample:  # SimpleTuner: TrainingSample._should_resize_before_crop

@@ -23,6 +23,31 @@ def frames_ok(n: int | None) -> bool:
     return n is None or (n >= 1 and (n - 1) % 4 == 0)
 
 
+# The bucket edge a resolution may ask for: below 16 the model has no latent pixel left (the VAE compresses 16x);
+# above 4096 (5.7x the 720p flavour's edge) a single frame outgrows any GPU's memory.
+MIN_EDGE, MAX_EDGE = 16, 4096
+
+
+def resolution_problem(resolution: int | float | str, kind: str) -> str | None:
+    """Why a dataset's `resolution` of `resolution_type` `kind` (or a fixed "WxH") cannot train, or None: the one
+    rule `check`, `cache` and `train` apply at config time, before anything is rounded."""
+    span = f"between {MIN_EDGE} and {MAX_EDGE} pixels"
+    if isinstance(resolution, str):
+        try:
+            sides = parse_wxh(resolution)
+        except ValueError as e:
+            return str(e)
+        return None if all(MIN_EDGE <= s <= MAX_EDGE for s in sides) else f"width and height must be {span}"
+    if kind == "area":  # megapixels: the bucket's edge is its square root
+        if resolution <= 0 or not MIN_EDGE <= (resolution * 1e6) ** 0.5 <= MAX_EDGE:
+            low, high = MIN_EDGE**2 / 1e6, MAX_EDGE**2 / 1e6
+            return f"resolution_type area takes megapixels: between {low:g} and {high:g} (an edge {span})"
+        return None
+    if not MIN_EDGE <= resolution <= MAX_EDGE:
+        return f"resolution_type {kind} takes the bucket's edge in pixels: {span}"
+    return None
+
+
 def round16(value: int, key: str, notices: list[str]) -> int:
     rounded = value // 16 * 16
     if rounded != value:
@@ -35,6 +60,8 @@ def check_train_rules(t: TrainConfig, where: Where, problems: list[Problem], not
     validation_frames(t, where, problems, notices)
     normalise_validation_resolution(t, where, problems, notices)
     simpletuner_meanings(t, notices)
+    if t.resolution is not None and (rule := resolution_problem(t.resolution, t.resolution_type)):
+        problems.append(Problem(where("resolution"), "resolution", t.resolution, rule))
     for key, rule in (*unsupported_values(t), *schedule_problems(t), *offload_conflicts(t)):
         problems.append(Problem(where(key), key, getattr(t, key), rule))
 

@@ -178,6 +178,7 @@ class TrainConfig(_Section):
     eval_dataset_id: str | list[str] | None = None  # which datasets those come from (default: all)
     num_eval_images: int = Field(4, ge=1)  # samples per dataset
     allow_unsupported_keys: bool = False
+    train_on_cache_as_is: bool = False  # train although clips or captions changed since `hvtune cache` (announced)
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod

@@ -190,6 +190,7 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     ),
     "only_instance_prompt": _same("true: every dataset uses only its instance_prompt", FACTORY),
     "allow_unsupported_keys": _same("hvtune: accept refused keys with a notice instead of an error"),
+    "train_on_cache_as_is": _same("hvtune: train although clips or captions changed since `hvtune cache` (announced)"),
     # no effect on the LoRA
     "hub_model_id": _ignored(_HUB),
     "push_to_hub": _ignored(_HUB),

@@ -71,6 +71,7 @@ class ScanResult:
     found: dict[str, int] = field(default_factory=dict)  # dataset id -> files considered
     datasets: list[str] = field(default_factory=list)  # enabled media dataset ids, config order
     metadata_files: list[Path] = field(default_factory=list)  # caption tables read (caption_strategy metadata)
+    files: dict[str, tuple[Path, list[str]]] = field(default_factory=dict)  # dataset id -> (root, every file looked at)
 
     @property
     def skipped(self) -> list[Issue]:
@@ -121,6 +122,17 @@ def _walk(root: Path, links: list[tuple[Path, str, str]]) -> list[tuple[Path, st
     return files
 
 
+def candidate_files(ds: DatasetConfig, root: Path, links: list[tuple[Path, str, str]]) -> list[tuple[Path, str]]:
+    """(path, rel) of every file of the dataset at `root` that the scan looks at: a sample or a skipped file, never a
+    caption or caption table. The cache records them, so that training sees a clip added since."""
+    meta_name = Path(ds.metadata_file).name if ds.metadata_file else None
+    return [
+        (p, rel)
+        for p, rel in _walk(root, links)
+        if p.suffix.lower() not in CAPTION_EXTENSIONS | METADATA_EXTENSIONS and p.name != meta_name
+    ]
+
+
 def scan(resolved: ResolvedConfig, *, probe_index: ProbeIndex | None = None, progress: bool = True) -> ScanResult:
     """Every enabled video/image dataset -> samples and report lines. Reads metadata only; never raises for a bad
     sample."""
@@ -149,13 +161,9 @@ def _scan_dataset(
     for notice in captions.notices:
         result.issues.append(Issue(ds.id, str(root), "used", "metadata_line_ignored", notice))
     resolution = dataset_bucket_rule(ds, resolved)
-    meta_name = Path(ds.metadata_file).name if ds.metadata_file else None
     links: list[tuple[Path, str, str]] = []
-    files = [
-        (p, rel)
-        for p, rel in _walk(root, links)
-        if p.suffix.lower() not in CAPTION_EXTENSIONS | METADATA_EXTENSIONS and p.name != meta_name
-    ]
+    files = candidate_files(ds, root, links)
+    result.files[ds.id] = (root, [rel for _, rel in files])
     result.issues += [Issue(ds.id, str(path), "skipped", reason, detail) for path, reason, detail in links]
     result.found[ds.id] += len(links)  # found, skipped: the summary's counts add up
     bar = ProgressLines(len(files), label=f"scan {ds.id}", unit="file", enabled=progress)

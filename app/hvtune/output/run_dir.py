@@ -6,10 +6,14 @@ A full disk is one line naming the disk and the space needed, checked before eac
 
 from __future__ import annotations
 
+import os
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from hvtune.files import disk_full_message, free_space_problem, is_disk_full, writable_dir_problem
+from hvtune.locks import exclusive_lock, lock_holder
+from hvtune.run_files import RunFiles
 from hvtune.train.step import TrainError
 
 
@@ -25,6 +29,28 @@ def check_output_dir(path: Path) -> None:
         raise TrainError(
             f"output_dir {path} is not writable ({e.strerror}); fix its permissions or pick another"
         ) from e
+
+
+def output_dir_lock(path: Path) -> AbstractContextManager:
+    """One `hvtune train` per output folder: held by the main process (rank 0, or no launcher) from before anything
+    is written (status.json included) until it exits; a second one is refused naming the first."""
+    if os.environ.get("RANK", "0") != "0":  # the launcher's other processes write nothing of their own
+        return nullcontext()
+    check_output_dir(path)
+    return exclusive_lock(RunFiles(path).train_lock, "hvtune train", lambda holder: _in_use(path, holder))
+
+
+def output_dir_in_use(path: Path) -> str | None:
+    """The refusal `output_dir_lock` would make now (another `hvtune train` holds the folder), or None."""
+    holder = lock_holder(RunFiles(path).train_lock)
+    return _in_use(path, holder) if holder else None
+
+
+def _in_use(path: Path, holder: str) -> str:
+    return (
+        f"output_dir {path} is in use by another `hvtune train`: {holder}. Wait for it to finish (or stop it), "
+        "or train into another output_dir"
+    )
 
 
 class DiskRoom:

@@ -5,6 +5,7 @@ is not finite. The loop (`hvtune.trainer`) calls them, and so do `hvtune plan` a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from hvtune.errors import UserError
 from hvtune.train.objective import counter_seed, training_loss
@@ -61,15 +62,21 @@ def training_step(
     return loss
 
 
-def step_loss(accelerator, micro_losses: list, step: int) -> float:
+def step_loss(
+    accelerator, micro_losses: list, step: int, *, samples: Sequence[str] = (), verify: str = "hvtune cache verify"
+) -> float:
     """The loss of optimizer step `step`: the mean of its micro-batches' losses over all processes. NonFiniteLoss
-    when it is NaN or infinite: nothing is saved, the last good checkpoint stays the one to resume from."""
+    when it is NaN or infinite: nothing is saved, the last good checkpoint stays the one to resume from. The message
+    names the step's `samples` (this process's) and suspects their cache entries (`verify`, the command that rehashes
+    them) before the learning rate: a flipped byte in a latent gives a NaN at the first step that reads it."""
     import torch
 
     loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
     if not math.isfinite(loss):
+        on = f" on sample(s) {', '.join(dict.fromkeys(samples))}" if samples else ""
         raise NonFiniteLoss(
-            f"loss became {loss} at step {step}; stopped without saving. "
-            "The last good checkpoint is kept: lower learning_rate and resume_from_checkpoint=latest"
+            f"loss became {loss} at step {step}{on}; stopped without saving. The last good checkpoint is kept. "
+            f"First run `{verify}` (a damaged cache entry does this); if every entry is intact, lower learning_rate "
+            "and resume_from_checkpoint=latest"
         )
     return loss
