@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "app" / "hvtune"
 
 STAGES = [
     "files",  # atomic writes: used by every stage that writes
+    "masking",  # secrets never shown: errors mask the values they print
     "errors",  # the error types every stage raises
     "locks",  # one writer at a time: the cache's and the output folder's lock
     "progress_lines",  # the progress bar or log lines of every long phase (scan, cache, train)
@@ -20,7 +21,6 @@ STAGES = [
     "config.simpletuner",
     "config.lycoris",
     "config.schema",
-    "config.masking",
     "config.layering",
     "config.rules",
     "config.backends",

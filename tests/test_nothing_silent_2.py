@@ -291,7 +291,7 @@ PLAIN_KEYS = [
 
 
 def test_secret_key_spellings_are_masked_and_ordinary_keys_are_not():
-    from hvtune.config.masking import is_secret_key, mask_secrets
+    from hvtune.masking import is_secret_key, mask_secrets
 
     assert [k for k in SECRET_KEYS if not is_secret_key(k)] == []
     assert [k for k in PLAIN_KEYS if is_secret_key(k)] == []
@@ -303,7 +303,7 @@ def test_secret_key_spellings_are_masked_and_ordinary_keys_are_not():
 
 
 def test_no_real_config_key_is_masked_but_the_webhook_config():
-    from hvtune.config.masking import mask_secrets
+    from hvtune.masking import mask_secrets
     from hvtune.config.schema import DatasetConfig, TrainConfig, VideoOptions
     from hvtune.config.simpletuner_keys import DATASET_KEYS
 
@@ -329,7 +329,7 @@ TOKENS = {
 
 
 def test_token_shaped_values_are_masked_under_any_key():
-    from hvtune.config.masking import mask_secrets
+    from hvtune.masking import mask_secrets
 
     for name, token in TOKENS.items():
         masked = mask_secrets({"validation_prompt": f"a cat, {token} in the corner", "note": [token]})
@@ -390,3 +390,15 @@ def test_a_second_train_into_the_same_output_dir_is_refused_naming_the_first_and
     said = third.stdout + third.stderr
     assert f"took over {RunFiles(out).train_lock} from pid {first.pid}" in said, said
     assert RunFiles(out).train_lock.read_text() == ""  # released on exit
+
+
+def test_a_refused_value_under_a_secret_key_is_masked_in_the_error(tmp_path):
+    """A config error quotes the value it refuses: under a secret key (or shaped like a token) it is masked."""
+    (tmp_path / "clips").mkdir()
+    config = tmp_path / "config.json"
+    token = "hf_" + "a1b2c3d4e5" * 3
+    config.write_text(json.dumps({"instance_data_dir": "clips", "lora_rank": token, "hub_token": token}))
+    result = run_hvtune("check", "--config", str(config), env={"HVTUNE_LORA_ALPHA": "sk-" + "x9" * 15})
+    assert result.returncode == 2, result.stderr
+    assert "lora_rank" in result.stderr and "lora_alpha" in result.stderr
+    assert token not in result.stdout + result.stderr and "x9x9x9" not in result.stdout + result.stderr

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hvtune.config.layering import resolve_keys
-from hvtune.config.masking import mask_secrets
+from hvtune.masking import mask_secrets
 from hvtune.config.rules import check_device_support
 from hvtune.config.settings import ResolvedConfig, load_config
 from hvtune.errors import ConfigError, UserError

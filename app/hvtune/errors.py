@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hvtune.masking import mask_secrets
+
 
 class UserError(Exception):
     """A problem the user can fix (bad config, missing file, wrong mount); the CLI prints it and exits 2.
@@ -23,7 +25,8 @@ class Problem:
     rule: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.key} = {self.value!r}: {self.rule}"
+        shown = mask_secrets({self.key: self.value})[self.key]  # a refused `hub_token` never prints the token
+        return f"{self.where}: {self.key} = {shown!r}: {self.rule}"
 
 
 class ConfigError(UserError):

@@ -25,7 +25,7 @@ from hvtune.config.backends import (
     load_backends,
 )
 from hvtune.config.layering import layer_values, resolve_path, validate_section
-from hvtune.config.masking import mask_secrets
+from hvtune.masking import mask_secrets
 from hvtune.config.rules import check_added_features, check_train_rules
 from hvtune.config.schema import DatasetConfig, TrainConfig
 from hvtune.errors import ConfigError, Problem
