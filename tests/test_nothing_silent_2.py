@@ -303,9 +303,9 @@ def test_secret_key_spellings_are_masked_and_ordinary_keys_are_not():
 
 
 def test_no_real_config_key_is_masked_but_the_webhook_config():
-    from hvtune.masking import mask_secrets
     from hvtune.config.schema import DatasetConfig, TrainConfig, VideoOptions
     from hvtune.config.simpletuner_keys import DATASET_KEYS
+    from hvtune.masking import mask_secrets
 
     options = json.loads((Path(__file__).parents[1] / "app/hvtune/config/simpletuner_options.json").read_text())
     keys = set(options["options"]) | set(TrainConfig.model_fields) | set(DatasetConfig.model_fields)

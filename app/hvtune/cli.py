@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hvtune.config.layering import resolve_keys
-from hvtune.masking import mask_secrets
 from hvtune.config.rules import check_device_support
 from hvtune.config.settings import ResolvedConfig, load_config
 from hvtune.errors import ConfigError, UserError
 from hvtune.flavours import TASKS
+from hvtune.masking import mask_secrets
 from hvtune.output.compare import Tolerances
 from hvtune.run_files import RunFiles, files_for_each_tool, which_file_line
 

@@ -25,11 +25,11 @@ from hvtune.config.backends import (
     load_backends,
 )
 from hvtune.config.layering import layer_values, resolve_path, validate_section
-from hvtune.masking import mask_secrets
 from hvtune.config.rules import check_added_features, check_train_rules
 from hvtune.config.schema import DatasetConfig, TrainConfig
 from hvtune.errors import ConfigError, Problem
 from hvtune.flavours import Task
+from hvtune.masking import mask_secrets
 
 
 @dataclass
