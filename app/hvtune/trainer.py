@@ -100,6 +100,10 @@ class _Run:
     micro_losses: list = field(default_factory=list)  # of the optimizer step in progress
     steps_this_run: int = 0
     stopped_early: bool = False
+    checkpointed_step: int | None = None  # the step whose checkpoint this run wrote last, and where
+    checkpointed_path: Path | None = None
+    lora_path: Path | None = None  # the final LoRA, exported after the last step
+    validation_notes: list[str] = field(default_factory=list)  # retried or skipped validation videos
 
     def close(self) -> None:
         self.stop.restore()
@@ -287,21 +291,20 @@ def _step(run: _Run, index: int, items: list) -> float | None:
 
 
 def _after_step(run: _Run, loss: float) -> bool:
-    """Log, checkpoint, validate; True when the loop ends here (the last step, a stop request, max_steps_this_run)."""
+    """Log, checkpoint, export after the last step, validate; True when the loop ends here (the last step, a stop
+    request, max_steps_this_run). The last step is checkpointed and its LoRA exported before its validation, so a
+    failed validation never costs the training."""
     cfg, step = run.cfg, run.state.global_step
     _log_step(run, loss)
     stop_now = agree(run.accelerator, bool(run.stop.requested))
     last = step >= run.total_steps
     limited = run.max_steps_this_run is not None and run.steps_this_run >= run.max_steps_this_run
-    if run.main and (step % cfg.checkpointing_steps == 0 or stop_now or limited) and not last:
-        run.status.phase("checkpointing")
-        run.room.check(run.room.checkpoint, f"the checkpoint of step {step}")
-        run.room.write(f"the checkpoint of step {step}", _checkpoint, run, cfg.checkpoints_total_limit)
+    if run.main and (step % cfg.checkpointing_steps == 0 or stop_now or limited or last):
+        _keep_step(run)
+    if run.main and last:
+        run.lora_path = _export_all(run)
     if validation_due(cfg, step, run.total_steps, final=last) and run.main:
-        run.status.phase("validating")
-        for suffix, weights in lora_ema.validation_variants(cfg, run.ema):
-            with weights:
-                render_validation(cfg, run.manifest, run.model, run.paths, step, run.accelerator.device, suffix)
+        _validate(run, step)
     if stop_now or limited:
         run.stopped_early = not last
         if stop_now:
@@ -311,6 +314,34 @@ def _after_step(run: _Run, loss: float) -> bool:
             )
         return True
     return last
+
+
+def _keep_step(run: _Run) -> None:
+    """The checkpoint of the current step, once (a validation's out-of-memory error asks for it too)."""
+    step = run.state.global_step
+    if run.checkpointed_step == step:
+        return
+    run.status.phase("checkpointing")
+    run.room.check(run.room.checkpoint, f"the checkpoint of step {step}")
+    path = run.room.write(f"the checkpoint of step {step}", _checkpoint, run, run.cfg.checkpoints_total_limit)
+    run.checkpointed_step, run.checkpointed_path = step, path
+
+
+def _validate(run: _Run, step: int) -> None:
+    """The validation videos (and the EMA's); an out-of-memory error keeps the step first (its checkpoint holds the
+    LoRA), and each retried or skipped video is one line in the log and in status.json."""
+    run.status.phase("validating")
+    for suffix, weights in lora_ema.validation_variants(run.cfg, run.ema):
+        with weights:
+            result = render_validation(
+                run.cfg, run.manifest, run.model, run.paths, step, run.accelerator.device, suffix,
+                on_out_of_memory=lambda: _keep_step(run),
+            )  # fmt: skip
+        for note in result.notes:
+            run.accelerator.print(note)
+            run.validation_notes.append(note)
+    if run.validation_notes:
+        run.status.phase("validating", validation_notes=run.validation_notes[-20:])
 
 
 def _log_step(run: _Run, loss: float) -> None:
@@ -339,8 +370,8 @@ def _finish(run: _Run) -> TrainResult:
     """The LoRA files (and the EMA's), the loss plot and run.json, unless the run stopped early; status.json."""
     cfg, files, step = run.cfg, RunFiles(run.out), run.state.global_step
     run.accelerator.wait_for_everyone()
-    lora_path = None
-    if run.main and not run.stopped_early:
+    lora_path = run.lora_path
+    if run.main and not run.stopped_early and lora_path is None:  # resumed at the last step: nothing trained
         lora_path = _export_all(run)
         losses = [(i + 1, v) for i, v in enumerate(run.state.loss_history)]
         plot_losses(files.loss_plot, {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
@@ -373,11 +404,15 @@ def _export_all(run: _Run) -> Path:
 def _keep_last_step(run: _Run) -> str:
     """After a failed final export: a checkpoint of the last step, so that a rerun exports without training again."""
     step = run.state.global_step
-    try:
-        path = _checkpoint(run, None)
-    except (OSError, RuntimeError) as e:
-        return f"No checkpoint of step {step} could be written either ({e}); the last checkpoint is kept"
+    if run.checkpointed_step == step:
+        path = run.checkpointed_path
+    else:
+        try:
+            path = _checkpoint(run, None)
+        except (OSError, RuntimeError) as e:
+            return f"No checkpoint of step {step} could be written either ({e}); the last checkpoint is kept"
     return (
         f"Step {step} is kept in {path}: once the disk has room, run again with "
         "resume_from_checkpoint=latest (it exports without training)"
     )
+
