@@ -415,4 +415,3 @@ def _keep_last_step(run: _Run) -> str:
         f"Step {step} is kept in {path}: once the disk has room, run again with "
         "resume_from_checkpoint=latest (it exports without training)"
     )
-

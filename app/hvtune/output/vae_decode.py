@@ -115,6 +115,8 @@ class ValidationVAE:
                 on_out_of_memory()
                 failed.append(setting.describe())
                 continue
-            retried = f"out of GPU memory decoding {', '.join(failed)}; decoded {setting.describe()}" if failed else None
+            retried = (
+                f"out of GPU memory decoding {', '.join(failed)}; decoded {setting.describe()}" if failed else None
+            )
             return frames, retried
         return None, f"skipped: out of GPU memory decoding the video ({', '.join(failed)})"

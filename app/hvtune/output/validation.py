@@ -40,7 +40,9 @@ class ImageCondition:
 
 
 @torch.no_grad()
-def sample_video(transformer, vae, scheduler, *, offload_transformer_for_decode: bool = False, **inputs) -> torch.Tensor:
+def sample_video(
+    transformer, vae, scheduler, *, offload_transformer_for_decode: bool = False, **inputs
+) -> torch.Tensor:
     """Returns uint8 frames (F, 3, H, W): `sample_latents` then `decode_latents` (`inputs`: sample_latents')."""
     latents = sample_latents(transformer, vae, scheduler, **inputs)
     return decode_latents(transformer, vae, latents, inputs.get("device", "cpu"), offload_transformer_for_decode)
@@ -200,9 +202,7 @@ def _render_one(cfg, manifest, model, vae: ValidationVAE, scheduler, prompt_key,
         on_out_of_memory()
         return None, "skipped: out of GPU memory sampling the video (transformer forward)"
     with torch.no_grad():
-        return vae.decode(
-            model, latents, offload=transformer_leaves_for_decode(cfg), on_out_of_memory=on_out_of_memory
-        )
+        return vae.decode(model, latents, offload=transformer_leaves_for_decode(cfg), on_out_of_memory=on_out_of_memory)
 
 
 def _write(cfg, step: int, video: str, frames: torch.Tensor) -> Path:
