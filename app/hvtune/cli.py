@@ -139,10 +139,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hvtune.output.status import recorded
+    from hvtune.plan.report import preflight
     from hvtune.trainer import train
 
     resolved = _config(args)
     with recorded(resolved.train.output_dir):
+        resolved = preflight(resolved)  # every phase fits this GPU, decided before step 1 (skipped on the CPU)
         result = train(resolved)
     if not result.is_main_process:
         return EXIT_OK
