@@ -56,6 +56,7 @@ STAGES = [
     "train.ema",
     "output.checkpoints",  # checkpoints / validation / export / run record / status
     "output.run_dir",
+    "output.vae_decode",
     "output.validation",
     "output.comfyui",
     "output.export",
@@ -72,6 +73,7 @@ STAGES = [
     "plan.simulate",
     "plan.validation",
     "plan.prediction",
+    "plan.phases",
     "plan.report",
     "serve.run_folder",  # the run page: reads what a run writes
     "serve.server",

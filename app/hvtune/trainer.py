@@ -33,11 +33,7 @@ from hvtune.output.checkpoints import (
     save_checkpoint,
 )
 from hvtune.output.comfyui import to_comfyui
-from hvtune.output.export import (
-    adapter_scales,
-    lora_state_dict,
-    save_run_lora,
-)
+from hvtune.output.export import adapter_scales, export_run_loras, lora_state_dict
 from hvtune.output.progress import TrainProgress, start_trackers, trackers
 from hvtune.output.record import LossLog, apply_determinism, plot_losses, run_record
 from hvtune.output.run_dir import DiskRoom, check_output_dir
@@ -100,8 +96,7 @@ class _Run:
     micro_losses: list = field(default_factory=list)  # of the optimizer step in progress
     steps_this_run: int = 0
     stopped_early: bool = False
-    checkpointed_step: int | None = None  # the step whose checkpoint this run wrote last, and where
-    checkpointed_path: Path | None = None
+    kept: tuple[int, Path] | None = None  # (step, checkpoint) this run wrote last
     lora_path: Path | None = None  # the final LoRA, exported after the last step
     validation_notes: list[str] = field(default_factory=list)  # retried or skipped validation videos
 
@@ -292,8 +287,7 @@ def _step(run: _Run, index: int, items: list) -> float | None:
 
 def _after_step(run: _Run, loss: float) -> bool:
     """Log, checkpoint, export after the last step, validate; True when the loop ends here (the last step, a stop
-    request, max_steps_this_run). The last step is checkpointed and its LoRA exported before its validation, so a
-    failed validation never costs the training."""
+    request, max_steps_this_run). The last step's checkpoint and LoRA come before its validation, never after."""
     cfg, step = run.cfg, run.state.global_step
     _log_step(run, loss)
     stop_now = agree(run.accelerator, bool(run.stop.requested))
@@ -308,9 +302,9 @@ def _after_step(run: _Run, loss: float) -> bool:
     if stop_now or limited:
         run.stopped_early = not last
         if stop_now:
+            stop = run.stop.requested or "stop"
             run.accelerator.print(
-                f"{run.stop.requested or 'stop'}: checkpoint written at step {step}; "
-                "resume with resume_from_checkpoint=latest"
+                f"{stop}: checkpoint written at step {step}; resume with resume_from_checkpoint=latest"
             )
         return True
     return last
@@ -319,12 +313,12 @@ def _after_step(run: _Run, loss: float) -> bool:
 def _keep_step(run: _Run) -> None:
     """The checkpoint of the current step, once (a validation's out-of-memory error asks for it too)."""
     step = run.state.global_step
-    if run.checkpointed_step == step:
+    if run.kept is not None and run.kept[0] == step:
         return
     run.status.phase("checkpointing")
     run.room.check(run.room.checkpoint, f"the checkpoint of step {step}")
     path = run.room.write(f"the checkpoint of step {step}", _checkpoint, run, run.cfg.checkpoints_total_limit)
-    run.checkpointed_step, run.checkpointed_path = step, path
+    run.kept = (step, path)
 
 
 def _validate(run: _Run, step: int) -> None:
@@ -333,15 +327,12 @@ def _validate(run: _Run, step: int) -> None:
     run.status.phase("validating")
     for suffix, weights in lora_ema.validation_variants(run.cfg, run.ema):
         with weights:
-            result = render_validation(
-                run.cfg, run.manifest, run.model, run.paths, step, run.accelerator.device, suffix,
-                on_out_of_memory=lambda: _keep_step(run),
-            )  # fmt: skip
-        for note in result.notes:
+            args = (run.cfg, run.manifest, run.model, run.paths, step, run.accelerator.device, suffix)
+            notes = render_validation(*args, on_out_of_memory=lambda: _keep_step(run)).notes
+        for note in notes:
             run.accelerator.print(note)
             run.validation_notes.append(note)
-    if run.validation_notes:
-        run.status.phase("validating", validation_notes=run.validation_notes[-20:])
+            run.status.phase("validating", validation_notes=run.validation_notes[-20:])
 
 
 def _log_step(run: _Run, loss: float) -> None:
@@ -389,29 +380,21 @@ def _finish(run: _Run) -> TrainResult:
 
 def _export_all(run: _Run) -> Path:
     """The final LoRA and the EMA's; when that fails (a full disk), a checkpoint of the last step is kept."""
-    room = run.room
     try:
-        room.check(room.export, "the final LoRA export")
-        lora_path = room.write("the final LoRA export", save_run_lora, run.cfg, run.model, run.out)
-        if run.ema is not None:
-            with run.ema.applied():
-                room.write("the EMA LoRA export", save_run_lora, run.cfg, run.model, RunFiles(run.out).ema.root)
+        return export_run_loras(run.room, run.cfg, run.model, run.ema, run.out)
     except (TrainError, OSError, RuntimeError) as e:  # keep the steps since the last checkpoint
         raise TrainError(f"{e}. {_keep_last_step(run)}") from e
-    return lora_path
 
 
 def _keep_last_step(run: _Run) -> str:
-    """After a failed final export: a checkpoint of the last step, so that a rerun exports without training again."""
+    """After a failed final export: the checkpoint of the last step (written before the export), so that a rerun
+    exports without training again."""
     step = run.state.global_step
-    if run.checkpointed_step == step:
-        path = run.checkpointed_path
-    else:
-        try:
-            path = _checkpoint(run, None)
-        except (OSError, RuntimeError) as e:
-            return f"No checkpoint of step {step} could be written either ({e}); the last checkpoint is kept"
+    try:
+        _keep_step(run)
+    except (TrainError, OSError, RuntimeError) as e:
+        return f"No checkpoint of step {step} could be written either ({e}); the last checkpoint is kept"
     return (
-        f"Step {step} is kept in {path}: once the disk has room, run again with "
+        f"Step {step} is kept in {run.kept[1]}: once the disk has room, run again with "
         "resume_from_checkpoint=latest (it exports without training)"
     )
