@@ -3,6 +3,8 @@ before the final validation, and the cache's VAE encode retried tiled."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -187,3 +189,94 @@ def test_a_clip_that_does_not_fit_the_vae_encode_is_retried_tiled_then_reported(
     reasons = [r["reason"] for r in report if r["action"] == "skipped"]
     assert reasons and set(reasons) == {"out_of_memory"}
     assert seen[:4] == [False, True, False, True]
+
+
+# ---------------------------------------------------------------------------------------- the verdict before step 1
+
+SEED_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "seed-project" / "config" / "config.json"
+
+
+@functools.cache
+def _seed_plan():
+    """The seed's config as shipped (854x480 x 61 frames, vae_enable_tiling unset), simulated once at full size."""
+    from hvtune.plan.prediction import simulate
+    from hvtune.plan.shapes import shape_for
+
+    resolved = load_config(SEED_CONFIG, env={}, check_paths=False)
+    return simulate(resolved.train, shape_for(resolved))
+
+
+@pytest.mark.parametrize("card", ["24GB", "48GB", "80GB"])
+def test_the_seeds_config_fits_every_phase_on_24_48_and_80_gib_cards(card, monkeypatch, capsys):
+    plan = _seed_plan()
+    monkeypatch.setattr("hvtune.plan.report.simulate", lambda cfg, shape: plan)  # one simulation, three cards
+    assert main(["plan", "--config", str(SEED_CONFIG), "--gpu", card, "--verdict"]) == 0
+    out = capsys.readouterr().out
+    size = card.removesuffix("GB")
+    assert f"<= {size} GiB on this {size} GiB card" in out, out
+    phases = [line for line in out.splitlines() if line.startswith("  fits") or line.startswith("  NO")]
+    assert len(phases) == 5 and all(line.startswith("  fits") for line in phases), out  # no EMA in the seed
+    assert "validation decode (tiled bfloat16)" in out  # the decode setting it chose
+    assert "validation decode: tiled (" in out
+    if size == "24":
+        assert "validation decode: tiled (an untiled decode needs ~" in out and "more than this 24 GiB card" in out
+
+
+def test_a_phase_that_cannot_fit_is_refused_naming_phase_peak_card_and_key():
+    from hvtune.model.architectures import GPU
+    from hvtune.plan.phases import decide_phases
+
+    plan = _seed_plan()
+    settings = {**plan.settings, "vae_enable_tiling": False, "vae_tiling_unset": False}  # vae_enable_tiling: false
+    untiled = dataclasses.replace(
+        plan, settings=settings, validation=dataclasses.replace(plan.validation, tiling=False)
+    )
+    card = GPU("24 GiB card", 24.0, None, 25.0, ())
+    decided = decide_phases(untiled, card, unset=set())
+    assert decided.refusal.startswith("validation decode (untiled bfloat16) is predicted to need ")
+    assert "more than the 24 GiB of this 24 GiB card: set vae_enable_tiling=true" in decided.refusal
+
+
+def test_a_size_alone_gives_memory_only_and_a_named_card_its_own_speed():
+    from hvtune.model.architectures import find_gpu
+    from hvtune.plan.report import format_plan, parse_gpu
+
+    plan = _seed_plan()
+    size = parse_gpu("24GB")
+    assert size == parse_gpu("24 GiB") and size.bf16_tflops is None and size.memory_gib == 24
+    text = format_plan(plan, size)
+    assert "s/step: name the card" in text and "H100" not in text
+    assert " GB" not in text and " GiB" in text  # one unit, labelled
+    rtx = parse_gpu("RTX 4090")
+    assert rtx.bf16_tflops == 165.2
+    assert "predicted s/step on RTX 4090" in format_plan(plan, rtx) and "165.2 TFLOP/s" in format_plan(plan, rtx)
+    assert plan.seconds_per_step(rtx) > 4 * plan.seconds_per_step(find_gpu("H100"))  # 165 vs 989 TFLOP/s + copies
+
+
+# ------------------------------------------------------------------------------------------------ int8 accounting
+
+
+def test_an_int8_linear_keeps_a_bf16_copy_of_its_weight_for_backward_unless_checkpointed():
+    """torchao's Int8WeightOnlyConfig linear computes `mm(x, qdata.t().to(bf16)) * scale`: the bf16 copy is a new
+    tensor that mm saves for the input's gradient. Without gradient checkpointing every int8 linear keeps it until
+    its backward (plan counts it: int8 needs more than bf16 there); with checkpointing only the input is saved."""
+    from torch.utils.checkpoint import checkpoint
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    def saved_bytes(run) -> int:
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(saved.values())
+
+    layer = torch.nn.Linear(2048, 8192).to(torch.bfloat16).requires_grad_(False)
+    quantize_(layer, Int8WeightOnlyConfig())
+    x = torch.randn(1, 256, 2048, dtype=torch.bfloat16, requires_grad=True)
+    weight_bf16 = 2048 * 8192 * 2
+    assert saved_bytes(lambda: layer(x)) == weight_bf16 + 8192 * 2  # the dequantised weight and the bf16 scale
+    assert saved_bytes(lambda: checkpoint(layer, x, use_reentrant=False)) == x.numel() * 2  # the input only

@@ -250,9 +250,10 @@ def decoder_only(vae_config: dict, dtype: str):
     import torch
     from diffusers import AutoencoderKLHunyuanVideo15
 
-    vae = AutoencoderKLHunyuanVideo15.from_config(vae_config).eval().to(getattr(torch, dtype))
+    vae = AutoencoderKLHunyuanVideo15.from_config(vae_config).eval()
     vae.encoder = None
-    return vae
+    # nn.Module.to: diffusers' own `to` warns about modules to keep in float32, and this VAE lists none
+    return torch.nn.Module.to(vae, getattr(torch, dtype))
 
 
 def simulate_validation(cfg: TrainConfig, training: StepShape) -> ValidationMemory | None:
