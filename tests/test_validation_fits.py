@@ -222,19 +222,47 @@ def test_the_seeds_config_fits_every_phase_on_24_48_and_80_gib_cards(card, monke
         assert "validation decode: tiled (an untiled decode needs ~" in out and "more than this 24 GiB card" in out
 
 
+def _untiled(plan):
+    """`plan` with vae_enable_tiling: false."""
+    settings = {**plan.settings, "vae_enable_tiling": False, "vae_tiling_unset": False}
+    return dataclasses.replace(plan, settings=settings, validation=dataclasses.replace(plan.validation, tiling=False))
+
+
 def test_a_phase_that_cannot_fit_is_refused_naming_phase_peak_card_and_key():
     from hvtune.model.architectures import GPU
     from hvtune.plan.phases import decide_phases
 
-    plan = _seed_plan()
-    settings = {**plan.settings, "vae_enable_tiling": False, "vae_tiling_unset": False}  # vae_enable_tiling: false
-    untiled = dataclasses.replace(
-        plan, settings=settings, validation=dataclasses.replace(plan.validation, tiling=False)
-    )
+    untiled = _untiled(_seed_plan())
     card = GPU("24 GiB card", 24.0, None, 25.0, ())
     decided = decide_phases(untiled, card, unset=set())
     assert decided.refusal.startswith("validation decode (untiled bfloat16) is predicted to need ")
     assert "more than the 24 GiB of this 24 GiB card: set vae_enable_tiling=true" in decided.refusal
+
+
+def test_train_refuses_before_step_1_when_a_phase_cannot_fit_this_gpu(demo_project, tmp_path, monkeypatch, capsys):
+    """`hvtune train` with a (pretend) 24 GiB GPU visible: the seed's full-size plan stands in for the simulation
+    (the demo's own flavour is the full-size t2v-480p). Untiled, the decode does not fit: exit 2 before any
+    training, nothing written; unset, it tiles, says so once, and trains."""
+    from hvtune.model.architectures import GPU
+
+    plan = _seed_plan()
+    monkeypatch.setattr("hvtune.plan.report.detected_gpu", lambda: GPU("RTX 4090", 23.99, 165.2, 25.0, ()))
+    monkeypatch.setattr(
+        "hvtune.plan.report.simulate", lambda cfg, shape: _untiled(plan) if cfg.vae_enable_tiling is False else plan
+    )
+    out = tmp_path / "run"
+    args = ["train", "--config", str(demo_project), f"--output_dir={out}", "--max_train_steps=2"]
+    assert main([*args, "--vae_enable_tiling=false"]) == 2
+    err = capsys.readouterr().err
+    assert "validation decode (untiled bfloat16) is predicted to need " in err
+    assert "more than the 23.99 GiB of this RTX 4090: set vae_enable_tiling=true" in err
+    assert not (out / "checkpoints").exists() and not (out / "pytorch_lora_weights.safetensors").exists()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("validation decode: tiled (an untiled decode needs ~") == 1
+    assert (
+        "pre-flight: every phase fits this RTX 4090" in printed and (out / "pytorch_lora_weights.safetensors").is_file()
+    )
 
 
 def test_a_size_alone_gives_memory_only_and_a_named_card_its_own_speed():

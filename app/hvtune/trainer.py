@@ -361,9 +361,9 @@ def _finish(run: _Run) -> TrainResult:
     """The LoRA files (and the EMA's), the loss plot and run.json, unless the run stopped early; status.json."""
     cfg, files, step = run.cfg, RunFiles(run.out), run.state.global_step
     run.accelerator.wait_for_everyone()
-    lora_path = run.lora_path
-    if run.main and not run.stopped_early and lora_path is None:  # resumed at the last step: nothing trained
-        lora_path = _export_all(run)
+    lora_path = run.lora_path  # exported after the last step; resumed at the last step, it is exported here
+    if run.main and not run.stopped_early:
+        lora_path = lora_path or _export_all(run)
         losses = [(i + 1, v) for i, v in enumerate(run.state.loss_history)]
         plot_losses(files.loss_plot, {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if run.main:
