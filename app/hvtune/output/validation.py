@@ -17,8 +17,6 @@ from hvtune.output.vae_decode import ValidationVAE, decode_latents
 from hvtune.run_files import RunFiles
 from hvtune.train.batches import text_entry
 
-__all__ = ["decode_latents", "render_validation", "sample_latents", "sample_video"]
-
 
 @dataclass
 class TextCondition:
