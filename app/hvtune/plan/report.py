@@ -257,7 +257,7 @@ def detected_gpu() -> GPU | None:
         return None
     props = torch.cuda.get_device_properties(0)
     known = find_gpu(props.name)
-    speed = known.bf16_tflops if known else 989.0
+    speed = known.bf16_tflops if known else None  # an unknown card: memory only, no s/step
     link = known.host_link_gbps if known else 25.0
     return GPU(known.name if known else props.name, round(props.total_memory / GiB, 2), speed, link, ())
 
