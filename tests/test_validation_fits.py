@@ -308,3 +308,20 @@ def test_an_int8_linear_keeps_a_bf16_copy_of_its_weight_for_backward_unless_chec
     weight_bf16 = 2048 * 8192 * 2
     assert saved_bytes(lambda: layer(x)) == weight_bf16 + 8192 * 2  # the dequantised weight and the bf16 scale
     assert saved_bytes(lambda: checkpoint(layer, x, use_reentrant=False)) == x.numel() * 2  # the input only
+
+
+def test_ema_validation_is_a_phase_with_the_ema_copy_and_the_trained_weights_aside():
+    from hvtune.plan.phases import run_phases
+
+    plan = _seed_plan()
+    with_ema = dataclasses.replace(plan, settings={**plan.settings, "use_ema": True, "ema_validation": True})
+    plain, ema = {p.name: p.peak for p in run_phases(plan)}, {p.name: p.peak for p in run_phases(with_ema)}
+    assert "EMA validation" not in plain and list(ema)[-3:] == [
+        "EMA validation",
+        "checkpoint write",
+        "final LoRA export",
+    ]
+    lora = plan.memory.lora_weights
+    assert ema["training step"] == plain["training step"] + lora  # the float32 EMA copy stays on the device
+    decode = next(name for name in plain if name.startswith("validation decode"))
+    assert ema["EMA validation"] > ema[decode] > plain[decode]
