@@ -57,6 +57,7 @@ STAGES = [
     "train.ema",
     "output.checkpoints",  # checkpoints / validation / export / run record / status
     "output.run_dir",
+    "output.vae_decode",
     "output.validation",
     "output.comfyui",
     "output.export",
@@ -74,6 +75,7 @@ STAGES = [
     "plan.simulate",
     "plan.validation",
     "plan.prediction",
+    "plan.phases",
     "plan.report",
     "serve.failures",  # the run page
     "serve.auth",

@@ -175,9 +175,10 @@ def test_a_new_run_into_a_used_output_dir_is_refused_and_a_finished_run_is_not_r
     out = tmp_path / "run"
     train(_resolved(demo_project, **_train_args(out, max_train_steps=12)))
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000008"]
+    checkpoints = ["checkpoint-000008", "checkpoint-000012"]  # the last step's too (the demo keeps 2)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
 
-    # a fresh run into the folder would overwrite checkpoint-000004 and leave the old checkpoint-000008 to resume
+    # a fresh run into the folder would overwrite checkpoint-000004 and leave the old checkpoint-000012 to resume
     for resume in ("null", "latest"):
         with pytest.raises(CheckpointError, match="holds another run, finished at step 12") as refused:
             train(_resolved(demo_project, **_train_args(out, max_train_steps=6, resume_from_checkpoint=resume)))
@@ -196,7 +197,7 @@ def test_a_new_run_into_a_used_output_dir_is_refused_and_a_finished_run_is_not_r
 
     replaced = train(_resolved(demo_project, **_train_args(out, max_train_steps=6, overwrite_output_dir="true")))
     assert replaced.global_step == 6 and not replaced.already_finished
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000006"]
     assert len((out / "logs" / "loss.jsonl").read_text().splitlines()) == 6
     assert json.loads((out / "run.json").read_text())["global_step"] == 6
 
@@ -333,7 +334,7 @@ def test_a_failed_final_export_keeps_the_last_step_and_a_rerun_exports_without_t
 ):
     import errno
 
-    import hvtune.trainer as trainer
+    import hvtune.output.export as export
 
     def no_room(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -341,7 +342,7 @@ def test_a_failed_final_export_keeps_the_last_step_and_a_rerun_exports_without_t
     out = tmp_path / "run"
     args = _train_args(out, max_train_steps=3, checkpointing_steps=2, resume_from_checkpoint="latest")
     with monkeypatch.context() as m:
-        m.setattr(trainer, "save_run_lora", no_room)
+        m.setattr(export, "save_run_lora", no_room)
         with pytest.raises(TrainError, match="disk full while writing the final LoRA export") as failed:
             train(_resolved(demo_project, **args))
     assert f"Step 3 is kept in {out / 'checkpoints' / 'checkpoint-000003'}" in str(failed.value)

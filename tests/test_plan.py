@@ -286,6 +286,7 @@ def test_plan_predicts_the_validation_round_of_a_real_cpu_run(task, tiling):
 
 
 VAE_PARAMS = 1_260_634_115
+VAE_DECODER_PARAMS = 871_309_571
 
 
 @pytest.mark.slow
@@ -299,13 +300,13 @@ def test_full_size_validation_runs_under_plan(flavour):
     validation = simulate_validation(cfg, StepShape(1, 61, width, height, task))
     assert (validation.shape.width, validation.shape.height, validation.shape.frames) == (width, height, 61)
     assert validation.shape.latents == (32, 16, height // 16, width // 16)
-    assert validation.vae_weights == 4 * VAE_PARAMS  # float32, as load_vae loads it
+    assert validation.vae_weights == 2 * VAE_DECODER_PARAMS  # the decoder alone, in vae_dtype's default bf16
     lora = 16 * (2048 + 2048) * TARGETED_PROJECTIONS * 4
     assert validation.transformer_weights == 2 * FULL_PARAMS + lora
     assert 0 < validation.forward_extra < 10 * 2**30  # no gradients: a few GB at most
     untiled, tiled = validation.decode_extra(False), validation.decode_extra(True)
-    # untiled, the decoder's last blocks hold several 128 x 61 x H x W float32 tensors (12.7 GB each at 480p)
-    frame_bytes = 128 * 61 * height * width * 4
+    # untiled, the decoder's last blocks hold several 128 x 61 x H x W bf16 tensors (6.4 GB each at 480p)
+    frame_bytes = 128 * 61 * height * width * 2
     assert 3 * frame_bytes < untiled < 8 * frame_bytes
     assert tiled < 0.25 * untiled  # tiling lowers the predicted decode peak
 
@@ -314,7 +315,7 @@ def test_full_size_validation_runs_under_plan(flavour):
 def _tiny_plan(task: str = "t2v", **settings):
     """A plan of the tiny architecture: its step and its validation round simulated on meta."""
     model_config = _tiny_config(task)
-    cfg = TrainConfig(lora_rank=4, **{**TINY_VALIDATION, **settings})
+    cfg = TrainConfig(lora_rank=4, **{**TINY_VALIDATION, "vae_enable_tiling": False, **settings})
     shape = StepShape(1, 17, 384, 256, task, qwen_tokens=20)
     transformer = build_meta_transformer(model_config)
     memory = run_step(transformer, cfg, shape, device="meta")
@@ -337,7 +338,7 @@ def test_validation_off_leaves_the_plan_unchanged():
     text = format_plan(off)
     assert "validation off" in text and "VAE decode" not in text
     card = GPU("card", off.gpu_peak / 2**30 + 0.01, 100.0, 25.0, ())
-    assert verdict(off, card).startswith(f"predicted peak {off.gpu_peak / 2**30:.1f} GB <=")
+    assert verdict(off, card).startswith(f"predicted peak {off.gpu_peak / 2**30:.1f} GiB <=")
 
 
 def test_the_plan_needs_the_larger_of_step_and_validation_and_names_the_validation_knob():
@@ -352,7 +353,7 @@ def test_the_plan_needs_the_larger_of_step_and_validation_and_names_the_validati
     card = GPU("card", (tiled + untiled) / 2 / 2**30, 100.0, 25.0, ())
     line = verdict(plan, card)
     assert "validation" in line and "vae_enable_tiling=true" in line
-    assert verdict(plan, card, [plan]).endswith(f"set vae_enable_tiling=true (predicted {tiled / 2**30:.1f} GB)")
+    assert verdict(plan, card, [plan]).endswith(f"set vae_enable_tiling=true (predicted {tiled / 2**30:.1f} GiB)")
     table = format_sweep([plan], card)
     assert "\n  tile " in table and '"vae_enable_tiling": true,' in table
     # enable_model_cpu_offload takes the transformer's weights off the GPU for the decode

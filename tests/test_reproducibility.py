@@ -56,9 +56,10 @@ def test_compare_gives_its_verdict_when_the_picture_cannot_be_written(demo_proje
 def test_resume_is_identical(demo_project, reference_run, tmp_path):
     """Continue from the reference run's step-3 checkpoint (as after a crash) and finish: same LoRA bytes."""
     out = tmp_path / "resumed"
-    shutil.copytree(reference_run / "checkpoints", out / "checkpoints")
+    kept = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert kept == ["checkpoint-000003", "checkpoint-000006"]  # the last step is kept before its validation
+    shutil.copytree(reference_run / "checkpoints" / kept[0], out / "checkpoints" / kept[0])
     shutil.copytree(reference_run / "logs", out / "logs", ignore=shutil.ignore_patterns("tensorboard"))
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000003"]
     _train(demo_project, out, "--resume_from_checkpoint=latest")
     r = _compare(reference_run, out)
     assert r.returncode == 0 and "IDENTICAL" in r.stdout, r.stdout + r.stderr

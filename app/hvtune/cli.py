@@ -135,11 +135,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hvtune.output.run_dir import output_dir_lock
     from hvtune.output.status import recorded
+    from hvtune.plan.report import preflight
     from hvtune.trainer import train
 
     resolved = _config(args)
     out = Path(resolved.train.output_dir)
     with output_dir_lock(out), recorded(out):  # the lock first: a refused second run writes nothing there
+        resolved = preflight(resolved)  # every phase fits this GPU, decided before step 1 (skipped on the CPU)
         result = train(resolved)
     if not result.is_main_process:
         return EXIT_OK

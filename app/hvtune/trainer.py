@@ -34,7 +34,7 @@ from hvtune.output.checkpoints import (
     run_identity,
     save_checkpoint,
 )
-from hvtune.output.export import lora_state_dict, save_run_lora
+from hvtune.output.export import export_run_loras, lora_state_dict
 from hvtune.output.progress import TrainProgress, start_trackers, trackers
 from hvtune.output.record import LossLog, apply_determinism, plot_losses, run_record
 from hvtune.output.run_dir import DiskRoom, check_output_dir
@@ -97,6 +97,9 @@ class _Run:
     micro_samples: list = field(default_factory=list)  # the ids of its samples: a NaN loss names them
     steps_this_run: int = 0
     stopped_early: bool = False
+    kept: tuple[int, Path] | None = None  # (step, checkpoint) this run wrote last
+    lora_path: Path | None = None  # the final LoRA, exported after the last step
+    validation_notes: list[str] = field(default_factory=list)  # retried or skipped validation videos
 
     def close(self) -> None:
         self.stop.restore()
@@ -273,33 +276,58 @@ def _step(run: _Run, index: int, items: list) -> float | None:
 
 
 def _after_step(run: _Run, loss: float) -> bool:
-    """Log, checkpoint, validate; True when the loop ends here (the last step, a stop request, max_steps_this_run)."""
+    """Log, checkpoint, export after the last step, validate; True when the loop ends here (the last step, a stop
+    request, max_steps_this_run). The last step's checkpoint and LoRA come before its validation, never after."""
     cfg, step = run.cfg, run.state.global_step
     _log_step(run, loss)
     stop_now = agree(run.accelerator, bool(run.stop.requested))
     last = step >= run.total_steps
     limited = run.max_steps_this_run is not None and run.steps_this_run >= run.max_steps_this_run
-    regular = step % cfg.checkpointing_steps == 0 or stop_now or limited
+    regular = step % cfg.checkpointing_steps == 0 or stop_now or limited or last
     rolling = not regular and rolling_checkpoint_due(cfg, step)
-    if run.main and (regular or rolling) and not last:
-        run.status.phase("checkpointing")
-        run.room.check(run.room.checkpoint, f"the checkpoint of step {step}")
-        keep = cfg.checkpoints_rolling_total_limit if rolling else cfg.checkpoints_total_limit
-        run.room.write(f"the checkpoint of step {step}", _checkpoint, run, keep, rolling)
+    if run.main and (regular or rolling):
+        _keep_step(run, rolling)
+    if run.main and last:
+        run.lora_path = _export_all(run)
     if validation_due(cfg, step, run.total_steps, final=last) and run.main:
-        run.status.phase("validating")
-        for suffix, weights in lora_ema.validation_variants(cfg, run.ema):
-            with weights:
-                render_validation(cfg, run.manifest, run.model, run.paths, step, run.accelerator.device, suffix)
+        _validate(run, step)
     if stop_now or limited:
         run.stopped_early = not last
         if stop_now:
+            stop = run.stop.requested or "stop"
             run.accelerator.print(
-                f"{run.stop.requested or 'stop'}: checkpoint written at step {step}; "
-                "resume with resume_from_checkpoint=latest"
+                f"{stop}: checkpoint written at step {step}; resume with resume_from_checkpoint=latest"
             )
         return True
     return last
+
+
+def _keep_step(run: _Run, rolling: bool = False) -> None:
+    """The checkpoint of the current step, once (a validation's out-of-memory error asks for it too); a rolling one
+    (`checkpointing_rolling_steps`) is pruned to `checkpoints_rolling_total_limit`, the others to
+    `checkpoints_total_limit`."""
+    step = run.state.global_step
+    if run.kept is not None and run.kept[0] == step:
+        return
+    run.status.phase("checkpointing")
+    run.room.check(run.room.checkpoint, f"the checkpoint of step {step}")
+    keep = run.cfg.checkpoints_rolling_total_limit if rolling else run.cfg.checkpoints_total_limit
+    path = run.room.write(f"the checkpoint of step {step}", _checkpoint, run, keep, rolling)
+    run.kept = (step, path)
+
+
+def _validate(run: _Run, step: int) -> None:
+    """The validation videos (and the EMA's); an out-of-memory error keeps the step first (its checkpoint holds the
+    LoRA), and each retried or skipped video is one line in the log and in status.json."""
+    run.status.phase("validating")
+    for suffix, weights in lora_ema.validation_variants(run.cfg, run.ema):
+        with weights:
+            args = (run.cfg, run.manifest, run.model, run.paths, step, run.accelerator.device, suffix)
+            notes = render_validation(*args, on_out_of_memory=lambda: _keep_step(run)).notes
+        for note in notes:
+            run.accelerator.print(note)
+            run.validation_notes.append(note)
+            run.status.phase("validating", validation_notes=run.validation_notes[-20:])
 
 
 def _log_step(run: _Run, loss: float) -> None:
@@ -328,9 +356,9 @@ def _finish(run: _Run) -> TrainResult:
     """The LoRA files (and the EMA's), the loss plot and run.json, unless the run stopped early; status.json."""
     cfg, files, step = run.cfg, RunFiles(run.out), run.state.global_step
     run.accelerator.wait_for_everyone()
-    lora_path = None
+    lora_path = run.lora_path  # exported after the last step; resumed at the last step, it is exported here
     if run.main and not run.stopped_early:
-        lora_path = _export_all(run)
+        lora_path = lora_path or _export_all(run)
         losses = [(i + 1, v) for i, v in enumerate(run.state.loss_history)]
         plot_losses(files.loss_plot, {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if run.main:
@@ -347,26 +375,21 @@ def _finish(run: _Run) -> TrainResult:
 
 def _export_all(run: _Run) -> Path:
     """The final LoRA and the EMA's; when that fails (a full disk), a checkpoint of the last step is kept."""
-    room = run.room
     try:
-        room.check(room.export, "the final LoRA export")
-        lora_path = room.write("the final LoRA export", save_run_lora, run.cfg, run.model, run.out)
-        if run.ema is not None:
-            with run.ema.applied():
-                room.write("the EMA LoRA export", save_run_lora, run.cfg, run.model, RunFiles(run.out).ema.root)
+        return export_run_loras(run.room, run.cfg, run.model, run.ema, run.out)
     except (TrainError, OSError, RuntimeError) as e:  # keep the steps since the last checkpoint
         raise TrainError(f"{e}. {_keep_last_step(run)}") from e
-    return lora_path
 
 
 def _keep_last_step(run: _Run) -> str:
-    """After a failed final export: a checkpoint of the last step, so that a rerun exports without training again."""
+    """After a failed final export: the checkpoint of the last step (written before the export), so that a rerun
+    exports without training again."""
     step = run.state.global_step
     try:
-        path = _checkpoint(run, None)
-    except (OSError, RuntimeError) as e:
+        _keep_step(run)
+    except (TrainError, OSError, RuntimeError) as e:
         return f"No checkpoint of step {step} could be written either ({e}); the last checkpoint is kept"
     return (
-        f"Step {step} is kept in {path}: once the disk has room, run again with "
+        f"Step {step} is kept in {run.kept[1]}: once the disk has room, run again with "
         "resume_from_checkpoint=latest (it exports without training)"
     )

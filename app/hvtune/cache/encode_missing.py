@@ -16,7 +16,7 @@ from hvtune.cache.encoders import (
     encode_caption,
     encode_cond_latents,
     encode_image_embeds,
-    encode_video_latents,
+    encode_latents_or_tiled,
     free_memory,
     load_vae_for_cache,
     to_pil,
@@ -62,7 +62,7 @@ def encode_latents(
     val_latent_miss = val_latent_miss and build.shard.main
     if not (vae_jobs or val_latent_miss):
         return
-    device, dtype = device_and_dtype(build.dtype_name)
+    device, dtype = device_and_dtype(build.vae_dtype_name)
     vae = load_vae_for_cache(resolved, build.paths, device, dtype)
     for p, frames in build.shard.progress(  # SHARD HOOK: progress with every process's total
         _decoded(vae_jobs, resolved.train.seed, build.failed),
@@ -71,13 +71,18 @@ def encode_latents(
         unit="clip",
         disable=not build.progress,
     ):
-        tensors = {"latents": encode_video_latents(vae, frames, device, dtype)}
+        latents = _encode_or_report(build, p, vae, frames, device, dtype)
+        if latents is None:
+            continue
+        tensors = {"latents": latents[0]}
         if build.i2v:
             first = to_pil(frames[0])
             tensors["cond_latents"] = encode_cond_latents(vae, first, device)
             if p.image_key in siglip_keys:
                 _save_pending(build.pending, p.image_key, first)
         meta = {"kind": "latent", "source": p.sample.id, "bucket": "x".join(map(str, p.sample.bucket))}
+        if latents[1]:
+            meta["tiled_after_out_of_memory"] = True
         build.store(build.vae_root(p), p.latent_key, tensors, meta)
         del frames, tensors
     if val_latent_miss:
@@ -126,6 +131,22 @@ def encode_siglip(build: Build, jobs: list[EntryPlan], hits: int, validation: Va
         for f in build.pending.iterdir():
             f.unlink(missing_ok=True)
         build.pending.rmdir()
+
+
+def _encode_or_report(build: Build, plan: EntryPlan, vae, frames, device, dtype):
+    """(latents, tiled after an out-of-memory error), or None when the clip does not fit the GPU even tiled: it is
+    then reported in the cache report (skipped, out_of_memory), never a crash of the whole build."""
+    import torch
+
+    try:
+        return encode_latents_or_tiled(vae, frames, device, dtype)
+    except torch.OutOfMemoryError as e:
+        free_memory()
+        size = "x".join(map(str, plan.sample.bucket))
+        detail = f"the VAE encode at {size} did not fit the GPU, tiled or not: {type(e).__name__}"
+        sample = plan.sample
+        build.failed[id(sample)] = Issue(sample.dataset, str(sample.source), "skipped", "out_of_memory", detail)
+        return None
 
 
 def _decode_issue(sample: Sample, e: Exception) -> Issue:

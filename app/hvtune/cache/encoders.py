@@ -28,15 +28,28 @@ from hvtune.data.datasets import Sample
 GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, AMD ROCm, WSL2: torch needs one of them
 
 
-def encoder_dtype_name(resolved: ResolvedConfig) -> str:
-    """The encoders' dtype, part of every cache key: bfloat16 on a GPU with mixed_precision bf16, else float32.
-    Decided without importing torch when no GPU driver node exists (torch could find no GPU either): on a fully cached
-    rerun the torch import would be most of the run (2.5 of 3 s on a 2-core CPU)."""
-    if resolved.train.mixed_precision != "bf16" or not any(os.path.exists(p) for p in GPU_DRIVER_NODES):
-        return "float32"
+def gpu_present() -> bool:
+    """Decided without importing torch when no GPU driver node exists (torch could find no GPU either): on a fully
+    cached rerun the torch import would be most of the run (2.5 of 3 s on a 2-core CPU)."""
+    if not any(os.path.exists(p) for p in GPU_DRIVER_NODES):
+        return False
     import torch
 
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    return torch.cuda.is_available()
+
+
+def encoder_dtype_name(resolved: ResolvedConfig) -> str:
+    """The text and vision encoders' dtype, part of their cache keys: bfloat16 on a GPU with mixed_precision bf16,
+    else float32."""
+    return "bfloat16" if resolved.train.mixed_precision == "bf16" and gpu_present() else "float32"
+
+
+def vae_encode_dtype_name(resolved: ResolvedConfig) -> str:
+    """The VAE's dtype, part of every latent key (`keys.vae_options`), so a cache built with another `vae_dtype` is
+    never reused: SimpleTuner's vae_dtype on a GPU, float32 on the CPU (`registry.vae_dtype_name`)."""
+    from hvtune.model.registry import vae_dtype_name
+
+    return vae_dtype_name(resolved.train, gpu_present())
 
 
 def device_and_dtype(dtype_name: str):
@@ -137,7 +150,7 @@ def load_vae_for_cache(resolved: ResolvedConfig, paths, device, dtype):
 
     vae = load_vae(paths, dtype=dtype).to(device)
     t = resolved.train
-    if t.vae_enable_tiling:
+    if t.vae_enable_tiling is True:
         vae.enable_tiling()
     if t.vae_enable_slicing:
         vae.enable_slicing()
@@ -164,6 +177,25 @@ def encode_video_latents(vae, frames_uint8, device, dtype):
         x = to_model_pixels(frames_uint8)[None].to(device, dtype)
         latents = retrieve_latents(vae.encode(x), sample_mode="argmax") * vae.config.scaling_factor
     return latents[0]
+
+
+def encode_latents_or_tiled(vae, frames_uint8, device, dtype):
+    """`encode_video_latents`; a clip that does not fit the GPU (torch.OutOfMemoryError) is encoded again tiled.
+    Returns (latents, tiled_after_oom). A second out-of-memory error propagates: the caller reports the clip."""
+    import torch
+
+    try:
+        return encode_video_latents(vae, frames_uint8, device, dtype), False
+    except torch.OutOfMemoryError:
+        if vae.use_tiling:
+            raise
+    free_memory()
+    vae.enable_tiling()
+    try:
+        return encode_video_latents(vae, frames_uint8, device, dtype), True
+    finally:
+        vae.disable_tiling()
+        free_memory()
 
 
 def encode_cond_latents(vae, image, device):

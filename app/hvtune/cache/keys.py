@@ -136,7 +136,7 @@ def identities(paths, names: Iterable[str]) -> dict[str, dict[str, Any]]:
 def vae_options(resolved: ResolvedConfig, dtype: str) -> dict[str, Any]:
     t = resolved.train
     return {
-        "tiling": t.vae_enable_tiling,
+        "tiling": t.vae_enable_tiling is True,  # unset encodes untiled, as false (the same entries as before)
         "slicing": t.vae_enable_slicing,
         "patch_conv": t.vae_enable_patch_conv,
         "patch_conv_bytes": PATCH_CONV_BYTES if t.vae_enable_patch_conv else None,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hvtune.cache.encoders import encoder_dtype_name, image_processor
+from hvtune.cache.encoders import encoder_dtype_name, image_processor, vae_encode_dtype_name
 from hvtune.cache.keys import (
     TEXT_COMPONENTS,
     VISION_COMPONENTS,
@@ -79,7 +79,8 @@ class Build:
         self.vae_id = self.ids["vae"]
         self.vision_id = {n: self.ids[n] for n in VISION_COMPONENTS} if self.i2v else None
         self.tparams = text_params(self.dtype_name)
-        self.vopts = vae_options(resolved, self.dtype_name)
+        self.vae_dtype_name = vae_encode_dtype_name(resolved)
+        self.vopts = vae_options(resolved, self.vae_dtype_name)
         self.stats = BuildCounts(["text", "latent", *(["siglip"] if self.i2v else [])])
         self.indexes: dict[Path, RootIndex] = {}
         self.written: dict[Path, dict[str, tuple[int, str]]] = {}

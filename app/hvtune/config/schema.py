@@ -140,7 +140,10 @@ class TrainConfig(_Section):
     group_offload_use_stream: bool = False
     enable_model_cpu_offload: bool = False
     vae_enable_patch_conv: bool = False
-    vae_enable_tiling: bool = False
+    vae_enable_tiling: bool | None = (
+        None  # unset: the validation decode tiles (output/vae_decode.py), the cache does not
+    )
+    vae_dtype: Literal["default", "bf16", "fp16", "fp32"] = "bf16"
     vae_enable_slicing: bool = False
     # checkpoints, validation, logging
     checkpointing_steps: int = Field(500, ge=1, alias="checkpoint_step_interval")

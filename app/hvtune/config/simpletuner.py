@@ -204,6 +204,8 @@ KEPT_DEFAULTS: dict[str, str] = {
     "train_batch_size": "SimpleTuner's 4 does not fit video on most GPUs; 1",
     "learning_rate": "SimpleTuner's 4e-7 is its full fine-tune rate; 1e-4 is a LoRA rate",
     "caption_dropout_probability": "SimpleTuner's None is 0 (no dropout)",
+    "vae_enable_tiling": "unset: the validation decode tiles (diffusers' 256 px tiles, seams blended), so a 480p x 61 "
+    "frame decode needs ~7 GiB instead of ~71 GiB; the cache still encodes untiled (SimpleTuner's false)",
     "validation_resolution": "SimpleTuner's 256 is not a video size; the flavour's 848x480 or 1280x720",
     "validation_num_video_frames": "SimpleTuner's None renders the pipeline default; hvtune 61",
     "validation_guidance": "validation only: Tencent's 6.0 for HunyuanVideo 1.5 (SimpleTuner 7.5)",

@@ -147,7 +147,11 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "flow_beta_schedule_alpha": _same("alpha of the beta schedule (default 2.0)"),
     "flow_beta_schedule_beta": _same("beta of the beta schedule (default 2.0)"),
     "gradient_checkpointing": _same("activation checkpointing of the transformer blocks"),
-    "vae_enable_tiling": _same("VAE tiling"),
+    "vae_enable_tiling": _same(
+        "VAE tiling of the cache's encode and the validation decode; omitted: the cache encodes untiled (retried "
+        "tiled when a clip does not fit) and the validation decode tiles"
+    ),
+    "vae_dtype": _same("the VAE's dtype for the cache's encode and the validation decode on a GPU (float32 on CPU)"),
     "vae_enable_slicing": _same("VAE slicing"),
     "vae_enable_patch_conv": _same("VAE patch conv"),
     # checkpoints, validation, logging

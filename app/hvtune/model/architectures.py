@@ -124,7 +124,9 @@ def train_step_flops(forward: dict, *, gradient_checkpointing: bool) -> float:
 class GPU:
     name: str
     memory_gib: float  # what torch.cuda.get_device_properties(0).total_memory reports, in GiB
-    bf16_tflops: float  # dense bf16 tensor peak with fp32 accumulation (vendor spec sheets, no sparsity)
+    bf16_tflops: (
+        float | None
+    )  # dense bf16 tensor peak, fp32 accumulation (vendor spec sheets, no sparsity); None: unknown
     host_link_gbps: float  # host <-> device bandwidth a group-offload copy gets, GB/s (PCIe gen or NVLink-C2C)
     match: tuple[str, ...]  # substrings of the CUDA device name, lower case
 

@@ -263,6 +263,30 @@ def load_vae(paths: ModelPaths, dtype=None):
     return AutoencoderKLHunyuanVideo15.from_pretrained(paths["vae"], torch_dtype=dtype).eval()
 
 
+# SimpleTuner's vae_dtype values -> torch dtype names ("default": the training dtype, see vae_dtype_name)
+VAE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def vae_dtype_name(cfg: TrainConfig, on_gpu: bool) -> str:
+    """The VAE's dtype for the cache's encode and the validation decode: SimpleTuner's `vae_dtype` (bf16 by default,
+    fp16, fp32; `default` is the training dtype: bf16 with mixed_precision bf16, else fp32). On the CPU always
+    float32: bf16 convolutions there run several times slower than float32 (docs/PERFORMANCE.md, "The validation
+    decode"), and a CPU has the memory a GPU lacks."""
+    if not on_gpu:
+        return "float32"
+    if cfg.vae_dtype == "default":
+        return "bfloat16" if cfg.mixed_precision == "bf16" else "float32"
+    return VAE_DTYPES[cfg.vae_dtype]
+
+
+def load_vae_decoder(paths: ModelPaths, dtype=None):
+    """The VAE without its encoder half: validation only decodes, so the encoder (1.45 GiB in float32 at full size)
+    never reaches the GPU."""
+    vae = load_vae(paths, dtype=dtype)
+    vae.encoder = None
+    return vae
+
+
 def load_scheduler(paths: ModelPaths):
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -202,3 +202,14 @@ def load_lycoris(transformer, path: str | Path) -> None:
     result = set_peft_model_state_dict(transformer, state)
     if result.unexpected_keys:
         raise ValueError(f"{path}: weights for modules this model does not adapt: {result.unexpected_keys[:3]}")
+
+
+def export_run_loras(room, cfg, model, ema, output_dir: Path) -> Path:
+    """The final LoRA files (`save_run_lora`) and the EMA's in `output_dir/ema`, each after checking `room` (a
+    run_dir.DiskRoom) has space for it; returns the diffusers file."""
+    room.check(room.export, "the final LoRA export")
+    lora_path = room.write("the final LoRA export", save_run_lora, cfg, model, output_dir)
+    if ema is not None:
+        with ema.applied():
+            room.write("the EMA LoRA export", save_run_lora, cfg, model, RunFiles(output_dir).ema.root)
+    return lora_path

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from hvtune.output.vae_decode import ValidationVAE, decode_latents
 from hvtune.run_files import RunFiles
 from hvtune.train.batches import text_entry
 
@@ -38,6 +39,15 @@ class ImageCondition:
 
 @torch.no_grad()
 def sample_video(
+    transformer, vae, scheduler, *, offload_transformer_for_decode: bool = False, **inputs
+) -> torch.Tensor:
+    """Returns uint8 frames (F, 3, H, W): `sample_latents` then `decode_latents` (`inputs`: sample_latents')."""
+    latents = sample_latents(transformer, vae, scheduler, **inputs)
+    return decode_latents(transformer, vae, latents, inputs.get("device", "cpu"), offload_transformer_for_decode)
+
+
+@torch.no_grad()
+def sample_latents(
     transformer,
     vae,
     scheduler,
@@ -52,9 +62,8 @@ def sample_video(
     seed: int,
     image: ImageCondition | None = None,
     device: torch.device | str = "cpu",
-    offload_transformer_for_decode: bool = False,
 ) -> torch.Tensor:
-    """Returns uint8 frames (F, 3, H, W)."""
+    """The denoised latents (1, C, F', H', W') of one validation video; `vae` gives only its compression ratios."""
     import numpy as np
 
     dtype = next(p.dtype for p in transformer.parameters() if p.dtype.is_floating_point)
@@ -88,7 +97,7 @@ def sample_video(
             uncond = predict(negative, model_input, timestep)
             noise_pred = uncond + guidance_scale * (noise_pred - uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-    return decode_latents(transformer, vae, latents, device, offload_transformer_for_decode)
+    return latents
 
 
 def _start(transformer, vae, size: tuple[int, int, int], seed: int, image: ImageCondition | None, device, dtype):
@@ -120,18 +129,6 @@ def _start(transformer, vae, size: tuple[int, int, int], seed: int, image: Image
     return latents, cond, mask, image_embeds
 
 
-def decode_latents(
-    transformer, vae, latents: torch.Tensor, device, offload_transformer_for_decode: bool
-) -> torch.Tensor:
-    if offload_transformer_for_decode:  # enable_model_cpu_offload: the decode gets the GPU to itself
-        transformer.to("cpu")
-    video = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    if offload_transformer_for_decode:
-        transformer.to(device)
-    video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, F, H, W)
-    return video.permute(1, 0, 2, 3).cpu()
-
-
 def transformer_leaves_for_decode(cfg) -> bool:
     """enable_model_cpu_offload: the transformer goes to the CPU while the VAE decodes (group offload keeps its
     weights on the host already)."""
@@ -144,29 +141,49 @@ def validation_due(cfg, step: int, total: int, *, final: bool) -> bool:
     return final or (cfg.validation_steps > 0 and step % cfg.validation_steps == 0)
 
 
-def render_validation(cfg, manifest, model, paths, step: int, device, suffix: str = "") -> list[Path]:
+@dataclass
+class ValidationRound:
+    written: list[Path]
+    notes: list[str]  # one line per video that needed a retry or was skipped (out of GPU memory)
+
+
+def render_validation(
+    cfg, manifest, model, paths, step: int, device, suffix: str = "", *, on_out_of_memory=lambda: None
+) -> ValidationRound:
     """The validation videos of optimizer step `step`, written to `RunFiles(output_dir).validation(step)`: the
     validation prompt (with the cached validation image for i2v) and, for i2v with `validation_using_datasets`, the
-    first samples of the selected datasets. `suffix` tells the EMA weights' videos from the trained ones."""
-    from hvtune.data.media import write_video
-    from hvtune.model.registry import load_scheduler, load_vae
+    first samples of the selected datasets. `suffix` tells the EMA weights' videos from the trained ones.
+    An out-of-memory error never ends the run: `on_out_of_memory` runs first (the trainer keeps the step), then the
+    decode is retried (`vae_decode.ValidationVAE`), and a video that fits in no setting is skipped with a note."""
+    from hvtune.model.registry import load_scheduler
 
-    vae = load_vae(paths).to(device)
-    if cfg.vae_enable_tiling:
-        vae.enable_tiling()
     scheduler = load_scheduler(paths)
     jobs = _validation_jobs(cfg, manifest)
     was_training = model.training
     model.eval()
-    written = []
-    for name, prompt_key, image in jobs:
-        width, height = cfg.validation_size
-        if image is not None:  # the cached condition fixes the size
-            height = image.cond_latent.shape[-2] * vae.spatial_compression_ratio
-            width = image.cond_latent.shape[-1] * vae.spatial_compression_ratio
-        frames = sample_video(
+    result = ValidationRound([], [])
+    with ValidationVAE(cfg, paths, device) as vae:
+        for name, prompt_key, image in jobs:
+            video = f"validation_{name}{suffix}.mp4"
+            frames, note = _render_one(cfg, manifest, model, vae, scheduler, prompt_key, image, on_out_of_memory)
+            if note:
+                result.notes.append(f"validation step {step} {video}: {note}")
+            if frames is not None:
+                result.written.append(_write(cfg, step, video, frames))
+    model.train(was_training)
+    return result
+
+
+def _render_one(cfg, manifest, model, vae: ValidationVAE, scheduler, prompt_key, image, on_out_of_memory):
+    """(frames or None, a note or None) of one validation video."""
+    width, height = cfg.validation_size
+    if image is not None:  # the cached condition fixes the size
+        height = image.cond_latent.shape[-2] * vae.spatial_compression_ratio
+        width = image.cond_latent.shape[-1] * vae.spatial_compression_ratio
+    try:
+        latents = sample_latents(
             model,
-            vae,
+            vae.vae,
             scheduler,
             prompt=_text_condition(manifest, prompt_key),
             negative=_text_condition(manifest, manifest.validation_negative_key),
@@ -177,15 +194,22 @@ def render_validation(cfg, manifest, model, paths, step: int, device, suffix: st
             guidance_scale=cfg.validation_guidance,
             seed=cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
             image=image,
-            device=device,
-            offload_transformer_for_decode=transformer_leaves_for_decode(cfg),
+            device=vae.device,
         )
-        target = RunFiles(cfg.output_dir).validation(step) / f"validation_{name}{suffix}.mp4"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_video(target, frames, fps=cfg.validation_fps)
-        written.append(target)
-    model.train(was_training)
-    return written
+    except torch.OutOfMemoryError:
+        on_out_of_memory()
+        return None, "skipped: out of GPU memory sampling the video (transformer forward)"
+    with torch.no_grad():
+        return vae.decode(model, latents, offload=transformer_leaves_for_decode(cfg), on_out_of_memory=on_out_of_memory)
+
+
+def _write(cfg, step: int, video: str, frames: torch.Tensor) -> Path:
+    from hvtune.data.media import write_video
+
+    target = RunFiles(cfg.output_dir).validation(step) / video
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_video(target, frames, fps=cfg.validation_fps)
+    return target
 
 
 def _validation_jobs(cfg, manifest) -> list[tuple[str, str, ImageCondition | None]]:

@@ -28,6 +28,7 @@ GiB = 2**30
 CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator, nvidia-smi's first ~500 MB
 FRAGMENTATION = 0.08  # the caching allocator's reserved-but-unused share at the peak (expandable_segments lowers it)
 ASSUMED_MFU = 0.35  # model FLOPs utilisation assumed for s/step (bench_gpu.py measures the real one on a card)
+RANKING_TFLOPS = 989.0  # orders the settings of a card of unknown speed (H100 dense bf16); never printed
 HOST_RUNTIME_GIB = 4.0  # Python, torch, CUDA libraries, the loader's buffers
 
 
@@ -140,7 +141,7 @@ class Plan:
     @property
     def host_peak(self) -> int:
         """Loading reads the bf16 weights into host memory before moving them; offload keeps the base there.
-        Validation loads the float32 VAE through host memory, and enable_model_cpu_offload parks the transformer
+        Validation loads the VAE through host memory, and enable_model_cpu_offload parks the transformer
         (base + LoRA) there while the VAE decodes."""
         m = self.memory
         need = max(m.base_params * 2, self.host_weights + m.lora_weights)
@@ -150,7 +151,9 @@ class Plan:
         return int(HOST_RUNTIME_GIB * GiB) + need
 
     def seconds_per_step(self, gpu: GPU, mfu: float = ASSUMED_MFU) -> float:
-        compute = self.train_flops / (gpu.bf16_tflops * 1e12 * mfu)
+        """Predicted s/step on `gpu`; a card of unknown speed (a size alone) is ranked at an H100's peak, for the
+        order of the sweep only: plan prints no s/step for it."""
+        compute = self.train_flops / ((gpu.bf16_tflops or RANKING_TFLOPS) * 1e12 * mfu)
         if not self.settings.get("enable_group_offload"):
             return compute
         passes = 3 if self.settings.get("gradient_checkpointing") else 2  # forward, (recompute,) backward
@@ -179,8 +182,12 @@ def _plan(
     )
     flops = train_step_flops(fwd, gradient_checkpointing=cfg.gradient_checkpointing)
     settings = {k: getattr(cfg, k) for k in (*MEMORY_KNOBS, *OTHER_SETTINGS)}
-    from hvtune.output.validation import transformer_leaves_for_decode  # render_validation's own rule
+    from hvtune.output.vae_decode import decode_tiling  # the trainer's own rules
+    from hvtune.output.validation import transformer_leaves_for_decode
 
+    settings["vae_enable_tiling"] = decode_tiling(cfg)
+    settings["vae_tiling_unset"] = cfg.vae_enable_tiling is None
+    settings["use_ema"], settings["ema_validation"] = cfg.use_ema, cfg.use_ema and cfg.ema_validation != "none"
     decode_offload = transformer_leaves_for_decode(cfg)
     return Plan(
         cfg.model_flavour, shape, settings, memory, device_weights, host_weights, flops, validation, decode_offload

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,16 +11,13 @@ from hvtune.errors import UserError
 from hvtune.model.architectures import GPU, GPUS, find_gpu
 from hvtune.plan.dataset import planned_data
 from hvtune.plan.disk import disk_lines
+from hvtune.plan.phases import PhaseVerdict, decide_phases, gib
 from hvtune.plan.prediction import ASSUMED_MFU, MEMORY_KNOBS, GiB, Plan, configured, simulate, sweep
 from hvtune.plan.shapes import shape_for, shape_lines
 
 
 class PlanError(UserError):
     pass
-
-
-def gib(n: float) -> str:
-    return f"{n / GiB:.1f} GB"
 
 
 def format_plan(plan: Plan, gpu: GPU | None = None) -> str:
@@ -46,7 +44,9 @@ def format_plan(plan: Plan, gpu: GPU | None = None) -> str:
         lines.append(f"    + {name:<24} {gib(value)}")
     lines += format_validation(plan)
     lines.append(f"  predicted host RAM          {gib(plan.host_peak)}")
-    if gpu is not None:
+    if gpu is not None and gpu.bf16_tflops is None:
+        lines.append('  s/step: name the card (--gpu "RTX 4090"); a size alone says nothing about its speed')
+    elif gpu is not None:
         lines.append(
             f"  predicted s/step on {gpu.name}: {plan.seconds_per_step(gpu):.1f} s "
             f"({plan.train_flops / 1e12:,.0f} TFLOP/step at {ASSUMED_MFU:.0%} MFU of {gpu.bf16_tflops:g} TFLOP/s)"
@@ -73,13 +73,16 @@ def format_validation(plan: Plan) -> list[str]:
     _, f, h, w = s.latents
     tiling = plan.settings["vae_enable_tiling"]
     other = f"vae_enable_tiling={json_value(not tiling)}: {gib(plan.validation_decode(not tiling))}"
+    if plan.settings.get("vae_tiling_unset"):
+        other = f"vae_enable_tiling unset: hvtune tiles; untiled: {gib(plan.validation_decode(False))}"
     away = "; the transformer moved to the CPU first (enable_model_cpu_offload)" if plan.decode_offload else ""
     tracked = max(plan.validation_forward, plan.validation_decode())
     return [
         f"  validation                  {gib(plan.validation_peak())}  {s.label()} ({f}x{h}x{w} latents, "
         f"{s.video_tokens:,} tokens), {s.steps} steps x {2 if s.guidance > 1 else 1} forwards, no gradients",
         f"    resident                  {gib(plan.validation_resident)}  (base {gib(plan.device_weights)} + LoRA "
-        f"{gib(m.lora_weights)} + optimizer state {gib(m.optimizer_state)} + VAE {gib(v.vae_weights)} float32)",
+        f"{gib(m.lora_weights)} + optimizer state {gib(m.optimizer_state)} + VAE decoder {gib(v.vae_weights)} "
+        f"{v.dtype})",
         f"    transformer forward peak  {gib(plan.validation_forward)}  (+{gib(v.forward_extra)})",
         f"    VAE decode peak           {gib(plan.validation_decode())}  (tiling {'on' if tiling else 'off'}: "
         f"+{gib(v.decode_extra())}{away}; {other})",
@@ -88,13 +91,13 @@ def format_validation(plan: Plan) -> list[str]:
 
 
 def parse_gpu(text: str) -> GPU:
-    """A known card name, or a memory size ("24GB", "24"): a card of that size with an H100's speed."""
+    """A known card name, or a memory size ("24GB", "24GiB", "24"): the size on the box, which vendors print in GiB
+    (an RTX 4090's "24 GB" is 24 GiB); a size alone has no speed, so plan gives memory only."""
     import re
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gb|gib|g)?\s*", text.lower())
     if m:
-        # a size alone says nothing about speed: s/step is given for an H100's bf16 peak
-        return GPU(f"{float(m.group(1)):g} GB card (H100 speed)", float(m.group(1)), 989.0, 25.0, ())
+        return GPU(f"{float(m.group(1)):g} GiB card", float(m.group(1)), None, 25.0, ())
     gpu = find_gpu(text)
     if gpu is None:
         raise PlanError(f"unknown GPU {text!r}; known: {', '.join(g.name for g in GPUS)}; or a size such as 24GB")
@@ -139,7 +142,7 @@ def format_settings(plan: Plan) -> str:
 def format_sweep(plans: list[Plan], gpu: GPU) -> str:
     fits = fitting(plans, gpu)
     validation = plans[0].validation is not None if plans else False
-    head = f"memory settings on {gpu.name} ({gpu.memory_gib:g} GB), fastest first"
+    head = f"memory settings on {gpu.name} ({gpu.memory_gib:g} GiB), fastest first"
     if validation:
         head += " (peak: the larger of the training step and validation; tile: fits with vae_enable_tiling=true)"
     lines = [head + ":"]
@@ -147,10 +150,9 @@ def format_sweep(plans: list[Plan], gpu: GPU) -> str:
         mark = "fits" if p.run_peak <= gpu.memory_gib * GiB else "tile" if fitting([p], gpu) else "no  "
         shown = fitting([p], gpu)[0] if mark == "tile" else p  # a "tile" row shows the tiled setting
         which = (" (validation)" if shown.validation_binds else " (step)      ") if validation else ""
-        lines.append(
-            f"  {mark}  {gib(shown.run_peak):>9}{which}  {p.seconds_per_step(gpu):6.1f} s/step  "
-            f"host RAM {gib(p.host_peak):>8}  {format_settings(shown)}"
-        )
+        speed = f"{p.seconds_per_step(gpu):6.1f} s/step" if gpu.bf16_tflops else "  (no card speed)"
+        peak, host = gib(shown.run_peak), gib(p.host_peak)
+        lines.append(f"  {mark}  {peak:>10}{which}  {speed}  host RAM {host:>9}  {format_settings(shown)}")
     if fits:
         best = fits[0]
         lines.append(f"best that fits: {format_settings(best)}; set in config.json:")
@@ -234,7 +236,7 @@ def verdict(plan: Plan, gpu: GPU, sweep_plans: list[Plan] | None = None) -> str:
     """One line: does the configured setting fit this card (training step and validation); if not, the fastest
     setting that does."""
     line = f"predicted peak {gib(plan.run_peak)} {'<=' if plan.run_peak <= gpu.memory_gib * GiB else '>'} "
-    line += f"{gpu.memory_gib:g} GB on this {gpu.name}"
+    line += f"{gpu.memory_gib:g} GiB on this {gpu.name}"
     if plan.run_peak <= gpu.memory_gib * GiB:
         return line
     if not sweep_plans:
@@ -255,21 +257,57 @@ def detected_gpu() -> GPU | None:
         return None
     props = torch.cuda.get_device_properties(0)
     known = find_gpu(props.name)
-    speed = known.bf16_tflops if known else 989.0
+    speed = known.bf16_tflops if known else None  # an unknown card: memory only, no s/step
     link = known.host_link_gbps if known else 25.0
     return GPU(known.name if known else props.name, round(props.total_memory / GiB, 2), speed, link, ())
 
 
 def gpu_verdict(resolved: ResolvedConfig, gpu: GPU | None = None, caption_tokens: int | None = None) -> str:
-    """The one line `hvtune check` and the entrypoints print when a GPU is visible (`gpu` defaults to it)."""
+    """What `hvtune check` and the entrypoints print when a GPU is visible (`gpu` defaults to it): the one-line
+    verdict, then every phase of the run on that card (`phases.decide_phases`, the pre-flight's own)."""
     gpu = gpu or detected_gpu()
     if gpu is None:
         return "plan: no GPU visible"
-    shape = shape_for(resolved, caption_tokens)
-    plan = simulate(resolved.train, shape)
-    if plan.run_peak <= gpu.memory_gib * GiB:
-        return verdict(plan, gpu)
-    return verdict(plan, gpu, sweep(resolved.train, shape, gpu, progress=lambda _: None, known=plan))
+    plan, decided, plans = phase_verdict(resolved, gpu, caption_tokens)
+    return "\n".join([verdict(plan, gpu, plans), *decided.lines()])
+
+
+def phase_verdict(
+    resolved: ResolvedConfig, gpu: GPU, caption_tokens: int | None = None, shape=None, plan: Plan | None = None
+) -> tuple[Plan, PhaseVerdict, list[Plan]]:
+    """The configured setting's plan, every phase's verdict on `gpu`, and the sweep when the training step does not
+    fit (it names the keys that make it fit)."""
+    shape = shape or shape_for(resolved, caption_tokens)
+    plan = plan or simulate(resolved.train, shape)
+    unset = {k for k in ("enable_model_cpu_offload",) if resolved.sources.get(k, "default") == "default"}
+    step_fix, plans = None, []
+    if plan.gpu_peak > gpu.memory_gib * GiB:
+        plans = sweep(resolved.train, shape, gpu, progress=lambda _: None, known=plan)
+        fits = fitting(plans, gpu)
+        if fits:
+            step_fix = ", ".join(f"{k}={json_value(v)}" for k, v in settings_keys(fits[0]).items())
+    return plan, decide_phases(plan, gpu, unset, step_fix), plans
+
+
+def preflight(resolved: ResolvedConfig, print_=print) -> ResolvedConfig:
+    """`hvtune train`'s check before step 1 with a GPU visible: every phase of this run on this card. A phase that
+    does not fit is adapted where the config leaves it to hvtune, else refused (PlanError, one line). Skipped
+    without a GPU (the CPU has no card to fit)."""
+    import time
+
+    gpu = detected_gpu()
+    if gpu is None:
+        return resolved
+    started = time.perf_counter()
+    _, decided, _ = phase_verdict(resolved, gpu)
+    for note in decided.notes:
+        print_(note)
+    if decided.refusal:
+        raise PlanError(decided.refusal)
+    if decided.updates:
+        resolved = dataclasses.replace(resolved, train=resolved.train.model_copy(update=decided.updates))
+    print_(f"pre-flight: every phase fits this {gpu.name} ({time.perf_counter() - started:.0f} s)")
+    return resolved
 
 
 def plan_report(
@@ -284,6 +322,9 @@ def plan_report(
     data = planned_data(resolved)
     shape = shape_for(resolved, caption_tokens, data)
     plans = sweep(resolved.train, shape, gpu) if gpu is not None else []
-    text = format_plan(configured(plans, resolved.train) or simulate(resolved.train, shape), gpu)
+    plan = configured(plans, resolved.train) or simulate(resolved.train, shape)
+    text = format_plan(plan, gpu)
+    if gpu is not None:
+        text += "\n" + "\n".join(phase_verdict(resolved, gpu, caption_tokens, shape, plan)[1].lines())
     text += "\n" + "\n".join(disk_lines(resolved, data, shape))
     return text + ("\n" + format_sweep(plans, gpu) if plans else "")

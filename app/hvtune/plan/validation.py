@@ -1,11 +1,11 @@
 """`hvtune plan`'s validation round: the validation-sized transformer forward and the VAE decode on meta tensors.
 
 The trainer validates (`output.validation.render_validation`) after the last step and every `validation_steps`
-unless `validation_disable`: the LoRA-injected transformer, with the optimizer's state still on the GPU and the VAE
-loaded beside it (float32, as `registry.load_vae` loads it), samples a video of `validation_resolution` x
-`validation_num_video_frames` (`sample_video`: per sampling step one forward without gradients, two with
-classifier-free guidance), then the VAE decodes the latents, tiled with `vae_enable_tiling`; with
-`enable_model_cpu_offload` the transformer leaves the GPU for the decode.
+unless `validation_disable`: the LoRA-injected transformer, with the optimizer's state still on the GPU and the VAE's
+decoder loaded beside it (in `vae_dtype`, bf16 by default: `output.vae_decode.ValidationVAE`), samples a video of
+`validation_resolution` x `validation_num_video_frames` (`sample_video`: per sampling step one forward without
+gradients, two with classifier-free guidance), then the decoder decodes the latents, tiled unless
+`vae_enable_tiling` is false; with `enable_model_cpu_offload` the transformer leaves the GPU for the decode.
 
 Plan runs `sample_video` itself: the transformer prepared as for the step (`simulate.prepare_step`), the real VAE
 architecture (`architectures.VAE_CONFIG`), one sampling step (every step allocates the same; only the latents carry
@@ -73,13 +73,14 @@ class ValidationMemory:
     """Tracked bytes of one validation round, with the whole transformer on the device (offload is the plan's)."""
 
     shape: ValidationShape
-    tiling: bool  # vae_enable_tiling as configured
+    tiling: bool  # the decode's tiling as the trainer runs it (`vae_decode.decode_tiling`: unset tiles)
     resident: int  # at its start: transformer weights (base + LoRA), optimizer state, VAE weights
     transformer_weights: int
     vae_weights: int
     forward_peak: int  # while the transformer samples
     decode_peaks: dict[bool, int]  # VAE tiling on/off -> peak while the VAE decodes (and the frames are made)
     seconds: float
+    dtype: str = "float32"  # the VAE decoder's
 
     @property
     def forward_extra(self) -> int:
@@ -178,9 +179,11 @@ def run_validation(
     vae_start = tracker.current
     tracker.adopt([*vae.parameters(), *vae.buffers()])
     resident = tracker.current
-    memory = ValidationMemory(
-        shape, cfg.vae_enable_tiling, resident, transformer_weights, resident - vae_start, 0, {}, 0
-    )
+    from hvtune.output.vae_decode import decode_tiling
+
+    tiling = decode_tiling(cfg)
+    dtype = str(next(vae.parameters()).dtype).removeprefix("torch.")
+    memory = ValidationMemory(shape, tiling, resident, transformer_weights, resident - vae_start, 0, {}, 0, dtype)
     transformer.eval()  # as render_validation: no LoRA dropout
     conditions = _conditions(dict(transformer.config), shape)  # read from the cache: CPU tensors, untracked
     watch = _DecodeWatch(tracker, vae)
@@ -189,12 +192,11 @@ def run_validation(
         with tracker, contextlib.ExitStack() as stack:
             for context in meta_contexts:
                 stack.enter_context(context)
-            for tiling in (cfg.vae_enable_tiling, not cfg.vae_enable_tiling):
-                vae.enable_tiling() if tiling else vae.disable_tiling()
+            for tiled in (tiling, not tiling):
+                vae.enable_tiling() if tiled else vae.disable_tiling()
                 tracker.reset_peak()
-                as_trained = tiling == cfg.vae_enable_tiling
-                _sample_or_decode(transformer, vae, shape, device, conditions if as_trained else None)
-                memory.decode_peaks[tiling] = tracker.peak
+                _sample_or_decode(transformer, vae, shape, device, conditions if tiled == tiling else None)
+                memory.decode_peaks[tiled] = tracker.peak
     finally:
         watch.close()
     memory.forward_peak = watch.forward_peak or 0
@@ -236,12 +238,22 @@ def _sample_or_decode(transformer, vae, shape: ValidationShape, device: str, con
     )
 
 
-def build_meta_vae(vae_config: dict):
+def build_meta_vae(vae_config: dict, dtype: str = "float32"):
+    """The VAE as validation loads it (`registry.load_vae_decoder`): its decoder alone, in `dtype`, on meta."""
+    import torch
+
+    with torch.device("meta"):
+        return decoder_only(vae_config, dtype)
+
+
+def decoder_only(vae_config: dict, dtype: str):
     import torch
     from diffusers import AutoencoderKLHunyuanVideo15
 
-    with torch.device("meta"):
-        return AutoencoderKLHunyuanVideo15.from_config(vae_config).eval()
+    vae = AutoencoderKLHunyuanVideo15.from_config(vae_config).eval()
+    vae.encoder = None
+    # nn.Module.to: diffusers' own `to` warns about modules to keep in float32, and this VAE lists none
+    return torch.nn.Module.to(vae, getattr(torch, dtype))
 
 
 def simulate_validation(cfg: TrainConfig, training: StepShape) -> ValidationMemory | None:
@@ -249,11 +261,12 @@ def simulate_validation(cfg: TrainConfig, training: StepShape) -> ValidationMemo
     shape = validation_shape(cfg, training)
     if shape is None:
         return None
+    from hvtune.model.registry import vae_dtype_name
+
     transformer = build_meta_transformer(transformer_config(cfg.model_flavour))
     _, _, optimizer = prepare_step(transformer, cfg, "meta")
-    return run_validation(
-        transformer, build_meta_vae(VAE_CONFIG), cfg, shape, device="meta", state=state_tensors(optimizer)
-    )
+    vae = build_meta_vae(VAE_CONFIG, vae_dtype_name(cfg, on_gpu=True))  # plan predicts the GPU's round
+    return run_validation(transformer, vae, cfg, shape, device="meta", state=state_tensors(optimizer))
 
 
 def compare_validation_with_cpu(
@@ -262,7 +275,7 @@ def compare_validation_with_cpu(
     """(predicted, measured): the same validation round of a (small) architecture on meta and for real on the CPU,
     both measured by the TensorTracker."""
     import torch
-    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from diffusers import HunyuanVideo15Transformer3DModel
 
     transformer = build_meta_transformer(model_config)
     _, _, optimizer = prepare_step(transformer, cfg, "meta")
@@ -271,6 +284,6 @@ def compare_validation_with_cpu(
     torch.manual_seed(0)
     real = HunyuanVideo15Transformer3DModel(**model_config)
     _, _, optimizer = prepare_step(real, cfg, "cpu")
-    vae = AutoencoderKLHunyuanVideo15.from_config(vae_config).eval()
+    vae = decoder_only(vae_config, "float32")  # the CPU decodes in float32 (registry.vae_dtype_name)
     measured = run_validation(real, vae, cfg, shape, device="cpu", state=state_tensors(optimizer))
     return predicted, measured
