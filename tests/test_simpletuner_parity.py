@@ -287,6 +287,7 @@ def test_training_warms_up_keeps_rolling_checkpoints_and_adapts_the_token_refine
     logged = [json.loads(line)["lr"] for line in (out / "logs" / "loss.jsonl").read_text().splitlines()]
     assert logged == pytest.approx([1e-5, 2e-5, 3e-5, 4e-5])
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == ["checkpoint-000002-rolling", "checkpoint-000003-rolling"]
+    # the newest two rolling ones, and the last step (always checkpointed, before the final validation)
+    assert checkpoints == ["checkpoint-000002-rolling", "checkpoint-000003-rolling", "checkpoint-000004"]
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(".token_refiner.refiner_blocks.0.attn.to_q." in key for key in lora)
