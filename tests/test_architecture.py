@@ -20,6 +20,7 @@ STAGES = [
     "config.simpletuner_keys",  # config: SimpleTuner's keys, the schema, layering, rules
     "config.simpletuner",
     "config.lycoris",
+    "config.kernels",
     "config.schema",
     "config.layering",
     "config.rules",

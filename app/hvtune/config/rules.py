@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from hvtune.config.kernels import attention_device_problem, mechanism_problem
 from hvtune.config.layering import resolve_path
 from hvtune.config.schema import LORA_TARGET_PRESETS, DatasetConfig, TrainConfig, parse_wxh
 from hvtune.errors import Problem
@@ -139,6 +140,8 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
     if t.base_model_precision not in ("no_change", "bf16", "int8-torchao"):
         rule = "hvtune quantises with torchao int8 only: use int8-torchao (nearest), bf16 or no_change"
         found.append(("base_model_precision", rule))
+    if rule := mechanism_problem(t.attention_mechanism, t.sageattention_usage):
+        found.append(("attention_mechanism", rule))
     if t.validation_prompt_library:
         rule = "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false"
         found.append(("validation_prompt_library", rule))
@@ -187,7 +190,10 @@ def offload_conflicts(t: TrainConfig, device: str | None = None) -> list[tuple[s
 def check_device_support(t: TrainConfig, device: str, where: str = "config") -> list[Problem]:
     """Rules that depend on the machine: `device` is "cuda", "rocm" or "cpu" (see registry.detect_device). A config
     `load_config` accepted breaks only the device's part of `offload_conflicts`."""
-    return [Problem(where, key, getattr(t, key), rule) for key, rule in offload_conflicts(t, device)]
+    found = offload_conflicts(t, device)
+    if rule := attention_device_problem(t.attention_mechanism, t.sageattention_usage, device):
+        found.append(("attention_mechanism", rule))
+    return [Problem(where, key, getattr(t, key), rule) for key, rule in found]
 
 
 # ---------------------------------------------------------------------------------------------- SimpleTuner features

@@ -132,6 +132,9 @@ class TrainConfig(_Section):
     flow_beta_schedule_beta: float = Field(2.0, gt=0)
     flow_schedule_auto_shift: bool = False
     flow_sigmoid_scale: float = Field(1.0, gt=0)
+    # speed (hvtune.config.kernels): the attention kernel by SimpleTuner's name; its default runs PyTorch SDPA here
+    attention_mechanism: str = "kohaku-fa-auto"
+    sageattention_usage: str = "inference"  # SageAttention is not exact for training: validation only by default
     # memory
     gradient_checkpointing: bool = True
     enable_group_offload: bool = False

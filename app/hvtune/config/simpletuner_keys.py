@@ -204,7 +204,15 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "compress_disk_cache": _ignored("cache storage format"),
     "vae_batch_size": _ignored(_SPEED),
     "text_encoder_batch_size": _ignored(_SPEED),
-    "attention_mechanism": _ignored(_SPEED),
+    "attention_mechanism": _same(
+        "the attention kernel (diffusers' dispatcher backend): SDPA by default (kohaku-fa-auto, diffusers), native*, "
+        "flex, flash-attn*, sageattention*, xformers, aiter where the package and card exist (else refused at check)",
+        "helpers/training/attention_backend.py",
+    ),
+    "sageattention_usage": _same(
+        "where SageAttention runs: inference (validation; default), training, training+inference; SDPA elsewhere",
+        "helpers/training/attention_backend.py",
+    ),
     "disable_bucket_pruning": _ignored("hvtune keeps every usable sample; its report lists skipped ones"),
     "delete_problematic_images": _ignored("hvtune never deletes sources; it reports them"),
     "offload_during_startup": _ignored(_SPEED),

@@ -12,6 +12,10 @@ block (0.7 GiB at 480p, 12 GiB at 720p, per sample) and rules out PyTorch's FLAS
   have to be hidden. A padded query's output differs from the stock processor's, but nothing reads it: padded text
   tokens are masked as keys in every block and the text stream is dropped after the last one, so every valid token,
   and the prediction, are the same (tests/test_attention.py).
+
+The kernel is the dispatcher backend `attention_mechanism` names (`hvtune.config.kernels`): one for steps that
+track gradients (training) and one for those that do not (validation), since SimpleTuner runs SageAttention in
+inference only by default. A kernel that takes no mask (flash-attn, aiter) hands padded batches to SDPA.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+from hvtune.config.kernels import MASKLESS_BACKENDS
 
 
 class _LastAnswer:
@@ -55,6 +61,14 @@ def key_padding_mask(token_mask: torch.Tensor | None, seq_len: int) -> torch.Ten
 class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
     """`HunyuanVideo15AttnProcessor2_0` with no mask when nothing is padded and a key mask when something is."""
 
+    def __init__(self, training_backend: str | None = None, inference_backend: str | None = None) -> None:
+        super().__init__()
+        self.backends = (training_backend, inference_backend)
+
+    def _backend(self, mask: torch.Tensor | None) -> str | None:
+        backend = self.backends[0] if torch.is_grad_enabled() else self.backends[1]
+        return None if mask is not None and backend in MASKLESS_BACKENDS else backend
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(2, (attn.heads, -1))
@@ -76,14 +90,15 @@ class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             query = torch.cat([query, text_query], dim=1)
             key = torch.cat([key, text_key], dim=1)
             value = torch.cat([value, text_value], dim=1)
+        mask = key_padding_mask(attention_mask, query.shape[1])
         out = dispatch_attention_fn(
             query,
             key,
             value,
-            attn_mask=key_padding_mask(attention_mask, query.shape[1]),
+            attn_mask=mask,
             dropout_p=0.0,
             is_causal=False,
-            backend=self._attention_backend,
+            backend=self._backend(mask) or self._attention_backend,
             parallel_config=self._parallel_config,
         )
         out = out.flatten(2, 3).to(query.dtype)
@@ -98,9 +113,12 @@ class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         return out, text_out
 
 
-def use_key_padding_attention(transformer) -> int:
-    """Install `KeyPaddingAttnProcessor` on every dual-stream block (the token refiner keeps its own attention).
-    Returns the number of blocks changed."""
+def use_key_padding_attention(
+    transformer, training_backend: str | None = None, inference_backend: str | None = None
+) -> int:
+    """Install `KeyPaddingAttnProcessor` with the given dispatcher backends (None: the dispatcher's default, SDPA) on
+    every dual-stream block (the token refiner, a few text tokens, keeps its own attention on SDPA). Returns the
+    number of blocks changed."""
     for block in transformer.transformer_blocks:
-        block.attn.set_processor(KeyPaddingAttnProcessor())
+        block.attn.set_processor(KeyPaddingAttnProcessor(training_backend, inference_backend))
     return len(transformer.transformer_blocks)

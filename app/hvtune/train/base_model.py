@@ -20,7 +20,7 @@ something real:
   54 blocks: ~110 MB in fp32).
 - attention: `hvtune.model.attention.KeyPaddingAttnProcessor` on every block: SDPA gets no mask (and may use its flash
   kernel) when the batch has no padding, and a (B, 1, 1, S) key mask instead of the dense (B, 1, S, S) one when it
-  has.
+  has; `attention_mechanism` picks the dispatcher's kernel (`hvtune.config.kernels`).
 - `enable_model_cpu_offload`: in a training loop every transformer block runs every step, so whole-model offload would
   copy the 16 GB model twice per step; training only ever loads the transformer (the encoders ran in `hvtune cache`),
   so there is nothing else to offload while training. hvtune gives the flag the meaning it has in a pipeline at the
@@ -57,10 +57,11 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
         raise RuntimeError("prepare_base must run before add_lora (it casts, quantizes and offloads the base only)")
     device = torch.device(device)
     check_offload(cfg, device)
+    from hvtune.config.kernels import attention_backends
     from hvtune.model.attention import use_key_padding_attention
 
     transformer.requires_grad_(False)
-    use_key_padding_attention(transformer)
+    use_key_padding_attention(transformer, *attention_backends(cfg.attention_mechanism, cfg.sageattention_usage))
     _set_precision(transformer, cfg)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

@@ -1,0 +1,105 @@
+"""The fast path (issue 22): attention kernels chosen by SimpleTuner's `attention_mechanism` compute what the default
+(PyTorch SDPA) computes, and a kernel, or an fp8 base, this machine cannot run is refused at `hvtune check`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.conftest import run_hvtune
+
+from hvtune.cache.manifest import load_manifest
+from hvtune.config.schema import TrainConfig
+from hvtune.config.settings import load_config
+from hvtune.model.registry import load_transformer, resolve_model
+from hvtune.train.base_model import prepare_base
+from hvtune.train.batches import load_batch, plan_epoch
+from hvtune.train.objective import training_loss
+
+CPU_MECHANISMS = ("native", "native-math", "flex")  # the dispatcher backends that run on a CPU
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_project):
+    resolved = load_config(demo_project, env={})
+    return load_manifest(resolved), load_transformer(resolve_model(resolved.train, ["transformer"])).eval()
+
+
+def _with_kernel(stock, mechanism: str):
+    model = copy.deepcopy(stock)
+    cfg = TrainConfig(
+        base_model_precision="no_change",
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        attention_mechanism=mechanism,
+    )
+    prepare_base(model, cfg, "cpu")
+    return model
+
+
+def _losses(model, batch, grad: bool) -> torch.Tensor:
+    with torch.set_grad_enabled(grad):  # training steps and validation may run different kernels (SageAttention)
+        kw = dict(seed=0, epoch=0, shift=5.0, image_embed_shape=(0, model.config.image_embed_dim))
+        return training_loss(model, batch, **kw)[1]["loss_per_sample"].detach()
+
+
+def _padded_and_unpadded(manifest):
+    """One sample alone (nothing padded) and two captions of different lengths together (the shorter padded)."""
+    plan = plan_epoch(manifest, global_batch_size=1, seed=0, epoch=0)
+    lengths = {int(load_batch(manifest, items).prompt_mask.sum()): items for items in plan}
+    short, long = (lengths[k] for k in sorted(lengths)[:2])
+    together = load_batch(manifest, short + long)
+    assert not bool(together.prompt_mask.all()), "the demo captions should differ in length"
+    return {"unpadded": load_batch(manifest, short), "padded": together}
+
+
+@pytest.mark.parametrize("mechanism", CPU_MECHANISMS)
+def test_every_cpu_attention_kernel_gives_the_default_losses_with_and_without_padding(tiny, mechanism):
+    manifest, stock = tiny
+    default, chosen = _with_kernel(stock, "kohaku-fa-auto"), _with_kernel(stock, mechanism)
+    assert {b.attn.processor.backends for b in chosen.transformer_blocks} != {(None, None)}
+    for name, batch in _padded_and_unpadded(manifest).items():
+        for grad in (True, False):
+            expected, got = _losses(default, batch, grad), _losses(chosen, batch, grad)
+            # fp32: kernels sum in different orders; 1e-5 relative is a few ulps of the fp32 loss
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=f"{mechanism}, {name}, grad={grad}")
+
+
+def test_sageattention_runs_in_validation_only_by_default_as_in_simpletuner():
+    from hvtune.config.kernels import attention_backends
+
+    assert attention_backends("sageattention", "inference") == (None, "sage")
+    assert attention_backends("sageattention", "training+inference") == ("sage", "sage")
+    assert attention_backends("flash_attn", "inference") == ("flash", "flash")  # SimpleTuner reads '_' as '-'
+    assert attention_backends("kohaku-fa-auto", "inference") == (None, None)  # SDPA, the dispatcher's default
+
+
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [
+        ("--attention_mechanism=flash-attn", "attention_mechanism = 'flash-attn': the flash kernel needs a GPU"),
+        (
+            "--attention_mechanism=sageattention",
+            "attention_mechanism = 'sageattention': the sage kernel needs an NVIDIA",
+        ),
+        ("--attention_mechanism=sla", "sparse-linear attention changes the model's attention and is not implemented"),
+        ("--attention_mechanism=warp-speed", "attention_mechanism = 'warp-speed': one of diffusers, kohaku-fa-auto"),
+    ],
+)
+def test_check_refuses_a_kernel_this_machine_cannot_run_in_one_line(demo_project, flag, says):
+    result = run_hvtune("check", "--config", str(demo_project), flag)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if "attention_mechanism" in line]
+    assert len(lines) == 1 and says in lines[0], result.stderr
+    assert "use diffusers (PyTorch SDPA)" in lines[0] or "one of" in lines[0]  # the way out
+
+
+def test_a_missing_kernel_package_names_what_to_install(monkeypatch):
+    """On a GPU without the flash-attn package the refusal is diffusers' own line: what to pip install."""
+    from hvtune.config.rules import check_device_support
+
+    cfg = TrainConfig(attention_mechanism="flash-attn")
+    (problem,) = check_device_support(cfg, "cuda")
+    assert "flash-attn" in str(problem) and "install" in str(problem)
+    assert check_device_support(TrainConfig(attention_mechanism="native-math"), "cpu") == []
