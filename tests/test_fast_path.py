@@ -103,3 +103,24 @@ def test_a_missing_kernel_package_names_what_to_install(monkeypatch):
     (problem,) = check_device_support(cfg, "cuda")
     assert "flash-attn" in str(problem) and "install" in str(problem)
     assert check_device_support(TrainConfig(attention_mechanism="native-math"), "cpu") == []
+
+
+@pytest.mark.parametrize("precision", ["fp8-torchao", "fp8wo-torchao"])
+def test_check_refuses_an_fp8_base_on_a_machine_without_fp8_matmuls_naming_it_and_the_nearest_setting(
+    demo_project, precision
+):
+    result = run_hvtune("check", "--config", str(demo_project), f"--base_model_precision={precision}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "base_model_precision" in line]
+    assert "needs fp8 matmuls" in line and "this machine: CPU" in line and "Nearest that works: int8-torchao" in line
+
+
+def test_an_fp8_capable_card_is_named_and_still_refused_until_the_fp8_path_is_wired(monkeypatch):
+    from hvtune.config import kernels
+
+    monkeypatch.setattr(kernels, "card_description", lambda device: ("NVIDIA H100 (compute capability 9.0)", True))
+    rule = kernels.fp8_problem("fp8-torchao", "cuda")
+    assert "NVIDIA H100" in rule and "not implemented" in rule and "int8-torchao" in rule
+    monkeypatch.setattr(kernels, "card_description", lambda device: ("NVIDIA A100 (compute capability 8.0)", False))
+    assert "this machine: NVIDIA A100 (compute capability 8.0)" in kernels.fp8_problem("fp8-torchao", "cuda")
+    assert kernels.fp8_problem("int8-torchao", "cuda") is None

@@ -106,3 +106,35 @@ def attention_device_problem(mechanism: str, sage_usage: str, device: str) -> st
         except (RuntimeError, ImportError) as e:
             return f"{str(e).splitlines()[0]} Or use diffusers (PyTorch SDPA)"
     return None
+
+
+# ------------------------------------------------------------------------------------------------------ fp8 base
+
+# SimpleTuner's torchao fp8 names (helpers/training/__init__.py quantised_precision_levels; fp8wo in its examples)
+FP8_PRECISIONS = ("fp8-torchao", "fp8wo-torchao")
+_FP8_CARDS = "NVIDIA compute capability 8.9+ (L4, L40S, RTX 4090, H100, B200) or AMD MI300"
+
+
+def card_description(device: str) -> tuple[str, bool]:
+    """(the card's name as users know it, whether it has fp8 matmuls) for "cuda", "rocm" or "cpu"."""
+    if device == "cpu":
+        return "CPU (no GPU found)", False
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    if device == "rocm":
+        arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "")
+        return f"{name} ({arch})", arch.startswith(("gfx942", "gfx950"))  # MI300 / MI350
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"{name} (compute capability {major}.{minor})", (major, minor) >= (8, 9)
+
+
+def fp8_problem(precision: str, device: str) -> str | None:
+    """Why this machine cannot train with an fp8 base, naming the card and the nearest setting that works."""
+    if precision not in FP8_PRECISIONS:
+        return None
+    card, has_fp8 = card_description(device)
+    if not has_fp8:
+        return f"an fp8 base needs fp8 matmuls ({_FP8_CARDS}); this machine: {card}. Nearest that works: int8-torchao"
+    # the card could, but the torchao float8 path is not wired into hvtune's training step yet (issue 22)
+    return f"the fp8 base is not implemented in hvtune yet ({card} has fp8 matmuls). Nearest that works: int8-torchao"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from hvtune.config.kernels import attention_device_problem, mechanism_problem
+from hvtune.config.kernels import FP8_PRECISIONS, attention_device_problem, fp8_problem, mechanism_problem
 from hvtune.config.layering import resolve_path
 from hvtune.config.schema import LORA_TARGET_PRESETS, DatasetConfig, TrainConfig, parse_wxh
 from hvtune.errors import Problem
@@ -137,7 +137,7 @@ def normalise_validation_resolution(t: TrainConfig, where: Where, problems: list
 def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
     """(key, why) for values SimpleTuner accepts and hvtune cannot train as asked."""
     found = []
-    if t.base_model_precision not in ("no_change", "bf16", "int8-torchao"):
+    if t.base_model_precision not in ("no_change", "bf16", "int8-torchao", *FP8_PRECISIONS):
         rule = "hvtune quantises with torchao int8 only: use int8-torchao (nearest), bf16 or no_change"
         found.append(("base_model_precision", rule))
     if rule := mechanism_problem(t.attention_mechanism, t.sageattention_usage):
@@ -193,6 +193,8 @@ def check_device_support(t: TrainConfig, device: str, where: str = "config") -> 
     found = offload_conflicts(t, device)
     if rule := attention_device_problem(t.attention_mechanism, t.sageattention_usage, device):
         found.append(("attention_mechanism", rule))
+    if rule := fp8_problem(t.base_model_precision, device):
+        found.append(("base_model_precision", rule))
     return [Problem(where, key, getattr(t, key), rule) for key, rule in found]
 
 

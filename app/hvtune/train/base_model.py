@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import torch
 
+from hvtune.config.kernels import fp8_problem
 from hvtune.config.settings import TrainConfig
 from hvtune.errors import UserError
+from hvtune.model.registry import detect_device
 
 ADAPTER_PARAMETER_MARKS = ("lora_", "lokr_", "hada_")  # peft's LoRA, LoKr and LoHa weight names: not the base's
 
@@ -57,6 +59,8 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
         raise RuntimeError("prepare_base must run before add_lora (it casts, quantizes and offloads the base only)")
     device = torch.device(device)
     check_offload(cfg, device)
+    if rule := fp8_problem(cfg.base_model_precision, "cpu" if device.type == "cpu" else detect_device()):
+        raise UserError(f"base_model_precision {cfg.base_model_precision}: {rule}")  # check says it first
     from hvtune.config.kernels import attention_backends
     from hvtune.model.attention import use_key_padding_attention
 
