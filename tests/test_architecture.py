@@ -51,6 +51,7 @@ STAGES = [
     "train.batches",  # batches and the training step
     "train.objective",
     "train.base_model",
+    "train.compile",
     "train.lora",
     "train.optim",
     "train.step",

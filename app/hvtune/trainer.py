@@ -44,6 +44,7 @@ from hvtune.run_files import RunFiles
 from hvtune.train import ema as lora_ema
 from hvtune.train.base_model import base_dtype, prepare_base
 from hvtune.train.batches import load_batch, plan_epoch, text_entry
+from hvtune.train.compile import compile_transformer
 from hvtune.train.objective import counter_seed, schedule_options
 from hvtune.train.optim import build_lr_scheduler, build_optimizer
 from hvtune.train.step import NonFiniteLoss, TrainError, step_loss, training_step
@@ -201,6 +202,7 @@ def _trainable(cfg, paths, accelerator, out: Path, total_steps: int) -> dict[str
     prepare_base(transformer, cfg, accelerator.device)  # precision, checkpointing, offload: before LoRA (fp32)
     torch.manual_seed(counter_seed(cfg.seed, purpose="lora_init"))  # LoRA A init uses the global RNG
     preflight.add_lora_checked(transformer, cfg)  # targets without a layer or a ComfyUI name: now, not at the export
+    compile_transformer(transformer, cfg, accelerator.print)  # dynamo_backend: after the LoRA, which it compiles in
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     room = DiskRoom(out, params)

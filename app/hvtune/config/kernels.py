@@ -138,3 +138,13 @@ def fp8_problem(precision: str, device: str) -> str | None:
         return f"an fp8 base needs fp8 matmuls ({_FP8_CARDS}); this machine: {card}. Nearest that works: int8-torchao"
     # the card could, but the torchao float8 path is not wired into hvtune's training step yet (issue 22)
     return f"the fp8 base is not implemented in hvtune yet ({card} has fp8 matmuls). Nearest that works: int8-torchao"
+
+
+def compile_problem(backend: str) -> str | None:
+    """Why `dynamo_backend` is not one torch.compile knows (SimpleTuner passes accelerate's upper-case names too)."""
+    if backend.lower() == "no":
+        return None
+    import torch
+
+    known = torch._dynamo.list_backends()
+    return None if backend.lower() in known else "no (eager) or one of torch.compile's backends: " + ", ".join(known)

@@ -8,7 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from hvtune.config.kernels import FP8_PRECISIONS, attention_device_problem, fp8_problem, mechanism_problem
+from hvtune.config.kernels import (
+    FP8_PRECISIONS,
+    attention_device_problem,
+    compile_problem,
+    fp8_problem,
+    mechanism_problem,
+)
 from hvtune.config.layering import resolve_path
 from hvtune.config.schema import LORA_TARGET_PRESETS, DatasetConfig, TrainConfig, parse_wxh
 from hvtune.errors import Problem
@@ -142,6 +148,8 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("base_model_precision", rule))
     if rule := mechanism_problem(t.attention_mechanism, t.sageattention_usage):
         found.append(("attention_mechanism", rule))
+    if rule := compile_problem(t.dynamo_backend):
+        found.append(("dynamo_backend", rule))
     if t.validation_prompt_library:
         rule = "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false"
         found.append(("validation_prompt_library", rule))

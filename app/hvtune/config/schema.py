@@ -135,6 +135,11 @@ class TrainConfig(_Section):
     # speed (hvtune.config.kernels): the attention kernel by SimpleTuner's name; its default runs PyTorch SDPA here
     attention_mechanism: str = "kohaku-fa-auto"
     sageattention_usage: str = "inference"  # SageAttention is not exact for training: validation only by default
+    dynamo_backend: str = "no"  # torch.compile (hvtune.train.compile): no, inductor, or another torch backend
+    dynamo_mode: str | None = ""  # "": torch's default; reduce-overhead, max-autotune, ...
+    dynamo_fullgraph: bool = False
+    dynamo_dynamic: bool = False
+    dynamo_use_regional_compilation: bool = False  # true: the repeated blocks only (diffusers' compile_repeated_blocks)
     # memory
     gradient_checkpointing: bool = True
     enable_group_offload: bool = False

@@ -256,16 +256,26 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "pretrained_t5_model_name_or_path": _refused("not a HunyuanVideo component"),
 }
 
-# torch.compile (SimpleTuner's dynamo_* keys): a speed knob; hvtune does not compile yet (issue 22 adds it)
+# torch.compile (SimpleTuner's dynamo_* keys): hvtune.train.compile
+_COMPILE = "torch.compile of the transformer after the LoRA is added (hvtune.train.compile)"
 TRAIN_KEYS.update(
     {
-        key: _ignored("torch.compile setting: hvtune does not compile yet; no effect on the LoRA")
+        "dynamo_backend": _same(f"{_COMPILE}: no (eager, default) or a torch.compile backend such as inductor"),
+        "dynamo_mode": _same(f"{_COMPILE}: torch.compile's mode ('' = its default)"),
+        "dynamo_fullgraph": _same(f"{_COMPILE}: torch.compile's fullgraph"),
+        "dynamo_dynamic": _same(f"{_COMPILE}: true marks shapes dynamic (one graph for every bucket)"),
+        "dynamo_use_regional_compilation": _same(
+            f"{_COMPILE}: true compiles the repeated blocks only (diffusers' compile_repeated_blocks), false the "
+            "whole transformer"
+        ),
+    }
+)
+TRAIN_KEYS.update(
+    {
+        key: _ignored(
+            "torch.compile cache and wrapper settings: hvtune compiles afresh each run; no effect on the LoRA"
+        )
         for key in (
-            "dynamo_backend",
-            "dynamo_mode",
-            "dynamo_dynamic",
-            "dynamo_fullgraph",
-            "dynamo_use_regional_compilation",
             "dynamo_wrapper",
             "dynamo_cache_export",
             "dynamo_cache_export_after_first_step",
