@@ -168,3 +168,16 @@ def test_an_unknown_dynamo_backend_is_one_line_listing_torchs_backends(demo_proj
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "dynamo_backend" in line]
     assert "no (eager) or one of torch.compile's backends" in line and "inductor" in line
+
+
+@pytest.mark.slow
+def test_plan_states_the_speed_up_it_assumes_for_compile_and_a_kernel_and_simulates_without_its_package(demo_project):
+    """flash-attn is not installed here: plan (for another machine) still simulates the step, with SDPA's memory."""
+    flags = ["--dynamo_backend=inductor", "--attention_mechanism=flash-attn"]
+    result = run_hvtune("plan", "--config", str(demo_project), "--gpu", "H100", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "assumed speed-up: compile (inductor) x1, flash-attn x1 (no measured or published figure yet" in result.stdout
+    )
+    plain = run_hvtune("plan", "--config", str(demo_project), "--gpu", "H100")
+    assert "assumed speed-up" not in plain.stdout  # the default run: nothing assumed, nothing said

@@ -163,6 +163,23 @@ class Plan:
 
 MEMORY_KNOBS = ("gradient_checkpointing", "enable_group_offload", "group_offload_use_stream", "base_model_precision")
 OTHER_SETTINGS = ("lora_rank", "optimizer", "train_batch_size", "vae_enable_tiling", "enable_model_cpu_offload")
+SPEED_SETTINGS = ("attention_mechanism", "dynamo_backend", "dynamo_use_regional_compilation")
+# The s/step factor plan assumes for compile and each attention kernel: 1.0 (none) until a session measures it. No
+# figure for a HunyuanVideo 1.5 LoRA step (frozen base, checkpointing) was found published, and the tiny model on a
+# CPU (docs/PERFORMANCE.md) says nothing about a GPU; benchmarks/gpu is where the first figures will come from.
+ASSUMED_SPEEDUP = {"compile": 1.0, "attention kernel": 1.0}
+
+
+def speed_assumption(settings: dict[str, Any]) -> str | None:
+    """The line `hvtune plan` prints under s/step when compile or a chosen kernel is on, or None."""
+    chosen = []
+    if settings.get("dynamo_backend", "no").lower() != "no":
+        chosen.append(f"compile ({settings['dynamo_backend']}) x{ASSUMED_SPEEDUP['compile']:g}")
+    if settings.get("attention_mechanism") not in (None, "diffusers", "kohaku-fa-auto"):
+        chosen.append(f"{settings['attention_mechanism']} x{ASSUMED_SPEEDUP['attention kernel']:g}")
+    if not chosen:
+        return None
+    return f"assumed speed-up: {', '.join(chosen)} (no measured or published figure yet: the s/step is SDPA eager's)"
 
 
 def _plan(
@@ -181,7 +198,7 @@ def _plan(
         model_config, shape.video_tokens, shape.qwen_tokens, shape.byt5_tokens, shape.image_tokens, shape.batch
     )
     flops = train_step_flops(fwd, gradient_checkpointing=cfg.gradient_checkpointing)
-    settings = {k: getattr(cfg, k) for k in (*MEMORY_KNOBS, *OTHER_SETTINGS)}
+    settings = {k: getattr(cfg, k) for k in (*MEMORY_KNOBS, *OTHER_SETTINGS, *SPEED_SETTINGS)}
     from hvtune.output.vae_decode import decode_tiling  # the trainer's own rules
     from hvtune.output.validation import transformer_leaves_for_decode
 

@@ -12,7 +12,16 @@ from hvtune.model.architectures import GPU, GPUS, find_gpu
 from hvtune.plan.dataset import planned_data
 from hvtune.plan.disk import disk_lines
 from hvtune.plan.phases import PhaseVerdict, decide_phases, gib
-from hvtune.plan.prediction import ASSUMED_MFU, MEMORY_KNOBS, GiB, Plan, configured, simulate, sweep
+from hvtune.plan.prediction import (
+    ASSUMED_MFU,
+    MEMORY_KNOBS,
+    GiB,
+    Plan,
+    configured,
+    simulate,
+    speed_assumption,
+    sweep,
+)
 from hvtune.plan.shapes import shape_for, shape_lines
 
 
@@ -51,6 +60,8 @@ def format_plan(plan: Plan, gpu: GPU | None = None) -> str:
             f"  predicted s/step on {gpu.name}: {plan.seconds_per_step(gpu):.1f} s "
             f"({plan.train_flops / 1e12:,.0f} TFLOP/step at {ASSUMED_MFU:.0%} MFU of {gpu.bf16_tflops:g} TFLOP/s)"
         )
+        if assumption := speed_assumption(plan.settings):
+            lines.append(f"    {assumption}")
     validated = f" + validation {plan.validation.seconds:.1f} s" if plan.validation else ""
     lines.append(f"  (simulated in {m.seconds:.1f} s{validated})")
     return "\n".join(lines)

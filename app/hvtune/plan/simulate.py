@@ -114,6 +114,8 @@ def prepare_step(transformer, cfg: TrainConfig, device: str):
 
     meta = device == "meta"
     offload = {"enable_group_offload": False, "group_offload_use_stream": False} if meta else {}
+    if meta:  # a chosen kernel's package need not exist where plan runs: the step is simulated with SDPA's memory
+        offload["attention_mechanism"] = "diffusers"
     # the shift changes no tensor size; auto shift (0) would need the scheduler config, which plan does not read
     step_cfg = cfg.model_copy(update={**offload, "flow_schedule_shift": cfg.shift or 1.0})
     prepare_base(transformer, step_cfg, device)
