@@ -138,11 +138,12 @@ def test_simpletuner_values_and_validation_only_keys_pass_check(tmp_path, capsys
     path = _project(tmp_path, config, probability=1.0)
     assert main(["check", "--config", str(path)]) == 0
     err = capsys.readouterr().err
-    assert "dynamo_backend (torch.compile setting: hvtune does not compile yet" in err
+    assert "dynamo_backend" not in err  # compiled now, as SimpleTuner does (issue 22): no notice
     assert "validation_prompt null: no validation videos" in err
     assert "validation_num_video_frames 39: renders 37" in err
     t = load_config(path, env={}).train
     assert t.validation_disable and t.validation_negative_prompt == "" and t.checkpoints_rolling_total_limit == 3
+    assert (t.dynamo_backend, t.dynamo_mode, t.dynamo_use_regional_compilation) == ("inductor", "default", True)
 
 
 def test_probability_and_uniform_sampling_that_would_change_training_are_refused(tmp_path):
