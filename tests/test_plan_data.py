@@ -141,6 +141,8 @@ def test_the_disk_prediction_matches_a_real_tiny_cache_build(tmp_path, task, dty
     if dtype == "bfloat16":
         assert gpu_cache_dtype(resolved) == dtype
         monkeypatch.setattr(hvtune.cache.plan, "encoder_dtype_name", lambda resolved: "bfloat16")
+        # the VAE too: on a GPU it encodes in vae_dtype (SimpleTuner's default bf16); on this CPU it stays float32
+        monkeypatch.setattr(hvtune.cache.plan, "vae_encode_dtype_name", lambda resolved: "bfloat16")
 
     predicted = predict_cache_bytes(resolved, planned_data(resolved).samples, tiny_dims(model), dtype, tokens)
     build_cache(resolved, progress=False)
