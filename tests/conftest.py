@@ -61,3 +61,17 @@ def demo_project_i2v(tmp_path_factory):
     config = write_demo_project(tmp_path_factory.mktemp("demo-i2v"), task="i2v", clips=4, steps=4)
     build_cache(load_config(config, env={}), progress=False)
     return config
+
+
+def simpletuner_wheel_file() -> Path:
+    """SimpleTuner 4.10.1's wheel, downloaded once from PyPI into ~/.cache/hvtune-tests; the test skips without PyPI."""
+    import subprocess
+
+    cache = Path.home() / ".cache" / "hvtune-tests"
+    wheel = cache / "simpletuner-4.10.1-py3-none-any.whl"
+    if not wheel.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "simpletuner==4.10.1", "--python-version",
+               "3.12", "--only-binary=:all:", "-d", str(cache), "-q"]  # fmt: skip
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip("PyPI not reachable: cannot download simpletuner 4.10.1")
+    return wheel

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import types
 import zipfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import simpletuner_wheel_file
 from hvtune.cli import main
 from hvtune.config.schema import DatasetConfig, TrainConfig
 from hvtune.config.settings import load_config
@@ -150,13 +150,7 @@ def test_docs_table_is_generated_from_the_policy():
 def simpletuner_image(tmp_path_factory):
     """helpers/multiaspect/image.py from the real wheel (downloaded once, PyPI), with its StateTracker stubbed to
     hold the alignment setting."""
-    cache = Path.home() / ".cache" / "hvtune-tests"
-    wheel = cache / "simpletuner-4.10.1-py3-none-any.whl"
-    if not wheel.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "simpletuner==4.10.1", "--python-version",
-               "3.12", "--only-binary=:all:", "-d", str(cache), "-q"]  # fmt: skip
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            pytest.skip("PyPI not reachable: cannot download simpletuner 4.10.1")
+    wheel = simpletuner_wheel_file()
     source = zipfile.ZipFile(wheel).read("simpletuner/helpers/multiaspect/image.py").decode()
     args = types.SimpleNamespace(aspect_bucket_alignment=64, aspect_bucket_rounding=2)
 

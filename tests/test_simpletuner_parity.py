@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import simpletuner_wheel_file
 from hvtune.cli import main
 from hvtune.config.schema import DatasetConfig, TrainConfig
 from hvtune.config.settings import load_config
@@ -235,13 +236,7 @@ def test_example_configs_count_and_no_refusal_for_a_value_simpletuner_accepts():
 @pytest.fixture(scope="session")
 def simpletuner_wheel(tmp_path_factory) -> Path:
     """The unpacked simpletuner 4.10.1 wheel (downloaded once into ~/.cache/hvtune-tests)."""
-    cache = Path.home() / ".cache" / "hvtune-tests"
-    wheel = cache / "simpletuner-4.10.1-py3-none-any.whl"
-    if not wheel.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "simpletuner==4.10.1", "--python-version",
-               "3.12", "--only-binary=:all:", "-d", str(cache), "-q"]  # fmt: skip
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            pytest.skip("PyPI not reachable: cannot download simpletuner 4.10.1")
+    wheel = simpletuner_wheel_file()
     root = tmp_path_factory.mktemp("simpletuner-wheel")
     zipfile.ZipFile(wheel).extractall(root)
     return root
