@@ -150,6 +150,10 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("attention_mechanism", rule))
     if rule := compile_problem(t.dynamo_backend):
         found.append(("dynamo_backend", rule))
+    if t.fsdp_enable:
+        found.append(("fsdp_enable", "FSDP is not implemented yet: several GPUs run DDP (set false)"))
+    if t.context_parallel_size != 1:
+        found.append(("context_parallel_size", "context parallelism is not implemented yet; use 1"))
     if t.validation_prompt_library:
         rule = "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false"
         found.append(("validation_prompt_library", rule))

@@ -140,6 +140,14 @@ class TrainConfig(_Section):
     dynamo_fullgraph: bool = False
     dynamo_dynamic: bool = False
     dynamo_use_regional_compilation: bool = False  # true: the repeated blocks only (diffusers' compile_repeated_blocks)
+    # scale-out (SimpleTuner's names and defaults): FSDP2 through accelerate, context parallel through diffusers
+    fsdp_enable: bool = False
+    fsdp_version: int = 2
+    fsdp_reshard_after_forward: bool = True
+    fsdp_state_dict_type: str = "SHARDED_STATE_DICT"
+    fsdp_cpu_ram_efficient_loading: bool = False
+    context_parallel_size: int = Field(1, ge=1)
+    context_parallel_comm_strategy: str = "allgather"
     # memory
     gradient_checkpointing: bool = True
     enable_group_offload: bool = False

@@ -243,8 +243,13 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
         "SimpleTuner's HunyuanVideo model does not read it (its pipeline pads the prompt to 1000 tokens)", HUNYUAN
     ),
     # changes training; hvtune does not do it
-    "context_parallel_size": _refused("context parallelism is not implemented; use 1"),
-    "context_parallel_comm_strategy": _refused("context parallelism is not implemented"),
+    "context_parallel_size": _refused("context parallelism is not implemented yet; use 1"),
+    "context_parallel_comm_strategy": _refused("context parallelism is not implemented yet"),
+    "fsdp_enable": _refused("FSDP is not implemented yet: several GPUs run DDP"),
+    "fsdp_version": _refused("FSDP is not implemented yet"),
+    "fsdp_reshard_after_forward": _refused("FSDP is not implemented yet"),
+    "fsdp_state_dict_type": _refused("FSDP is not implemented yet"),
+    "fsdp_cpu_ram_efficient_loading": _refused("FSDP is not implemented yet"),
     "distillation_method": _refused("distillation is not implemented"),
     "distillation_config": _refused("distillation is not implemented"),
     "tread_config": _refused("TREAD token routing is not implemented"),
