@@ -81,6 +81,7 @@ hv_drop_root() {
 # Environment shared by every entrypoint: data root, caches under it, config file, dataset/cache/output dirs.
 # shellcheck disable=SC2154  # HV_KEY_<key> and HV_SRC_<key> are assigned by hv_resolve (printf -v)
 hv_env() {
+  hv_check_machines
   HV_DATA_ROOT=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
   HV_DATA_ROOT=${HV_DATA_ROOT%/}
   export HVTUNE_DATA_ROOT=$HV_DATA_ROOT
@@ -227,16 +228,33 @@ hv_gpu_count() {
   esac
 }
 
-# `hvtune COMMAND ARGS...`, exec'd (SIGTERM reaches it), under `accelerate launch` when NUM_PROCESSES > 1 (one process
-# per GPU). SCOPE `all`: NUM_PROCESSES counts every process on every machine, as accelerate does, and all machines
-# join one launch (train). SCOPE `local`: only this machine's NUM_PROCESSES / NUM_MACHINES processes, launched here
-# alone (cache: each machine builds its own cache, its processes sharing the one cache_dir).
-hv_launch() {
-  local scope=$1 n=${NUM_PROCESSES:-1} machines=${NUM_MACHINES:-1} per_machine
-  shift
+# Several machines (accelerate's names): a bad combination stops every entrypoint at start, before any download or
+# cache build, with one line. NUM_PROCESSES counts the processes of all machines together, as accelerate does.
+hv_check_machines() {
+  local n=${NUM_PROCESSES:-1} machines=${NUM_MACHINES:-1} rank=${MACHINE_RANK:-0} port=${MAIN_PROCESS_PORT:-29500}
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || hv_die "NUM_PROCESSES=$n is not a positive integer"
   [[ "$machines" =~ ^[1-9][0-9]*$ ]] || hv_die "NUM_MACHINES=$machines is not a positive integer"
   [ $((n % machines)) -eq 0 ] || hv_die "NUM_PROCESSES=$n is not a multiple of NUM_MACHINES=$machines"
+  [[ "$port" =~ ^[1-9][0-9]*$ ]] && [ "$port" -le 65535 ] || hv_die "MAIN_PROCESS_PORT=$port is not a port number (1-65535)"
+  [[ "${HVTUNE_RENDEZVOUS_TIMEOUT:-600}" =~ ^[1-9][0-9]*$ ]] || \
+    hv_die "HVTUNE_RENDEZVOUS_TIMEOUT=$HVTUNE_RENDEZVOUS_TIMEOUT is not a whole number of seconds"
+  [ "$machines" -gt 1 ] || return 0
+  [[ "$rank" =~ ^[0-9]+$ ]] && [ "$rank" -lt "$machines" ] || \
+    hv_die "MACHINE_RANK=$rank must be between 0 and $((machines - 1)) (NUM_MACHINES=$machines): 0 on the main machine, 1.. on the others"
+  [ -n "${MAIN_PROCESS_IP:-}" ] || \
+    hv_die "NUM_MACHINES=$machines needs MAIN_PROCESS_IP (the address of machine rank 0, reachable from the others) on every machine"
+}
+
+# `hvtune COMMAND ARGS...`, exec'd (SIGTERM reaches it), under `accelerate launch` when NUM_PROCESSES > 1 (one process
+# per GPU). SCOPE `all`: NUM_PROCESSES counts every process on every machine, as accelerate does, and all machines
+# join one launch (train), after `hvtune rendezvous` found every machine within HVTUNE_RENDEZVOUS_TIMEOUT (a wrong
+# address is one line, not a silent wait); torch's own rendezvous gets the same timeout. SCOPE `local`: only this
+# machine's NUM_PROCESSES / NUM_MACHINES processes, launched here alone (cache: each machine builds the whole cache
+# on its own disk, its processes sharing the one cache_dir).
+hv_launch() {
+  local scope=$1 n=${NUM_PROCESSES:-1} machines=${NUM_MACHINES:-1} per_machine timeout=${HVTUNE_RENDEZVOUS_TIMEOUT:-600}
+  shift
+  hv_check_machines
   per_machine=$((n / machines))
   if [ "$scope" = local ]; then n=$per_machine machines=1; fi
   if [ "$n" -le 1 ] && [ "$machines" -le 1 ]; then exec hvtune "$@"; fi
@@ -249,10 +267,9 @@ hv_launch() {
   local launch=(--num_processes "$n" --num_machines "$machines" --multi_gpu --mixed_precision no --dynamo_backend no
                 --main_process_port "${MAIN_PROCESS_PORT:-29500}")
   if [ "$machines" -gt 1 ]; then
-    [ -n "${MAIN_PROCESS_IP:-}" ] || hv_die "NUM_MACHINES=$machines needs MAIN_PROCESS_IP (the address of machine rank 0)"
-    [[ "${MACHINE_RANK:-}" =~ ^[0-9]+$ ]] && [ "$MACHINE_RANK" -lt "$machines" ] || \
-      hv_die "NUM_MACHINES=$machines needs MACHINE_RANK between 0 and $((machines - 1)) on each machine"
-    launch+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP")
+    hv_log "machine $MACHINE_RANK of $machines: checking that every machine reaches ${MAIN_PROCESS_IP}:${MAIN_PROCESS_PORT:-29500} (up to $timeout s)"
+    hvtune rendezvous --timeout "$timeout"
+    launch+=(--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --rdzv_conf "timeout=$timeout")
   fi
   hv_log "with accelerate launch: $n processes on $machines machine(s)"
   exec accelerate launch "${launch[@]}" -m hvtune "$@"

@@ -13,6 +13,7 @@ STAGES = [
     "files",  # atomic writes: used by every stage that writes
     "masking",  # secrets never shown: errors mask the values they print
     "errors",  # the error types every stage raises
+    "rendezvous",  # several machines: do they reach machine rank 0 (before accelerate launch)
     "locks",  # one writer at a time: the cache's and the output folder's lock
     "progress_lines",  # the progress bar or log lines of every long phase (scan, cache, train)
     "run_files",  # the names of a run's files

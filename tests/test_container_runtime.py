@@ -130,10 +130,13 @@ def test_compose_up_as_documented_returns_the_failing_train_exit_code(image, tmp
                 "HVTUNE_CONFIG=/data/datasets/config.json",
                 "HF_HUB_OFFLINE=1",
                 f"MEMLOCK_LIMIT={memlock_limit()}",
-                # train joins 2 machines and refuses to start without MAIN_PROCESS_IP; cache builds with this
-                # machine's 1 process and needs no other machine
+                # train joins 2 machines and finds no machine rank 0 at MAIN_PROCESS_IP (TEST-NET-1, never
+                # routed) within the timeout; cache builds with this machine's 1 process and needs no other machine
                 "NUM_PROCESSES=2",
                 "NUM_MACHINES=2",
+                "MACHINE_RANK=1",
+                "MAIN_PROCESS_IP=192.0.2.1",
+                "HVTUNE_RENDEZVOUS_TIMEOUT=5",
                 "",
             ]
         )
@@ -145,7 +148,7 @@ def test_compose_up_as_documented_returns_the_failing_train_exit_code(image, tmp
         proc = run([*compose, "up", *compose_up_flags(), "train"], env=env, cwd=ROOT, timeout=1800, check=False)
         out = proc.stdout + proc.stderr
         assert re.search(r"latent\s+\d+ hit\s+\d+ encoded", out), f"cache must complete first:\n{out[-4000:]}"
-        assert "NUM_MACHINES=2 needs MAIN_PROCESS_IP" in out, out[-4000:]
+        assert "could not reach machine rank 0 at 192.0.2.1:29500" in out, out[-4000:]
         assert proc.returncode == 2, f"`up` must return train's exit code 2, got {proc.returncode}:\n{out[-3000:]}"
     finally:
         run([*compose, "down", "-v", "--remove-orphans"], env=env, cwd=ROOT, check=False)

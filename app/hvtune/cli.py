@@ -93,6 +93,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rendezvous(args: argparse.Namespace) -> int:
+    import os
+
+    # c10d logs every retried connect with a C++ stack trace; the outcome is our one line
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    from hvtune.rendezvous import check_rendezvous, machines_from_environment
+
+    flags = {"NUM_MACHINES": args.machines, "MACHINE_RANK": args.rank, "MAIN_PROCESS_IP": args.address}
+    flags |= {"MAIN_PROCESS_PORT": args.port, "HVTUNE_RENDEZVOUS_TIMEOUT": args.timeout}
+    machines = machines_from_environment({k: v for k, v in flags.items() if v is not None})
+    print(check_rendezvous(machines), file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from hvtune.plan.report import plan_report
 
@@ -242,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["build", "verify"], default="build")
     with_config("train", cmd_train, "Train the LoRA from the cache.")
     _add_config_get(sub)
+    _add_rendezvous(sub)
     _add_run_tools(sub)
     _add_test_tools(sub)
     return parser
@@ -258,6 +273,22 @@ def _add_config_get(sub) -> None:
     p.add_argument("keys", nargs="+", metavar="KEY")
     p.add_argument("--config", type=Path, help="SimpleTuner-style config.json (optional)")
     p.set_defaults(func=cmd_config_get)
+
+
+def _add_rendezvous(sub) -> None:
+    p = sub.add_parser(
+        "rendezvous",
+        help="Several machines: check every machine reaches machine rank 0 (the containers run it before training).",
+        description="Machine rank 0 waits on MAIN_PROCESS_PORT for the others; each other machine connects to "
+        "MAIN_PROCESS_IP:MAIN_PROCESS_PORT. Within the timeout, or one line naming the address and port tried. "
+        "Each flag defaults to its environment variable.",
+    )
+    p.add_argument("--machines", help="NUM_MACHINES (default 1)")
+    p.add_argument("--rank", help="MACHINE_RANK (default 0)")
+    p.add_argument("--address", help="MAIN_PROCESS_IP")
+    p.add_argument("--port", help="MAIN_PROCESS_PORT (default 29500)")
+    p.add_argument("--timeout", help="seconds, HVTUNE_RENDEZVOUS_TIMEOUT (default 600)")
+    p.set_defaults(func=cmd_rendezvous)
 
 
 def _add_run_tools(sub) -> None:
