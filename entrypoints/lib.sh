@@ -81,6 +81,7 @@ hv_drop_root() {
 # Environment shared by every entrypoint: data root, caches under it, config file, dataset/cache/output dirs.
 # shellcheck disable=SC2154  # HV_KEY_<key> and HV_SRC_<key> are assigned by hv_resolve (printf -v)
 hv_env() {
+  hv_machines_from_platform
   hv_check_machines
   HV_DATA_ROOT=${HVTUNE_DATA_ROOT:-$HV_IMAGE_ROOT}
   HV_DATA_ROOT=${HV_DATA_ROOT%/}
@@ -226,6 +227,22 @@ hv_gpu_count() {
     rocm) compgen -G '/dev/dri/renderD*' | wc -l ;;
     *) echo 0 ;;
   esac
+}
+
+# RunPod instant clusters set PRIMARY_ADDR, PRIMARY_PORT, NODE_RANK, NUM_NODES, NUM_TRAINERS (GPUs per node) and
+# WORLD_SIZE on every node (docs.runpod.io/instant-clusters): they fill accelerate's names left unset, and NCCL uses
+# the cluster network (ens1; eth0 is internet only). A WORLD_SIZE / RANK in the container's own environment would make
+# a single hvtune process (cache, check) take itself for one of a process group and wait for the others: no launcher
+# runs above an entrypoint, and `accelerate launch` sets them for the processes it starts.
+hv_machines_from_platform() {
+  if [ -n "${PRIMARY_ADDR:-}" ] && [[ "${NUM_NODES:-}" =~ ^[1-9][0-9]*$ ]]; then
+    : "${NUM_MACHINES:=$NUM_NODES}" "${MACHINE_RANK:=${NODE_RANK:-0}}" "${MAIN_PROCESS_IP:=$PRIMARY_ADDR}"
+    : "${MAIN_PROCESS_PORT:=${PRIMARY_PORT:-29500}}" "${NCCL_SOCKET_IFNAME:=ens1}"
+    if [[ "${NUM_TRAINERS:-}" =~ ^[1-9][0-9]*$ ]]; then : "${NUM_PROCESSES:=$((NUM_NODES * NUM_TRAINERS))}"; fi
+    export NUM_MACHINES MACHINE_RANK MAIN_PROCESS_IP MAIN_PROCESS_PORT NCCL_SOCKET_IFNAME
+    if [ -n "${NUM_PROCESSES:-}" ]; then export NUM_PROCESSES; fi
+  fi
+  unset WORLD_SIZE RANK LOCAL_RANK LOCAL_WORLD_SIZE
 }
 
 # Several machines (accelerate's names): a bad combination stops every entrypoint at start, before any download or

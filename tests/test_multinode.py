@@ -74,6 +74,31 @@ def test_wrong_main_process_ip_is_one_line_within_the_timeout(demo_project, tmp_
     assert not (tmp_path / "out").exists()  # nothing written: training never started
 
 
+def test_runpod_instant_cluster_variables_stand_in_for_accelerates(demo_project, tmp_path):
+    """A RunPod instant cluster node sets PRIMARY_ADDR / PRIMARY_PORT / NODE_RANK / NUM_NODES / NUM_TRAINERS and
+    WORLD_SIZE (docs.runpod.io/instant-clusters): node 1 tries machine 0 at PRIMARY_ADDR:PRIMARY_PORT with
+    NUM_NODES x NUM_TRAINERS processes, and the platform's WORLD_SIZE does not turn a lone process into a group."""
+    port = _free_port()
+    env = _entrypoint_env(
+        tmp_path, demo_project, HVTUNE_OUTPUT_DIR=str(tmp_path / "out"), PRIMARY_ADDR="127.0.0.1",
+        PRIMARY_PORT=str(port), NODE_RANK="1", NUM_NODES="2", NUM_TRAINERS="1", WORLD_SIZE="2",
+    )  # fmt: skip
+    for name in ("NUM_PROCESSES", "NUM_MACHINES", "MACHINE_RANK", "MAIN_PROCESS_IP", "MAIN_PROCESS_PORT"):
+        env.pop(name, None)
+    # the cache service: this node's 1 process builds (here: finds) the whole cache, not waiting for a group of 2
+    cache = subprocess.run(
+        ["bash", str(ROOT / "entrypoints" / "cache")], env={**env, "HVTUNE_SKIP_FETCH": "1"}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert cache.returncode == 0, cache.stderr[-3000:]
+    proc = _start("train", env, *STEPS)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "machine 1 of 2" in stderr
+    (line,) = _errors(stderr)
+    assert f"could not reach machine rank 0 at 127.0.0.1:{port}" in line, line
+
+
 def test_machine_rank_0_names_the_machines_that_never_came(tmp_path):
     """Machine rank 0 alone: after the timeout, one line saying which ranks never connected and what to set there."""
     port = _free_port()
