@@ -79,6 +79,7 @@ STAGES = [
     "plan.validation",
     "plan.prediction",
     "plan.phases",
+    "plan.scale",
     "plan.report",
     "serve.failures",  # the run page
     "serve.auth",

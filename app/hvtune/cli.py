@@ -110,7 +110,11 @@ def cmd_rendezvous(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from hvtune.plan.report import plan_report
 
-    print(plan_report(_config(args), args.gpu, caption_tokens=args.caption_tokens, verdict_only=args.verdict))
+    report = plan_report(
+        _config(args), args.gpu, caption_tokens=args.caption_tokens, verdict_only=args.verdict, gpus=args.gpus,
+        interconnect=args.interconnect,
+    )  # fmt: skip
+    print(report)
     return EXIT_OK
 
 
@@ -251,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--caption-tokens", type=int, help="Qwen tokens per caption (default: the longest in a built cache, else 256)"
     )
     p.add_argument("--verdict", action="store_true", help="one line: does the configured setting fit the card")
+    p.add_argument("--gpus", type=int, help="also per GPU on up to N GPUs: DDP, FSDP2, context parallel")
+    p.add_argument("--interconnect", help="link between the GPUs for --gpus: pcie4, pcie5, nvlink4, ib-ndr, ...")
     with_config("fetch", cmd_fetch, "Resolve or download every model component the flavour needs.")
     p = with_config("cache", cmd_cache, "Encode text, video latents and i2v conditions once (or verify the cache).")
     p.add_argument("action", nargs="?", choices=["build", "verify"], default="build")

@@ -22,6 +22,7 @@ from hvtune.plan.prediction import (
     speed_assumption,
     sweep,
 )
+from hvtune.plan.scale import format_scale, parse_interconnect, scale_sweep
 from hvtune.plan.shapes import shape_for, shape_lines
 
 
@@ -322,14 +323,22 @@ def preflight(resolved: ResolvedConfig, print_=print) -> ResolvedConfig:
 
 
 def plan_report(
-    resolved: ResolvedConfig, gpu_name: str | None, *, caption_tokens: int | None = None, verdict_only: bool = False
+    resolved: ResolvedConfig,
+    gpu_name: str | None,
+    *,
+    caption_tokens: int | None = None,
+    verdict_only: bool = False,
+    gpus: int | None = None,
+    interconnect: str | None = None,
 ) -> str:
-    """What `hvtune plan` prints: the configured setting's plan, and with a card the sweep (or only the verdict)."""
+    """What `hvtune plan` prints: the configured setting's plan, and with a card the sweep (or only the verdict);
+    with `gpus`, that plan over up to that many GPUs (plan.scale)."""
     gpu = detected_gpu() if gpu_name == "auto" else parse_gpu(gpu_name) if gpu_name else None
     if gpu_name == "auto" and gpu is None:
         return "plan: no GPU visible; name one with --gpu (a card or a size such as 24GB)"
     if verdict_only:
         return gpu_verdict(resolved, gpu, caption_tokens) if gpu else "plan: --verdict needs --gpu"
+    link = parse_interconnect(interconnect, gpu, gpus) if gpus is not None else None  # before minutes of simulation
     data = planned_data(resolved)
     shape = shape_for(resolved, caption_tokens, data)
     plans = sweep(resolved.train, shape, gpu) if gpu is not None else []
@@ -338,4 +347,8 @@ def plan_report(
     if gpu is not None:
         text += "\n" + "\n".join(phase_verdict(resolved, gpu, caption_tokens, shape, plan)[1].lines())
     text += "\n" + "\n".join(disk_lines(resolved, data, shape))
-    return text + ("\n" + format_sweep(plans, gpu) if plans else "")
+    if plans:
+        text += "\n" + format_sweep(plans, gpu)
+    if gpus is not None and link is not None:
+        text += "\n" + format_scale(scale_sweep(plan, gpus, gpu, link), gpu, link)
+    return text
