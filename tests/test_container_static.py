@@ -280,6 +280,9 @@ def test_env_example_documents_every_variable():
     internal |= {"HV_NAME", "HV_CONFIG", "HV_DATA_ROOT", "HV_IMAGE_ROOT"}
     internal |= {"HVTUNE_IMAGE_TAG"}  # set by the image; the next two only by tests (fake driver files)
     internal |= {"HVTUNE_NVIDIA_VERSION_FILE", "HVTUNE_KFD_PATH"}
+    # set by RunPod instant clusters on every node, read when accelerate's names are unset; NCCL's own interface
+    # variable (docs/CONTAINERS.md, "Several boxes")
+    internal |= {"PRIMARY_ADDR", "PRIMARY_PORT", "NODE_RANK", "NUM_NODES", "NUM_TRAINERS", "NCCL_SOCKET_IFNAME"}
     missing = sorted(v for v in used - documented - internal if not v.startswith("HV_"))
     assert not missing, f".env.example does not document: {missing}"
 
