@@ -214,3 +214,33 @@ def test_check_refuses_a_size_that_does_not_divide_the_processes_and_ring_with_a
     assert code == 2 and "allgather (ring attention) or alltoall (Ulysses)" in err
     keys = dict(context_parallel_size=2, train_batch_size=2, context_parallel_comm_strategy="alltoall")
     assert _check(tmp_path, monkeypatch, capsys, 4, **keys)[0] == 0
+
+
+@pytest.mark.slow
+def test_hvtune_train_on_two_processes_with_context_parallel_2_is_equivalent_to_one_process(demo_project, tmp_path):
+    """The real command: `accelerate launch` (what the containers' NUM_PROCESSES=2 runs) of `hvtune train` with
+    context_parallel_size 2, against one process; `hvtune compare` at tolerances far tighter than its defaults
+    (loss 1e-5, LoRA 1e-5 relative L2, cosine 0.99999). Seen: losses equal, LoRA within 6e-7."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import run_hvtune
+
+    steps = ["--max_train_steps=3", "--validation_disable=true", "--checkpointing_steps=3", "--train_batch_size=1"]
+    steps.append("--context_parallel_comm_strategy=alltoall")
+    one, two = tmp_path / "one", tmp_path / "cp2"
+    r = run_hvtune("train", "--config", str(demo_project), f"--output_dir={one}", *steps)
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "app"), "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    launch = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd = [*launch, "-m", "hvtune", "train", "--config", str(demo_project), f"--output_dir={two}", *steps]
+    r = subprocess.run([*cmd, "--context_parallel_size=2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "each sample split over 2 processes (Ulysses attention), 1 data-parallel group(s)" in r.stdout + r.stderr
+    tight = ["--loss-rtol=1e-5", "--weight-rtol=1e-5", "--min-cosine=0.99999"]
+    c = run_hvtune("compare", str(one), str(two), *tight, cwd=tmp_path)
+    assert c.returncode in (0, 3) and ("EQUIVALENT" in c.stdout or "IDENTICAL" in c.stdout), c.stdout

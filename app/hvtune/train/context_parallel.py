@@ -123,6 +123,11 @@ def enable_context_parallel(model, params: list, accelerator) -> None:
     for p in params:
         p.register_hook(lambda grad, cp=topology.cp_size: grad * cp)
     torch.distributed.barrier()
+    kind = "ring attention" if topology.ring else "Ulysses attention"
+    accelerator.print(
+        f"context parallel: each sample split over {topology.cp_size} processes ({kind}), "
+        f"{topology.dp_size} data-parallel group(s)"
+    )
 
 
 def _parallel_config(topology: Topology, device):
