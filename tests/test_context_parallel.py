@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from hvtune.errors import UserError
 from hvtune.model.attention import key_padding_mask
-from hvtune.train.context_parallel import DataParallelView, Topology, data_parallel_view
+from hvtune.train.context_parallel import DataParallelView, Topology, data_parallel_view, enable_context_parallel
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # gradients: max |difference| <= GRAD_RTOL x max |gradient|, per tensor
 
@@ -87,7 +87,6 @@ def _worker(rank: int, world: int, port: int, padded: bool, checkpointing: bool,
     from accelerate import Accelerator
 
     import hvtune.model.attention as attention
-    from hvtune.train.context_parallel import enable_context_parallel
 
     seen = []  # what reaches diffusers' dispatcher: (tokens on this rank, masked, split)
     dispatch = attention.dispatch_attention_fn
@@ -182,6 +181,14 @@ def test_the_data_side_sees_data_parallel_ranks_and_a_size_that_does_not_divide_
     assert Topology(2, 4, 2, "allgather").ring and Topology(2, 4, 2, "allgather").dp_rank == 1
     with pytest.raises(UserError, match="context_parallel_size 3 does not divide the 4 processes"):
         data_parallel_view(accelerator, SimpleNamespace(context_parallel_size=3, context_parallel_comm_strategy="x"))
+
+
+def test_a_bucket_whose_video_tokens_ulysses_cannot_split_evenly_is_one_line_before_the_first_step():
+    """17 frames at 48x32 are 5 x 2 x 3 = 30 latent tokens: 4 Ulysses ranks cannot share them (ring can)."""
+    view = DataParallelView(SimpleNamespace(), Topology(4, 4, 0, "alltoall"))
+    manifest = SimpleNamespace(samples=[SimpleNamespace(bucket=(48, 32, 17))])
+    with pytest.raises(UserError, match="does not divide the 30 video tokens of bucket 48x32, 17 frames"):
+        enable_context_parallel(None, [], view, manifest)
 
 
 def _check(tmp_path, monkeypatch, capsys, world: int, **keys) -> tuple[int, str]:

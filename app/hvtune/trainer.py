@@ -161,7 +161,7 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
         max_steps_this_run, started, determinism, **_trainable(cfg, paths, accelerator, out, total_steps),
         state=LoopState(global_step=0, epoch=0, batch_in_epoch=0, loss_history=[], run=identity),
     )  # fmt: skip
-    enable_context_parallel(run.model, run.params, accelerator)
+    enable_context_parallel(run.model, run.params, accelerator, run.manifest)
     if start.resume is not None:
         run.state = restore_checkpoint(
             start.resume, run.model, run.optimizer, run.lr_scheduler, run.ema, cfg.learning_rate, accelerator.print

@@ -101,14 +101,20 @@ def hunyuan_video15_cp_plan() -> dict:
     }
 
 
-def enable_context_parallel(model, params: list, accelerator) -> None:
+def enable_context_parallel(model, params: list, accelerator, manifest=None) -> None:
     """Split `model`'s sequence over the context-parallel group of `accelerator` (a `DataParallelView`); nothing
-    without one. Call after the LoRA is added and before the first step."""
+    without one. Call after the LoRA is added and before the first step; `manifest`'s buckets are checked first."""
     if not isinstance(accelerator, DataParallelView):
         return
     import torch
 
     topology = accelerator.topology
+    if manifest is not None and not topology.ring:
+        from hvtune.model.architectures import latent_shape
+
+        for width, height, frames in sorted({tuple(s.bucket) for s in manifest.samples}):
+            _, *latent = latent_shape(frames, height, width)
+            _check_video_split(latent, topology, f"{width}x{height}, {frames} frames")
     config = _parallel_config(topology, accelerator.device)
     _check_model(model, topology)
     for block in model.transformer_blocks:
@@ -181,7 +187,8 @@ def _register_hooks(model, cp_config, topology: Topology) -> None:
     class EvenSequence(ModelHook):
         def pre_forward(self, module, *args, **kwargs):
             if _training():
-                _check_video_split(kwargs["hidden_states"], topology)
+                latent = kwargs["hidden_states"].shape[2:]
+                _check_video_split(latent, topology, f"{latent[2] * 16}x{latent[1] * 16}, {latent[0]} latent frames")
                 if not topology.ring:
                     _pad_text_to_split(kwargs, topology.cp_size)
             return args, kwargs
@@ -199,16 +206,14 @@ def _training() -> bool:
     return torch.is_grad_enabled()
 
 
-def _check_video_split(hidden_states, topology: Topology) -> None:
-    """Ulysses splits the video tokens into equal parts (ring takes any length)."""
-    frames, height, width = hidden_states.shape[2:]
-    tokens = frames * height * width
+def _check_video_split(latent, topology: Topology, bucket: str) -> None:
+    """Ulysses splits the video tokens (latent frames x height x width) into equal parts; ring takes any length."""
+    tokens = latent[0] * latent[1] * latent[2]
     if not topology.ring and tokens % topology.cp_size:
         raise UserError(
-            f"context_parallel_size {topology.cp_size} does not divide the {tokens} video tokens of bucket "
-            f"{width * 16}x{height * 16}, {frames} latent frames (alltoall splits them evenly): use "
-            "context_parallel_comm_strategy=allgather, another context_parallel_size, or a resolution whose "
-            "token count it divides"
+            f"context_parallel_size {topology.cp_size} does not divide the {tokens} video tokens of bucket {bucket} "
+            "(alltoall splits them evenly): use context_parallel_comm_strategy=allgather, another "
+            "context_parallel_size, or a resolution whose token count it divides"
         )
 
 
