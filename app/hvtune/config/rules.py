@@ -182,8 +182,8 @@ def context_parallel_problems(t: TrainConfig, world: int | None = None) -> list[
         return [("context_parallel_size", why)]
     if t.fsdp_enable:
         return [("context_parallel_size", "context parallelism with FSDP is not built yet: fsdp_enable false")]
-    if strategy == "allgather" and t.train_batch_size > 1:
-        why = "ring attention cannot mask padded captions in a batch of several: alltoall, or train_batch_size 1"
+    if strategy == "allgather":  # hvtune.train.context_parallel says why
+        why = "diffusers' ring attention cannot train HunyuanVideo 1.5 (see docs/PERFORMANCE.md): use alltoall"
         return [("context_parallel_comm_strategy", why)]
     return []
 

@@ -156,7 +156,7 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "vae_enable_slicing": _same("VAE slicing"),
     "vae_enable_patch_conv": _same("VAE patch conv"),
     "context_parallel_size": _same("each sample's sequence split over N processes; data parallel over the rest"),
-    "context_parallel_comm_strategy": _same("allgather: ring attention (GPU kernels), alltoall: Ulysses"),
+    "context_parallel_comm_strategy": _same("alltoall: Ulysses; allgather (ring) is refused: it cannot train here"),
     # checkpoints, validation, logging
     "checkpoint_step_interval": _same("checkpoint every N steps (old name checkpointing_steps)", CLI_UTILS),
     "checkpointing_steps": _same("old name of checkpoint_step_interval", CLI_UTILS),

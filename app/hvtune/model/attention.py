@@ -29,7 +29,6 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
 from hvtune.config.kernels import MASKLESS_BACKENDS
-from hvtune.errors import UserError
 
 
 class _LastAnswer:
@@ -50,30 +49,31 @@ class _LastAnswer:
         return cls.all_valid
 
 
-def key_padding_mask(token_mask: torch.Tensor | None, seq_len: int, part: tuple[int, int, bool] | None = None):
+def key_padding_mask(
+    token_mask: torch.Tensor | None, seq_len: int, part: tuple[int, int] | None = None
+) -> torch.Tensor | None:
     """None when every key is valid, else the (B, 1, 1, seq_len) bool mask of valid keys. `token_mask` covers the
     last tokens of the joint sequence (the text); the video tokens before them are always valid.
 
-    `part` = (rank, ranks, uneven) under context parallelism: `token_mask` is the whole text's, and this rank's
-    keys are its part of it (split as diffusers' sharders split the text: `chunk`, or `tensor_split` when uneven).
+    `part` = (rank, ranks) under context parallelism: `token_mask` is the whole text's, and this rank's keys are
+    its part of it (`chunk`, as diffusers' sharder splits the text).
     The answer "nothing is padded" is taken on the whole mask, so every rank of the group answers alike."""
     if token_mask is None or _LastAnswer.all_valid_for(token_mask):
         return None
     if part is not None:
-        rank, ranks, uneven = part
-        token_mask = (token_mask.tensor_split if uneven else token_mask.chunk)(ranks, dim=1)[rank]
+        rank, ranks = part
+        token_mask = token_mask.chunk(ranks, dim=1)[rank]
     keys = F.pad(token_mask.bool(), (seq_len - token_mask.shape[1], 0), value=True)
     return keys[:, None, None, :]
 
 
-def _context_part(parallel_config) -> tuple[int, int, bool] | None:
-    """(rank, ranks, uneven) of this process in the context-parallel group while training, else None: validation
+def _context_part(parallel_config) -> tuple[int, int] | None:
+    """(rank, ranks) of this process in the context-parallel group while training, else None: validation
     (no gradients) runs unsplit on one process (`hvtune.train.context_parallel`)."""
     if parallel_config is None or not torch.is_grad_enabled():
         return None
-    cp = parallel_config.context_parallel_config
-    mesh = cp._flattened_mesh
-    return mesh.get_local_rank(), mesh.size(), cp.ring_anything or cp.ulysses_anything
+    mesh = parallel_config.context_parallel_config._flattened_mesh
+    return mesh.get_local_rank(), mesh.size()
 
 
 class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
@@ -110,11 +110,6 @@ class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             value = torch.cat([value, text_value], dim=1)
         part = _context_part(self._parallel_config)
         mask = key_padding_mask(attention_mask, query.shape[1], part)
-        if mask is not None and part is not None and part[2]:
-            raise UserError(
-                "context_parallel_comm_strategy=allgather (ring attention) cannot hide padded caption tokens "
-                "(captions of different lengths in one batch): use train_batch_size 1 or alltoall"
-            )
         out = dispatch_attention_fn(
             query,
             key,

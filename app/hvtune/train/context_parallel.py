@@ -1,10 +1,15 @@
 """Context parallelism (`context_parallel_size`): the video sequence of one sample split over several processes,
-with data parallel over the rest (world = dp x cp), on diffusers' context-parallel attention.
+with data parallel over the rest (world = dp x cp), on diffusers' context-parallel (Ulysses) attention.
 
 SimpleTuner 4.10.1's meaning (helpers/training/context_parallel.py): `context_parallel_comm_strategy` "allgather" is
 ring attention (`ContextParallelConfig(ring_degree=cp, ring_anything=True)`), "alltoall" is Ulysses
 (`ulysses_degree=cp`); without FSDP the remaining processes replicate the model (DDP over all of them) and the loss
 is scaled by cp for the backward, since DDP averages the CP ranks' partial gradients over the whole world.
+
+hvtune trains with Ulysses only; `check` refuses "allgather" (`config.rules.context_parallel_problems`): in diffusers
+0.42.1 the any-length ring has no backward, and the even ring needs the text padded to a multiple of cp but applies
+each rank's key mask to every other rank's keys. Ulysses gives the same attention (each rank, 1/cp of the heads over
+the whole sequence) and all-gathers the key mask.
 
 diffusers 0.42.1's `HunyuanVideo15Transformer3DModel` has no `_cp_plan`; `hunyuan_video15_cp_plan` is ours, in the
 form of Wan's and Flux's: RoPE's outputs and the first block's video and text streams are split along the sequence,
@@ -23,12 +28,6 @@ from typing import Any
 
 from hvtune.errors import UserError
 
-# SimpleTuner's strategy names -> diffusers' context-parallel attention
-STRATEGIES = {"allgather": "ring", "alltoall": "ulysses"}
-# Ring attention merges partial results by their log-sum-exp: SDPA ("native") returns none, so ring runs on
-# PyTorch's flash kernel (CUDA, bf16/fp16) unless attention_mechanism names another kernel that returns it.
-RING_DEFAULT_BACKEND = "_native_flash"
-
 
 @dataclass(frozen=True)
 class Topology:
@@ -37,7 +36,7 @@ class Topology:
     cp_size: int
     world_size: int
     rank: int
-    strategy: str  # "allgather" (ring) or "alltoall" (Ulysses)
+    strategy: str  # "alltoall" (Ulysses); "allgather" (ring) is refused before training
 
     @property
     def dp_size(self) -> int:
@@ -46,10 +45,6 @@ class Topology:
     @property
     def dp_rank(self) -> int:
         return self.rank // self.cp_size
-
-    @property
-    def ring(self) -> bool:
-        return STRATEGIES[self.strategy] == "ring"
 
 
 class DataParallelView:
@@ -83,9 +78,12 @@ def data_parallel_view(accelerator, cfg):
             f"context_parallel_size {cp} does not divide the {world} processes: launch a multiple of {cp} "
             "processes or change context_parallel_size"
         )
-    return DataParallelView(
-        accelerator, Topology(cp, world, accelerator.process_index, cfg.context_parallel_comm_strategy)
-    )
+    if cfg.context_parallel_comm_strategy != "alltoall":
+        raise UserError(
+            f"context_parallel_comm_strategy {cfg.context_parallel_comm_strategy}: hvtune trains with alltoall "
+            "(Ulysses) only; diffusers' ring attention cannot train this model (docs/PERFORMANCE.md)"
+        )
+    return DataParallelView(accelerator, Topology(cp, world, accelerator.process_index, "alltoall"))
 
 
 def hunyuan_video15_cp_plan() -> dict:
@@ -109,19 +107,17 @@ def enable_context_parallel(model, params: list, accelerator, manifest=None) -> 
     import torch
 
     topology = accelerator.topology
-    if manifest is not None and not topology.ring:
+    if manifest is not None:
         from hvtune.model.architectures import latent_shape
 
         for width, height, frames in sorted({tuple(s.bucket) for s in manifest.samples}):
             _, *latent = latent_shape(frames, height, width)
             _check_video_split(latent, topology, f"{width}x{height}, {frames} frames")
-    config = _parallel_config(topology, accelerator.device)
     _check_model(model, topology)
+    config = _parallel_config(topology, accelerator.device)
     for block in model.transformer_blocks:
         processor = block.attn.processor
         processor._parallel_config = config
-        if topology.ring and processor.backends[0] in (None, "native"):
-            processor.backends = (RING_DEFAULT_BACKEND, processor.backends[1])
     _register_hooks(model, config.context_parallel_config, topology)
     model._parallel_config = config
     # DDP averages over all dp x cp processes; each CP rank holds a partial gradient (its tokens' share): x cp
@@ -129,9 +125,8 @@ def enable_context_parallel(model, params: list, accelerator, manifest=None) -> 
     for p in params:
         p.register_hook(lambda grad, cp=topology.cp_size: grad * cp)
     torch.distributed.barrier()
-    kind = "ring attention" if topology.ring else "Ulysses attention"
     accelerator.print(
-        f"context parallel: each sample split over {topology.cp_size} processes ({kind}), "
+        f"context parallel: each sample split over {topology.cp_size} processes (Ulysses attention), "
         f"{topology.dp_size} data-parallel group(s)"
     )
 
@@ -140,10 +135,10 @@ def _parallel_config(topology: Topology, device):
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
-    ring = topology.cp_size if topology.ring else 1
-    ulysses = 1 if topology.ring else topology.cp_size
-    mesh = init_device_mesh(device.type, (topology.dp_size, ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
-    cp = ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=mesh, ring_anything=topology.ring)
+    # diffusers wants both a "ring" and a "ulysses" dimension (ring of size 1); rank r is dp r // cp, cp r % cp
+    shape = (topology.dp_size, 1, topology.cp_size)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("dp", "ring", "ulysses"))
+    cp = ContextParallelConfig(ulysses_degree=topology.cp_size, mesh=mesh)
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(topology.rank, topology.world_size, device, mesh=mesh)
     return config
@@ -153,7 +148,7 @@ def _check_model(model, topology: Topology) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     heads = model.config.num_attention_heads
-    if not topology.ring and heads % topology.cp_size:
+    if heads % topology.cp_size:
         raise UserError(
             f"context_parallel_size {topology.cp_size} does not divide the transformer's {heads} attention heads "
             "(Ulysses, context_parallel_comm_strategy=alltoall, splits the heads): use a divisor of it"
@@ -189,8 +184,7 @@ def _register_hooks(model, cp_config, topology: Topology) -> None:
             if _training():
                 latent = kwargs["hidden_states"].shape[2:]
                 _check_video_split(latent, topology, f"{latent[2] * 16}x{latent[1] * 16}, {latent[0]} latent frames")
-                if not topology.ring:
-                    _pad_text_to_split(kwargs, topology.cp_size)
+                _pad_text_to_split(kwargs, topology.cp_size)
             return args, kwargs
 
     HookRegistry.check_if_exists_or_initialize(model).register_hook(EvenSequence(), "hvtune_cp_even_sequence")
@@ -207,13 +201,12 @@ def _training() -> bool:
 
 
 def _check_video_split(latent, topology: Topology, bucket: str) -> None:
-    """Ulysses splits the video tokens (latent frames x height x width) into equal parts; ring takes any length."""
+    """Ulysses splits the video tokens (latent frames x height x width) into equal parts."""
     tokens = latent[0] * latent[1] * latent[2]
-    if not topology.ring and tokens % topology.cp_size:
+    if tokens % topology.cp_size:
         raise UserError(
             f"context_parallel_size {topology.cp_size} does not divide the {tokens} video tokens of bucket {bucket} "
-            "(alltoall splits them evenly): use context_parallel_comm_strategy=allgather, another "
-            "context_parallel_size, or a resolution whose token count it divides"
+            "(they are split evenly): use another context_parallel_size, or a resolution whose token count it divides"
         )
 
 
