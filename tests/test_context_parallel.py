@@ -18,7 +18,13 @@ import torch.multiprocessing as mp
 
 from hvtune.errors import UserError
 from hvtune.model.attention import key_padding_mask
-from hvtune.train.context_parallel import DataParallelView, Topology, data_parallel_view, enable_context_parallel
+from hvtune.train.context_parallel import (
+    DataParallelView,
+    Topology,
+    bucket_split_problem,
+    data_parallel_view,
+    enable_context_parallel,
+)
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # gradients: max |difference| <= GRAD_RTOL x max |gradient|, per tensor
 
@@ -192,6 +198,7 @@ def test_a_bucket_whose_video_tokens_ulysses_cannot_split_evenly_is_one_line_bef
     manifest = SimpleNamespace(samples=[SimpleNamespace(bucket=(48, 32, 17))])
     with pytest.raises(UserError, match="does not divide the 30 video tokens of bucket 48x32, 17 frames"):
         enable_context_parallel(None, [], view, manifest)
+    assert bucket_split_problem(2, manifest) is None and "30 video tokens" in bucket_split_problem(4, manifest)
 
 
 def _check(tmp_path, monkeypatch, capsys, world: int, **keys) -> tuple[int, str]:

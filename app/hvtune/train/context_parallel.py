@@ -107,12 +107,8 @@ def enable_context_parallel(model, params: list, accelerator, manifest=None) -> 
     import torch
 
     topology = accelerator.topology
-    if manifest is not None:
-        from hvtune.model.architectures import latent_shape
-
-        for width, height, frames in sorted({tuple(s.bucket) for s in manifest.samples}):
-            _, *latent = latent_shape(frames, height, width)
-            _check_video_split(latent, topology, f"{width}x{height}, {frames} frames")
+    if manifest is not None and (problem := bucket_split_problem(topology.cp_size, manifest)):
+        raise UserError(problem)
     _check_model(model, topology)
     config = _parallel_config(topology, accelerator.device)
     for block in model.transformer_blocks:
@@ -129,6 +125,18 @@ def enable_context_parallel(model, params: list, accelerator, manifest=None) -> 
         f"context parallel: each sample split over {topology.cp_size} processes (Ulysses attention), "
         f"{topology.dp_size} data-parallel group(s)"
     )
+
+
+def bucket_split_problem(cp_size: int, manifest) -> str | None:
+    """One line for the first bucket of `manifest` whose video tokens `cp_size` Ulysses ranks cannot share evenly,
+    else None (`hvtune check`'s pre-flight can ask it too)."""
+    from hvtune.model.architectures import latent_shape
+
+    for width, height, frames in sorted({tuple(s.bucket) for s in manifest.samples}):
+        _, *latent = latent_shape(frames, height, width)
+        if problem := _video_split_problem(latent, cp_size, f"{width}x{height}, {frames} frames"):
+            return problem
+    return None
 
 
 def _parallel_config(topology: Topology, device):
@@ -183,7 +191,9 @@ def _register_hooks(model, cp_config, topology: Topology) -> None:
         def pre_forward(self, module, *args, **kwargs):
             if _training():
                 latent = kwargs["hidden_states"].shape[2:]
-                _check_video_split(latent, topology, f"{latent[2] * 16}x{latent[1] * 16}, {latent[0]} latent frames")
+                bucket = f"{latent[2] * 16}x{latent[1] * 16}, {latent[0]} latent frames"
+                if problem := _video_split_problem(latent, topology.cp_size, bucket):
+                    raise UserError(problem)
                 _pad_text_to_split(kwargs, topology.cp_size)
             return args, kwargs
 
@@ -200,14 +210,15 @@ def _training() -> bool:
     return torch.is_grad_enabled()
 
 
-def _check_video_split(latent, topology: Topology, bucket: str) -> None:
+def _video_split_problem(latent, cp_size: int, bucket: str) -> str | None:
     """Ulysses splits the video tokens (latent frames x height x width) into equal parts."""
     tokens = latent[0] * latent[1] * latent[2]
-    if tokens % topology.cp_size:
-        raise UserError(
-            f"context_parallel_size {topology.cp_size} does not divide the {tokens} video tokens of bucket {bucket} "
-            "(they are split evenly): use another context_parallel_size, or a resolution whose token count it divides"
-        )
+    if tokens % cp_size == 0:
+        return None
+    return (
+        f"context_parallel_size {cp_size} does not divide the {tokens} video tokens of bucket {bucket} (they are "
+        "split evenly): use another context_parallel_size, or a resolution whose token count it divides"
+    )
 
 
 def _pad_text_to_split(kwargs: dict, cp_size: int) -> None:
