@@ -58,6 +58,7 @@ STAGES = [
     "train.step",
     "train.stop",
     "train.ema",
+    "train.context_parallel",
     "output.checkpoints",  # checkpoints / validation / export / run record / status
     "output.run_dir",
     "output.vae_decode",

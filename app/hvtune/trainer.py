@@ -45,6 +45,7 @@ from hvtune.train import ema as lora_ema
 from hvtune.train.base_model import base_dtype, prepare_base
 from hvtune.train.batches import load_batch, plan_epoch, text_entry
 from hvtune.train.compile import compile_transformer
+from hvtune.train.context_parallel import data_parallel_view, enable_context_parallel
 from hvtune.train.objective import counter_seed, schedule_options
 from hvtune.train.optim import build_lr_scheduler, build_optimizer
 from hvtune.train.step import NonFiniteLoss, TrainError, step_loss, training_step
@@ -141,7 +142,7 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
     started = time.time()
     determinism = apply_determinism(cfg.deterministic)
     names = trackers(cfg)
-    accelerator = _accelerator(cfg, out, names)
+    accelerator = data_parallel_view(_accelerator(cfg, out, names), cfg)  # context_parallel_size: the dp ranks
     total_steps = preflight.total_steps(cfg, manifest, accelerator.num_processes)
     identity = run_identity(cfg.model_dump(), manifest.samples_hash)
     start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
@@ -160,6 +161,7 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
         max_steps_this_run, started, determinism, **_trainable(cfg, paths, accelerator, out, total_steps),
         state=LoopState(global_step=0, epoch=0, batch_in_epoch=0, loss_history=[], run=identity),
     )  # fmt: skip
+    enable_context_parallel(run.model, run.params, accelerator, run.manifest)
     if start.resume is not None:
         run.state = restore_checkpoint(
             start.resume, run.model, run.optimizer, run.lr_scheduler, run.ema, cfg.learning_rate, accelerator.print

@@ -152,8 +152,7 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("dynamo_backend", rule))
     if t.fsdp_enable:
         found.append(("fsdp_enable", "FSDP is not implemented yet: several GPUs run DDP (set false)"))
-    if t.context_parallel_size != 1:
-        found.append(("context_parallel_size", "context parallelism is not implemented yet; use 1"))
+    found += context_parallel_problems(t)
     if t.validation_prompt_library:
         rule = "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false"
         found.append(("validation_prompt_library", rule))
@@ -165,6 +164,28 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
     if t.aspect_bucket_alignment % 16:
         found.append(("aspect_bucket_alignment", "HunyuanVideo 1.5 needs multiples of 16: use 16, 32 or 64"))
     return found
+
+
+def context_parallel_problems(t: TrainConfig, world: int | None = None) -> list[tuple[str, str]]:
+    """(key, why) for context parallelism (hvtune.train.context_parallel) as the launch can run it. `world`: the
+    processes launched (WORLD_SIZE from torchrun/accelerate, else the containers' NUM_PROCESSES), when known."""
+    import os
+
+    cp, strategy = t.context_parallel_size, t.context_parallel_comm_strategy
+    if strategy not in ("allgather", "alltoall"):
+        return [("context_parallel_comm_strategy", "allgather (ring attention) or alltoall (Ulysses), as SimpleTuner")]
+    if cp == 1:
+        return []
+    world = world or int(os.environ.get("WORLD_SIZE") or os.environ.get("NUM_PROCESSES") or 0) or None
+    if world is not None and world % cp:
+        why = f"{cp} does not divide the {world} processes launched: launch a multiple of {cp} or change it"
+        return [("context_parallel_size", why)]
+    if t.fsdp_enable:
+        return [("context_parallel_size", "context parallelism with FSDP is not built yet: fsdp_enable false")]
+    if strategy == "allgather":  # hvtune.train.context_parallel says why
+        why = "diffusers' ring attention cannot train HunyuanVideo 1.5 (see docs/PERFORMANCE.md): use alltoall"
+        return [("context_parallel_comm_strategy", why)]
+    return []
 
 
 def schedule_problems(t: TrainConfig) -> list[tuple[str, str]]:

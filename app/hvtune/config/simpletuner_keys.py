@@ -155,6 +155,8 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "vae_dtype": _same("the VAE's dtype for the cache's encode and the validation decode on a GPU (float32 on CPU)"),
     "vae_enable_slicing": _same("VAE slicing"),
     "vae_enable_patch_conv": _same("VAE patch conv"),
+    "context_parallel_size": _same("each sample's sequence split over N processes; data parallel over the rest"),
+    "context_parallel_comm_strategy": _same("alltoall: Ulysses; allgather (ring) is refused: it cannot train here"),
     # checkpoints, validation, logging
     "checkpoint_step_interval": _same("checkpoint every N steps (old name checkpointing_steps)", CLI_UTILS),
     "checkpointing_steps": _same("old name of checkpoint_step_interval", CLI_UTILS),
@@ -243,8 +245,6 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
         "SimpleTuner's HunyuanVideo model does not read it (its pipeline pads the prompt to 1000 tokens)", HUNYUAN
     ),
     # changes training; hvtune does not do it
-    "context_parallel_size": _refused("context parallelism is not implemented yet; use 1"),
-    "context_parallel_comm_strategy": _refused("context parallelism is not implemented yet"),
     "fsdp_enable": _refused("FSDP is not implemented yet: several GPUs run DDP"),
     "fsdp_version": _refused("FSDP is not implemented yet"),
     "fsdp_reshard_after_forward": _refused("FSDP is not implemented yet"),

@@ -49,13 +49,31 @@ class _LastAnswer:
         return cls.all_valid
 
 
-def key_padding_mask(token_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+def key_padding_mask(
+    token_mask: torch.Tensor | None, seq_len: int, part: tuple[int, int] | None = None
+) -> torch.Tensor | None:
     """None when every key is valid, else the (B, 1, 1, seq_len) bool mask of valid keys. `token_mask` covers the
-    last tokens of the joint sequence (the text); the video tokens before them are always valid."""
+    last tokens of the joint sequence (the text); the video tokens before them are always valid.
+
+    `part` = (rank, ranks) under context parallelism: `token_mask` is the whole text's, and this rank's keys are
+    its part of it (`chunk`, as diffusers' sharder splits the text).
+    The answer "nothing is padded" is taken on the whole mask, so every rank of the group answers alike."""
     if token_mask is None or _LastAnswer.all_valid_for(token_mask):
         return None
+    if part is not None:
+        rank, ranks = part
+        token_mask = token_mask.chunk(ranks, dim=1)[rank]
     keys = F.pad(token_mask.bool(), (seq_len - token_mask.shape[1], 0), value=True)
     return keys[:, None, None, :]
+
+
+def _context_part(parallel_config) -> tuple[int, int] | None:
+    """(rank, ranks) of this process in the context-parallel group while training, else None: validation
+    (no gradients) runs unsplit on one process (`hvtune.train.context_parallel`)."""
+    if parallel_config is None or not torch.is_grad_enabled():
+        return None
+    mesh = parallel_config.context_parallel_config._flattened_mesh
+    return mesh.get_local_rank(), mesh.size()
 
 
 class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
@@ -90,7 +108,8 @@ class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             query = torch.cat([query, text_query], dim=1)
             key = torch.cat([key, text_key], dim=1)
             value = torch.cat([value, text_value], dim=1)
-        mask = key_padding_mask(attention_mask, query.shape[1])
+        part = _context_part(self._parallel_config)
+        mask = key_padding_mask(attention_mask, query.shape[1], part)
         out = dispatch_attention_fn(
             query,
             key,
@@ -99,7 +118,7 @@ class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             dropout_p=0.0,
             is_causal=False,
             backend=self._backend(mask) or self._attention_backend,
-            parallel_config=self._parallel_config,
+            parallel_config=self._parallel_config if part is not None else None,
         )
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
