@@ -150,8 +150,7 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("attention_mechanism", rule))
     if rule := compile_problem(t.dynamo_backend):
         found.append(("dynamo_backend", rule))
-    if t.fsdp_enable:
-        found.append(("fsdp_enable", "FSDP is not implemented yet: several GPUs run DDP (set false)"))
+    found += fsdp_conflicts(t)
     if t.context_parallel_size != 1:
         found.append(("context_parallel_size", "context parallelism is not implemented yet; use 1"))
     if t.validation_prompt_library:
@@ -164,6 +163,25 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("lora_target_modules", rule))
     if t.aspect_bucket_alignment % 16:
         found.append(("aspect_bucket_alignment", "HunyuanVideo 1.5 needs multiples of 16: use 16, 32 or 64"))
+    return found
+
+
+def fsdp_conflicts(t: TrainConfig) -> list[tuple[str, str]]:
+    """(key, why) for settings FSDP2 (train/sharding.py) does not train with: refused at check, not at step 1."""
+    if not t.fsdp_enable:
+        return []
+    found = []
+    if t.fsdp_version != 2:
+        found.append(("fsdp_version", "hvtune shards with FSDP2 only: set 2"))
+    if t.base_model_precision in ("int8-torchao", *FP8_PRECISIONS):
+        rule = "a quantised base cannot be sharded by FSDP2 here (torchao's weight tensors): bf16 or fsdp_enable false"
+        found.append(("base_model_precision", rule))
+    if t.enable_group_offload:
+        found.append(("enable_group_offload", "not with fsdp_enable (FSDP2 already splits the base): choose one"))
+    if t.lora_type == "lycoris":
+        found.append(("lora_type", "LyCORIS with fsdp_enable is not supported: use lora_type standard"))
+    if t.dynamo_backend not in ("no", None):
+        found.append(("dynamo_backend", "torch.compile with fsdp_enable is not supported yet: set no"))
     return found
 
 
