@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,10 +128,23 @@ def test_fsdp2_exports_byte_identical_to_one_process_export(demo_project, fsdp_r
 
 
 @pytest.mark.slow
+def test_fsdp2_checkpoint_resumes_on_one_process(demo_project, fsdp_run, tmp_path):
+    """Another process count: the FSDP2 run's step-5 checkpoint (the whole LoRA and its optimizer state) continued
+    by one process with the same global batch ends where the two-process run ended, within the same tolerances."""
+    out = tmp_path / "resumed"
+    fsdp_out = fsdp_run[0]
+    shutil.copytree(fsdp_out / "checkpoints" / "checkpoint-000005", out / "checkpoints" / "checkpoint-000005")
+    shutil.copytree(fsdp_out / "logs", out / "logs", ignore=shutil.ignore_patterns("tensorboard"))
+    _one_process(demo_project, out, "--resume_from_checkpoint=latest", "--validation_disable=true")
+    c = _compare(fsdp_out, out, *TIGHT)
+    assert c.returncode in (0, 3) and ("EQUIVALENT" in c.stdout or "IDENTICAL" in c.stdout), c.stdout + c.stderr
+
+
+@pytest.mark.slow
 def test_kill_9_of_one_rank_stops_the_other_and_resume_is_identical(demo_project, fsdp_run, tmp_path):
-    """kill -9 of rank 1 after its step-2 checkpoint: the launcher stops rank 0 within torchrun's 30 s grace (SIGTERM,
-    then SIGKILL: rank 0 waits inside a collective for the dead rank) and exits non-zero naming the killed rank;
-    the rerun resumes from the newest checkpoint and ends with the uninterrupted run's LoRA, bit for bit."""
+    """kill -9 of rank 1 after the step-2 checkpoint: rank 0 stops with one line (its collective fails), or at the
+    latest when torchrun kills it after its 30 s grace; the launcher exits non-zero naming the killed rank; the rerun
+    resumes from the newest checkpoint and ends with the uninterrupted run's LoRA, bit for bit."""
     no_video = "--validation_disable=true"
     proc = _two_processes(demo_project, tmp_path, "killed", no_video, port=29543)
     out = tmp_path / "data" / "killed"
@@ -140,10 +154,15 @@ def test_kill_9_of_one_rank_stops_the_other_and_resume_is_identical(demo_project
         time.sleep(0.05)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     killed = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
     stopped_after = time.monotonic() - killed
     assert proc.returncode != 0 and stopped_after < 45, (proc.returncode, stopped_after)
-    assert "Signal 9 (SIGKILL) received" in stderr and "rank      : 1" in stderr
+    assert "Signal 9 (SIGKILL) received" in stderr and "rank      : 1" in stderr  # torchrun's summary
+    # rank 0's collective fails at once (gloo sees the closed connection): one line; or it stays blocked inside it
+    # and torchrun kills it after its 30 s grace
+    lines = [ln for ln in (stdout + stderr).splitlines() if "another training process stopped mid-step" in ln]
+    assert len(lines) == 1 or stopped_after > 25, (stopped_after, stderr[-3000:])
+    assert not lines or (lines[0].startswith("error: process 0 of 2: ") and "resumes from" in lines[0])
     assert not (out / "run.json").exists()  # it did not finish
     rerun = _two_processes(demo_project, tmp_path, "killed", no_video, port=29545)  # resume_from_checkpoint=latest
     stdout, stderr = rerun.communicate(timeout=600)

@@ -122,6 +122,9 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
             loss = _step(run, index, items)
             if loss is not None and _after_step(run, loss):
                 break
+    except RuntimeError as e:  # another process died inside a collective: one line, not a traceback
+        sharding.raise_if_lost_process(e, run.accelerator, run.kept)
+        raise
     finally:
         run.close()
     return _finish(run)

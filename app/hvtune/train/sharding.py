@@ -19,10 +19,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hvtune.errors import UserError
 from hvtune.run_files import RunFiles
 
 # the LoRA's modules (peft: `<layer>.lora_A` / `.lora_B` ModuleDicts): replicated, never sharded
 LORA_MODULES = r".*\.lora_(A|B)"
+
+
+# what torch's collectives say when the process at the other end is gone (gloo's TCP pair, NCCL's abort)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+class LostProcess(UserError):
+    """Another training process died (killed, out of host memory) while this one waited for it in a collective."""
+
+    exit_code = 1  # the input was fine
 
 
 @dataclass(frozen=True)
@@ -131,3 +142,17 @@ def clipping_accelerator(accelerator):
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()
     return None
+
+
+def raise_if_lost_process(error: RuntimeError, accelerator, kept: tuple[int, Path] | None) -> None:
+    """`LostProcess` (one line) when `error` says another process is gone; `kept`: (step, checkpoint) this run
+    wrote last (the main process's)."""
+    text = str(error)
+    if accelerator.num_processes == 1 or not any(sign in text for sign in PEER_LOST):
+        return
+    where = f"the checkpoint of step {kept[0]}" if kept else "its newest checkpoint"
+    raise LostProcess(
+        f"process {accelerator.process_index} of {accelerator.num_processes}: another training process stopped "
+        f"mid-step (killed, or out of memory: its own log says which). Start the run again: it resumes from {where} "
+        f"(resume_from_checkpoint=latest). [{text.splitlines()[0][:200]}]"
+    ) from error
