@@ -174,7 +174,9 @@ def fsdp_conflicts(t: TrainConfig) -> list[tuple[str, str]]:
     if t.fsdp_version != 2:
         found.append(("fsdp_version", "hvtune shards with FSDP2 only: set 2"))
     if t.base_model_precision in ("int8-torchao", *FP8_PRECISIONS):
-        rule = "a quantised base cannot be sharded by FSDP2 here (torchao's weight tensors): bf16 or fsdp_enable false"
+        rule = (
+            "FSDP2 cannot shard torchao's quantised weights (int8: aten.split missing): use bf16, or fsdp_enable false"
+        )
         found.append(("base_model_precision", rule))
     if t.enable_group_offload:
         found.append(("enable_group_offload", "not with fsdp_enable (FSDP2 already splits the base): choose one"))
