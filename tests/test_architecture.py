@@ -55,6 +55,7 @@ STAGES = [
     "train.compile",
     "train.lora",
     "train.optim",
+    "train.sharding",
     "train.step",
     "train.stop",
     "train.ema",

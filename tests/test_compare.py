@@ -122,3 +122,18 @@ def test_an_unwritable_plot_is_a_warning_not_a_failure(tmp_path):
     result = compare_runs(a, b, plot=blocker / "overlay.png")  # a file where a folder should be
     assert result.verdict == "identical" and result.plot is None
     assert result.notes and result.notes[0].startswith("warning: loss overlay not written")
+
+
+def test_sharding_and_context_parallel_degree_are_inputs(tmp_path, capsys):
+    """Issue 23: the same LoRA from a DDP and an FSDP2 run, or from a run recorded before `parallelism` existed (its
+    world_size implies DDP): identical weights, and the sharding listed as an input that differs."""
+    ddp = {"world_size": 2, "sharding": "ddp", "context_parallel_size": 1}
+    fsdp = {"world_size": 2, "sharding": "fsdp2", "context_parallel_size": 2}
+    old = _run(tmp_path / "old", world_size=2)  # no parallelism field: DDP on 2 processes
+    a, b = _run(tmp_path / "a", world_size=2, parallelism=ddp), _run(tmp_path / "b", world_size=2, parallelism=fsdp)
+    code, out = _cli(capsys, a, b)
+    assert code == EXIT_IDENTICAL and "inputs that differ:" in out
+    differ = out.split("inputs that differ:")[1]
+    assert "sharding" in differ and "fsdp2" in differ and "context-parallel degree" in differ
+    code, out = _cli(capsys, old, a)
+    assert code == EXIT_IDENTICAL and "inputs: the same config, data, cache, seed, world size, sharding" in out

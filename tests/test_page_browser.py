@@ -306,3 +306,29 @@ def test_two_compared_runs_show_the_config_difference_without_overflow(chromium,
     finally:
         serve.kill()
         serve.wait()
+
+
+def test_the_record_shows_how_many_processes_and_their_sharding(chromium, tmp_path):
+    """Issue 23: the run page's record says how the run was spread (world size, sharding, context-parallel degree)."""
+    from hvtune.output.status import RunStatus
+
+    out = tmp_path / "fsdp"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "loss.jsonl").write_text('{"step": 1, "loss": 0.5, "lr": 0.0001, "epoch": 0, "seconds": 0.3}\n')
+    parallelism = {"world_size": 8, "sharding": "fsdp2", "context_parallel_size": 2}
+    record = {"resolved": {"config": {"fsdp_enable": True}}, "world_size": 8, "parallelism": parallelism}
+    (out / "run.json").write_text(json.dumps(record))
+    RunStatus(out).finish(stopped_early=False, step=1)
+    serve = start("serve", str(out), "--port", "0")
+    try:
+        url = re.search(r"http://\S+", serve.stdout.readline()).group(0)
+        with Browser(width=1200, height=900) as browser:
+            browser.navigate(url)
+            browser.wait_for("document.querySelector('.rstate').textContent === 'finished'", 60)
+            browser.evaluate("document.querySelector('details.record').open = true")
+            browser.wait_for("document.querySelector('details.record .procs') !== null", 30)
+            shown = browser.evaluate("document.querySelector('details.record .procs').textContent")
+            assert shown == "8 (fsdp2), context parallel 2"
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)

@@ -42,6 +42,7 @@ from hvtune.output.status import RunStatus
 from hvtune.output.validation import render_validation, validation_due
 from hvtune.run_files import RunFiles
 from hvtune.train import ema as lora_ema
+from hvtune.train import sharding
 from hvtune.train.base_model import base_dtype, prepare_base
 from hvtune.train.batches import load_batch, plan_epoch, text_entry
 from hvtune.train.compile import compile_transformer
@@ -102,6 +103,7 @@ class _Run:
     kept: tuple[int, Path] | None = None  # (step, checkpoint) this run wrote last
     lora_path: Path | None = None  # the final LoRA, exported after the last step
     validation_notes: list[str] = field(default_factory=list)  # retried or skipped validation videos
+    parallelism: sharding.Parallelism | None = None  # processes, sharding, context-parallel degree
 
     def close(self) -> None:
         self.stop.restore()
@@ -121,6 +123,9 @@ def train(resolved: ResolvedConfig, *, max_steps_this_run: int | None = None) ->
             loss = _step(run, index, items)
             if loss is not None and _after_step(run, loss):
                 break
+    except RuntimeError as e:  # another process died inside a collective: one line, not a traceback
+        sharding.raise_if_lost_process(e, run.accelerator, run.kept)
+        raise
     finally:
         run.close()
     return _finish(run)
@@ -142,7 +147,7 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
     started = time.time()
     determinism = apply_determinism(cfg.deterministic)
     names = trackers(cfg)
-    accelerator = data_parallel_view(_accelerator(cfg, out, names), cfg)  # context_parallel_size: the dp ranks
+    accelerator = data_parallel_view(sharding.build_accelerator(cfg, out, names), cfg)  # cp: the dp ranks
     total_steps = preflight.total_steps(cfg, manifest, accelerator.num_processes)
     identity = run_identity(cfg.model_dump(), manifest.samples_hash)
     start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
@@ -169,21 +174,6 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
         run.state.run = identity
         accelerator.print(f"resumed from {start.resume} at step {run.state.global_step}")
     return run
-
-
-def _accelerator(cfg, out: Path, names: list[str]):
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
-    return Accelerator(
-        log_with=names or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(RunFiles(out).logs / "tensorboard")),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
 
 
 def _take_output_dir(accelerator, start: RunStart, out: Path) -> None:
@@ -225,7 +215,9 @@ def _open_loop(run: _Run) -> None:
     cfg, step = run.cfg, run.state.global_step
     run.loss_log = LossLog(RunFiles(run.out).loss_log, step, run.accelerator.print) if run.main else None
     run.stop = StopFlag(run.accelerator.print)
-    run.bar = TrainProgress(run.total_steps, step, enabled=run.main)
+    run.parallelism = sharding.parallelism(cfg, run.accelerator)
+    run.accelerator.print(f"training on {run.parallelism.describe()}")
+    run.bar = TrainProgress(run.total_steps, step, enabled=run.main, parallelism=run.parallelism)
     accelerator = run.accelerator
     run.step_inputs = dict(
         accelerator=accelerator,
@@ -240,7 +232,7 @@ def _open_loop(run: _Run) -> None:
         device=accelerator.device,
     )
     run.step_started = time.time()
-    run.status.start(run.resolved, run.total_steps, step)
+    run.status.start(run.resolved, run.total_steps, step, parallelism=run.parallelism.record())
 
 
 # -------------------------------------------------------------------------------------------------------------- loop
@@ -293,7 +285,7 @@ def _after_step(run: _Run, loss: float) -> bool:
         _keep_step(run, rolling)
     if run.main and last:
         run.lora_path = _export_all(run)
-    if validation_due(cfg, step, run.total_steps, final=last) and run.main:
+    if validation_due(cfg, step, run.total_steps, final=last) and (run.main or run.parallelism.sharding == "fsdp2"):
         _validate(run, step)
     if stop_now or limited:
         run.stopped_early = not last
@@ -327,7 +319,8 @@ def _validate(run: _Run, step: int) -> None:
     for suffix, weights in lora_ema.validation_variants(run.cfg, run.ema):
         with weights:
             args = (run.cfg, run.manifest, run.model, run.paths, step, run.accelerator.device, suffix)
-            notes = render_validation(*args, on_out_of_memory=lambda: _keep_step(run)).notes
+            keep = (lambda: _keep_step(run)) if run.main else (lambda: None)  # FSDP2: every process samples
+            notes = render_validation(*args, on_out_of_memory=keep, write=run.main).notes
         for note in notes:
             run.accelerator.print(note)
             run.validation_notes.append(note)
@@ -367,7 +360,7 @@ def _finish(run: _Run) -> TrainResult:
         plot_losses(files.loss_plot, {"train": losses}, f"{cfg.model_flavour} LoRA rank {cfg.lora_rank}")
     if run.main:
         record = run_record(
-            run.resolved, run.manifest, run.paths, state=run.state, world=run.accelerator.num_processes,
+            run.resolved, run.manifest, run.paths, state=run.state, parallelism=run.parallelism.record(),
             determinism=run.determinism, started=run.started, stopped_early=run.stopped_early, lora_path=lora_path,
         )  # fmt: skip
         write_json_atomic(files.record, record)

@@ -150,8 +150,7 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("attention_mechanism", rule))
     if rule := compile_problem(t.dynamo_backend):
         found.append(("dynamo_backend", rule))
-    if t.fsdp_enable:
-        found.append(("fsdp_enable", "FSDP is not implemented yet: several GPUs run DDP (set false)"))
+    found += fsdp_conflicts(t)
     found += context_parallel_problems(t)
     if t.validation_prompt_library:
         rule = "SimpleTuner's built-in prompt library is not available: validation uses validation_prompt; set false"
@@ -186,6 +185,27 @@ def context_parallel_problems(t: TrainConfig, world: int | None = None) -> list[
         why = "diffusers' ring attention cannot train HunyuanVideo 1.5 (see docs/PERFORMANCE.md): use alltoall"
         return [("context_parallel_comm_strategy", why)]
     return []
+
+
+def fsdp_conflicts(t: TrainConfig) -> list[tuple[str, str]]:
+    """(key, why) for settings FSDP2 (train/sharding.py) does not train with: refused at check, not at step 1."""
+    if not t.fsdp_enable:
+        return []
+    found = []
+    if t.fsdp_version != 2:
+        found.append(("fsdp_version", "hvtune shards with FSDP2 only: set 2"))
+    if t.base_model_precision in ("int8-torchao", *FP8_PRECISIONS):
+        rule = (
+            "FSDP2 cannot shard torchao's quantised weights (int8: aten.split missing): use bf16, or fsdp_enable false"
+        )
+        found.append(("base_model_precision", rule))
+    if t.enable_group_offload:
+        found.append(("enable_group_offload", "not with fsdp_enable (FSDP2 already splits the base): choose one"))
+    if t.lora_type == "lycoris":
+        found.append(("lora_type", "LyCORIS with fsdp_enable is not supported: use lora_type standard"))
+    if t.dynamo_backend not in ("no", None):
+        found.append(("dynamo_backend", "torch.compile with fsdp_enable is not supported yet: set no"))
+    return found
 
 
 def schedule_problems(t: TrainConfig) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ Paths below are inside the wheel `simpletuner-4.10.1-py3-none-any.whl`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from hvtune.flavours import FLAVOURS
 
@@ -39,16 +40,8 @@ class KeyPolicy:
     source: str = ""
 
 
-def _same(note: str, source: str = "") -> KeyPolicy:
-    return KeyPolicy("same", note, source)
-
-
-def _ignored(note: str, source: str = "") -> KeyPolicy:
-    return KeyPolicy("ignored", note, source)
-
-
-def _refused(note: str, source: str = "") -> KeyPolicy:
-    return KeyPolicy("refused", note, source)
+# _same(note, source=""), _ignored(...), _refused(...): one KeyPolicy of that status
+_same, _ignored, _refused = (partial(KeyPolicy, status) for status in ("same", "ignored", "refused"))
 
 
 _LOGGING = "logging/tracking only; no effect on the LoRA"
@@ -245,11 +238,17 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
         "SimpleTuner's HunyuanVideo model does not read it (its pipeline pads the prompt to 1000 tokens)", HUNYUAN
     ),
     # changes training; hvtune does not do it
-    "fsdp_enable": _refused("FSDP is not implemented yet: several GPUs run DDP"),
-    "fsdp_version": _refused("FSDP is not implemented yet"),
-    "fsdp_reshard_after_forward": _refused("FSDP is not implemented yet"),
-    "fsdp_state_dict_type": _refused("FSDP is not implemented yet"),
-    "fsdp_cpu_ram_efficient_loading": _refused("FSDP is not implemented yet"),
+    # FSDP (several processes, helpers/training/trainer.py _load_fsdp_plugin): docs/PERFORMANCE.md#scale-out
+    "fsdp_enable": _same("FSDP2 through accelerate: the frozen base sharded, the LoRA replicated", TRAINER),
+    "fsdp_version": _same("2 only (FSDP1 is refused)", TRAINER),
+    "fsdp_reshard_after_forward": _same("FSDP2's reshard_after_forward for every wrapped block", TRAINER),
+    "fsdp_state_dict_type": _ignored("checkpoints hold the whole LoRA, never the base: any process count resumes"),
+    "fsdp_cpu_ram_efficient_loading": _ignored("host RAM only: each process loads the base itself"),
+    "fsdp_auto_wrap_policy": _ignored("hvtune wraps each block (TRANSFORMER_BASED_WRAP, SimpleTuner's default)"),
+    "fsdp_transformer_layer_cls_to_wrap": _ignored("hvtune wraps the transformer's _no_split_modules"),
+    "fsdp_limit_all_gathers": _ignored("an FSDP1 setting; FSDP2 has none"),
+    "fsdp_activation_checkpointing": _refused("use gradient_checkpointing: true (it works with FSDP2)", TRAINER),
+    "fsdp_cpu_offload": _refused("not supported with FSDP2; enable_group_offload offloads without fsdp_enable"),
     "distillation_method": _refused("distillation is not implemented"),
     "distillation_config": _refused("distillation is not implemented"),
     "tread_config": _refused("TREAD token routing is not implemented"),

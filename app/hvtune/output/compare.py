@@ -28,6 +28,8 @@ MANIFEST_FIELDS = {
     "cache": ("cache_fingerprint",),
     "seed": ("seeds", "seed"),
     "world size": ("world_size",),
+    "sharding": ("parallelism", "sharding"),
+    "context-parallel degree": ("parallelism", "context_parallel_size"),
     "model revisions": ("model", "revisions"),
     "torch": ("environment", "packages", "torch"),
     "diffusers": ("environment", "packages", "diffusers"),
@@ -108,9 +110,19 @@ def _tensor_differences(run_a: Path, run_b: Path) -> tuple[list[tuple[str, float
     return tensors, missing
 
 
+def _with_parallelism(record: dict) -> dict:
+    """A record from before `parallelism` was recorded: what its world size implied (one process, or DDP)."""
+    if "parallelism" in record or "world_size" not in record:
+        return record
+    world = record["world_size"]
+    implied = {"world_size": world, "sharding": "none" if world == 1 else "ddp", "context_parallel_size": 1}
+    return {**record, "parallelism": implied}
+
+
 def _manifest_differences(rec_a: dict, rec_b: dict) -> list[tuple[str, object, object]]:
     """The MANIFEST_FIELDS whose values differ between the two run records: (label, A, B)."""
     differ = []
+    rec_a, rec_b = _with_parallelism(rec_a), _with_parallelism(rec_b)
     for label, keys in MANIFEST_FIELDS.items():
         va, vb = _dig(rec_a, keys), _dig(rec_b, keys)
         if va != vb:
@@ -191,6 +203,6 @@ def format_comparison(c: Comparison, tol: Tolerances) -> str:
         lines.append("inputs that differ:")
         lines += [f"  {name:<18} A: {a!s:<40} B: {b!s}" for name, a, b in c.manifest]
     else:
-        lines.append("inputs: the same config, data, cache, seed, world size, versions and hardware")
+        lines.append("inputs: the same config, data, cache, seed, world size, sharding, versions and hardware")
     lines += [f"note: {n}" for n in c.notes]
     return "\n".join(lines)

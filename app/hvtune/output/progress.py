@@ -5,6 +5,9 @@ HVTUNE_PROGRESS_SECONDS (default 30) and at the last step:
 
     train:  12% 120/1000 steps | loss 0.0831 | lr 1.00e-04 | 2.41 s/step | ETA 0:35:21 | peak mem 21.4/79.6 GiB
 
+(with several processes, the line ends with how the run is spread: `| 8 processes, fsdp2`; the peak memory is the
+main process's)
+
 s/step is the mean over the steps since the previous line; memory is the accelerator's peak allocation (CUDA/ROCm),
 or the process's peak resident size on the CPU. The terminal-or-lines choice and the line's count, rate and ETA are
 the ones every phase shows (progress_lines.py: the scan and the cache phases too).
@@ -47,12 +50,16 @@ class TrainProgress(ProgressLines):
         stream: TextIO | None = None,
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        parallelism=None,
     ):
         super().__init__(
             total, label="train", unit="step", initial=initial, enabled=enabled, stream=stream, interval=interval,
             clock=clock,
         )  # fmt: skip
         self._loss, self._lr = 0.0, 0.0
+        # several processes or context parallel: each line says how the run is spread ("2 processes, fsdp2")
+        spread = parallelism is not None and (parallelism.world_size > 1 or parallelism.context_parallel_size > 1)
+        self._spread = parallelism.describe() if spread else None
 
     def update(self, loss: float, lr: float, seconds: float) -> None:
         """One optimiser step done: its loss, learning rate and wall time."""
@@ -65,7 +72,8 @@ class TrainProgress(ProgressLines):
         return super()._due(now) or self.done >= self.total
 
     def line_parts(self, rate: str, tail: str) -> list[str]:
-        return [f"loss {self._loss:.4f}", f"lr {self._lr:.2e}", rate, tail, peak_memory()]
+        parts = [f"loss {self._loss:.4f}", f"lr {self._lr:.2e}", rate, tail, peak_memory()]
+        return parts + ([self._spread] if self._spread else [])
 
     def close(self, *, final_line: bool = False) -> None:
         super().close(final_line=final_line)

@@ -193,7 +193,7 @@ def run_record(
     paths,
     *,
     state: LoopState,
-    world: int,
+    parallelism: dict,
     determinism: dict,
     started: float,
     stopped_early: bool,
@@ -201,7 +201,7 @@ def run_record(
 ) -> dict[str, Any]:
     """The record of a run in `resolved.train.output_dir`: its resolved config, seeds, data, model, environment and
     outputs. `lora_path`: the exported LoRA (None when the run stopped before exporting); `started`: time.time() at
-    its start."""
+    its start; `parallelism`: world_size, sharding (none / ddp / fsdp2), context_parallel_size."""
     lora_sha = hashlib.sha256(lora_path.read_bytes()).hexdigest() if lora_path else None
     ema_path = RunFiles(lora_path.parent).ema.lora if lora_path else None  # use_ema's copy
     record = resolved.to_record()
@@ -211,7 +211,8 @@ def run_record(
         "config_hash": sha256_json(record["config"]),
         "resolved": record,
         "seeds": {"seed": resolved.train.seed, "validation_seed": resolved.train.validation_seed},
-        "world_size": world,
+        "world_size": parallelism["world_size"],
+        "parallelism": parallelism,
         "global_step": state.global_step,
         "stopped_early": stopped_early,
         "run": state.run,

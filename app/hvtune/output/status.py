@@ -76,10 +76,14 @@ class RunStatus:
             "updated": None,
         }
 
-    def start(self, resolved, total_steps: int, step: int = 0) -> None:
-        """Training begins: the run record's inputs (config with sources, seeds, versions) go into the file once,
-        so the page shows them while `run.json` (written at the end) does not exist yet."""
+    def start(self, resolved, total_steps: int, step: int = 0, parallelism: dict | None = None) -> None:
+        """Training begins: the run record's inputs (config with sources, seeds, versions, the processes and their
+        sharding) go into the file once, so the page shows them while `run.json` (written at the end) does not
+        exist yet."""
         record = resolved.to_record()
+        if parallelism is not None:
+            record["parallelism"] = parallelism
+            record["world_size"] = parallelism["world_size"]
         record["seeds"] = {"seed": resolved.train.seed, "validation_seed": resolved.train.validation_seed}
         record["environment"] = environment()
         self.phase("training", step=step, total_steps=total_steps, record=record)

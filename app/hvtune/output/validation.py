@@ -148,13 +148,24 @@ class ValidationRound:
 
 
 def render_validation(
-    cfg, manifest, model, paths, step: int, device, suffix: str = "", *, on_out_of_memory=lambda: None
+    cfg,
+    manifest,
+    model,
+    paths,
+    step: int,
+    device,
+    suffix: str = "",
+    *,
+    on_out_of_memory=lambda: None,
+    write: bool = True,
 ) -> ValidationRound:
     """The validation videos of optimizer step `step`, written to `RunFiles(output_dir).validation(step)`: the
     validation prompt (with the cached validation image for i2v) and, for i2v with `validation_using_datasets`, the
     first samples of the selected datasets. `suffix` tells the EMA weights' videos from the trained ones.
     An out-of-memory error never ends the run: `on_out_of_memory` runs first (the trainer keeps the step), then the
-    decode is retried (`vae_decode.ValidationVAE`), and a video that fits in no setting is skipped with a note."""
+    decode is retried (`vae_decode.ValidationVAE`), and a video that fits in no setting is skipped with a note.
+    `write` False (FSDP2's other processes): sample only, for the sharded transformer's collectives; no decode, no
+    file."""
     from hvtune.model.registry import load_scheduler
 
     scheduler = load_scheduler(paths)
@@ -165,7 +176,7 @@ def render_validation(
     with ValidationVAE(cfg, paths, device) as vae:
         for name, prompt_key, image in jobs:
             video = f"validation_{name}{suffix}.mp4"
-            frames, note = _render_one(cfg, manifest, model, vae, scheduler, prompt_key, image, on_out_of_memory)
+            frames, note = _render_one(cfg, manifest, model, vae, scheduler, prompt_key, image, on_out_of_memory, write)
             if note:
                 result.notes.append(f"validation step {step} {video}: {note}")
             if frames is not None:
@@ -174,7 +185,7 @@ def render_validation(
     return result
 
 
-def _render_one(cfg, manifest, model, vae: ValidationVAE, scheduler, prompt_key, image, on_out_of_memory):
+def _render_one(cfg, manifest, model, vae: ValidationVAE, scheduler, prompt_key, image, on_out_of_memory, decode=True):
     """(frames or None, a note or None) of one validation video."""
     width, height = cfg.validation_size
     if image is not None:  # the cached condition fixes the size
@@ -199,6 +210,8 @@ def _render_one(cfg, manifest, model, vae: ValidationVAE, scheduler, prompt_key,
     except torch.OutOfMemoryError:
         on_out_of_memory()
         return None, "skipped: out of GPU memory sampling the video (transformer forward)"
+    if not decode:
+        return None, None
     with torch.no_grad():
         return vae.decode(model, latents, offload=transformer_leaves_for_decode(cfg), on_out_of_memory=on_out_of_memory)
 

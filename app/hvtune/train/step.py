@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from hvtune.errors import UserError
 from hvtune.train.objective import counter_seed, training_loss
 from hvtune.train.optim import clip_gradients
+from hvtune.train.sharding import clipping_accelerator, sync_replicated_gradients
 
 
 class TrainError(UserError):
@@ -56,7 +57,8 @@ def training_step(
             )
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            clip_gradients(accelerator, params, cfg)
+            sync_replicated_gradients(accelerator, params)  # FSDP2: the replicated LoRA's gradient, averaged
+            clip_gradients(clipping_accelerator(accelerator), params, cfg)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss
