@@ -236,6 +236,7 @@ def test_hvtune_train_on_two_processes_with_context_parallel_2_is_equivalent_to_
     """The real command: `accelerate launch` (what the containers' NUM_PROCESSES=2 runs) of `hvtune train` with
     context_parallel_size 2, against one process; `hvtune compare` at tolerances far tighter than its defaults
     (loss 1e-5, LoRA 1e-5 relative L2, cosine 0.99999). Seen: losses equal, LoRA within 6e-7."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
@@ -256,6 +257,8 @@ def test_hvtune_train_on_two_processes_with_context_parallel_2_is_equivalent_to_
     r = subprocess.run([*cmd, "--context_parallel_size=2"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "each sample split over 2 processes (Ulysses attention), 1 data-parallel group(s)" in r.stdout + r.stderr
+    record = json.loads((two / "run.json").read_text())  # the real process count, not the data-parallel ranks
+    assert record["parallelism"] == {"world_size": 2, "sharding": "ddp", "context_parallel_size": 2}
     tight = ["--loss-rtol=1e-5", "--weight-rtol=1e-5", "--min-cosine=0.99999"]
     c = run_hvtune("compare", str(one), str(two), *tight, cwd=tmp_path)
     assert c.returncode in (0, 3) and ("EQUIVALENT" in c.stdout or "IDENTICAL" in c.stdout), c.stdout

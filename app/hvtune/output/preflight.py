@@ -30,6 +30,7 @@ from hvtune.errors import UserError
 from hvtune.output.comfyui import to_comfyui
 from hvtune.output.export import adapter_scales, lora_state_dict
 from hvtune.train.batches import plan_epoch
+from hvtune.train.context_parallel import bucket_split_problem
 from hvtune.train.lora import add_lora, lora_alpha
 from hvtune.train.step import TrainError
 
@@ -125,7 +126,7 @@ def _cache_problems(resolved: ResolvedConfig, notices: list[str]) -> list[str]:
     from hvtune.output.checkpoints import plan_start, run_identity
 
     cfg, layout = resolved.train, CacheLayout(resolved)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")) // cfg.context_parallel_size)  # the data-parallel ranks
     manifest, problems = None, []
     if layout.manifest_path.is_file():
         try:
@@ -139,6 +140,8 @@ def _cache_problems(resolved: ResolvedConfig, notices: list[str]) -> list[str]:
     batch = no_full_batch(samples_of, cfg.train_batch_size, world, cfg.seed)
     if batch:
         return [*problems, batch]
+    if manifest is not None and (split := bucket_split_problem(cfg.context_parallel_size, manifest)):
+        problems.append(split)
     if manifest is not None:
         identity = run_identity(cfg.model_dump(), manifest.samples_hash)
         try:

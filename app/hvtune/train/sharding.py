@@ -55,13 +55,16 @@ class Parallelism:
 
 
 def parallelism(cfg, accelerator) -> Parallelism:
-    return Parallelism(accelerator.num_processes, sharding_of(accelerator), int(cfg.context_parallel_size))
+    """`accelerator` as the loop sees it: under context parallelism it counts data-parallel ranks only."""
+    cp = int(cfg.context_parallel_size)
+    world = accelerator.num_processes * cp
+    return Parallelism(world, sharding_of(accelerator, world), cp)
 
 
-def sharding_of(accelerator) -> str:
+def sharding_of(accelerator, world: int | None = None) -> str:
     from accelerate.utils import DistributedType
 
-    if accelerator.num_processes == 1:
+    if (world or accelerator.num_processes) == 1:
         return "none"
     return "fsdp2" if accelerator.distributed_type == DistributedType.FSDP else "ddp"
 
