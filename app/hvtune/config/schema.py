@@ -80,7 +80,7 @@ class TrainConfig(_Section):
     text_encoder_path: str | None = None
     vision_encoder_path: str | None = None
     base_model_precision: str = (
-        "no_change"  # no_change, bf16, int8-torchao; fp8 refused by kernels.fp8_problem, others by unsupported_values
+        "no_change"  # no_change, bf16, int8-torchao, fp8wo-torchao, fp8-torchao (kernels.fp8_problem per card)
     )
     # data and outputs
     data_backend_config: str | None = Field(None, alias="dataset_backend_config")

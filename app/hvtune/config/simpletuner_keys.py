@@ -65,8 +65,8 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "revision": _same("hub revision"),
     "base_model_precision": _same(
         "no_change (SimpleTuner's default) keeps the base in the mixed_precision dtype (bf16), 'no' in fp32; "
-        "bf16; int8-torchao (weight-only int8). fp8-torchao / fp8wo-torchao are refused at check naming the card "
-        "(fp8 base not implemented yet). Other quantisations are refused with int8-torchao as the nearest",
+        "bf16; int8-torchao; fp8wo-torchao (fp8 weights, bf16 matmuls); fp8-torchao (torchao float8 training: fp8 "
+        "matmuls, refused on a card without them). Other quantisations are refused with int8-torchao as the nearest",
         CMD_ARGS + " (model_is_bf16)",
     ),
     "data_backend_config": _same("path to multidatabackend.json; hvtune also accepts dataset_backend_config"),
