@@ -259,3 +259,14 @@ def test_plan_states_the_speed_up_it_assumes_for_compile_and_a_kernel_and_simula
     )
     plain = run_hvtune("plan", "--config", str(demo_project), "--gpu", "H100")
     assert "assumed speed-up" not in plain.stdout  # the default run: nothing assumed, nothing said
+
+
+def test_check_refuses_fullgraph_compile_with_group_offload_in_one_line(demo_project):
+    """diffusers' group offload onloads in a function excluded from compilation: a graph break fullgraph forbids."""
+    flags = ["--dynamo_backend=inductor", "--dynamo_fullgraph=1", "--enable_group_offload=1"]
+    result = run_hvtune("check", "--config", str(demo_project), *flags)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "dynamo_fullgraph" in line]
+    assert "cannot work with enable_group_offload" in line and "set dynamo_fullgraph: false" in line
+    without = run_hvtune("check", "--config", str(demo_project), *flags[:1], *flags[2:])
+    assert without.returncode == 0, without.stderr[-2000:]  # compile with offload runs (tests/test_compile_runs.py)

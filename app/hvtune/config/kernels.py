@@ -152,3 +152,12 @@ def compile_problem(backend: str) -> str | None:
 
     known = torch._dynamo.list_backends()
     return None if backend.lower() in known else "no (eager) or one of torch.compile's backends: " + ", ".join(known)
+
+
+def fullgraph_problem(backend: str, fullgraph: bool, group_offload: bool) -> str | None:
+    """The one compile setting that cannot work with what hvtune has: diffusers' group offload moves each group in a
+    function excluded from compilation (`ModuleGroup.onload_`, `torch.compiler.disable`), a graph break inside every
+    offloaded block, which `fullgraph` turns into an error at step 1. Compile with offload works without it."""
+    if backend.lower() != "no" and fullgraph and group_offload:
+        return "true cannot work with enable_group_offload (its onload is a graph break); set dynamo_fullgraph: false"
+    return None

@@ -13,6 +13,7 @@ from hvtune.config.kernels import (
     attention_device_problem,
     compile_problem,
     fp8_problem,
+    fullgraph_problem,
     mechanism_problem,
 )
 from hvtune.config.layering import resolve_path
@@ -150,6 +151,8 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("attention_mechanism", rule))
     if rule := compile_problem(t.dynamo_backend):
         found.append(("dynamo_backend", rule))
+    if rule := fullgraph_problem(t.dynamo_backend, t.dynamo_fullgraph, t.enable_group_offload):
+        found.append(("dynamo_fullgraph", rule))
     if t.fsdp_enable:
         found.append(("fsdp_enable", "FSDP is not implemented yet: several GPUs run DDP (set false)"))
     if t.context_parallel_size != 1:
