@@ -254,9 +254,11 @@ def test_plan_states_the_speed_up_it_assumes_for_compile_and_a_kernel_and_simula
     flags = ["--dynamo_backend=inductor", "--attention_mechanism=flash-attn"]
     result = run_hvtune("plan", "--config", str(demo_project), "--gpu", "H100", *flags)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (
-        "assumed speed-up: compile (inductor) x1, flash-attn x1 (no measured or published figure yet" in result.stdout
-    )
+    said = "assumed speed-up: compile (inductor) x1 (none measured), flash-attn x1 (none measured); the s/step is"
+    assert said in result.stdout
+    assert "+ compile workspace (assumed)" in result.stdout  # its memory, stated
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("  fits", "  no", "  tile"))]
+    assert any("fp8 base" in r for r in rows) and any("fp8 weight-only base" in r for r in rows)  # H100: fp8
     plain = run_hvtune("plan", "--config", str(demo_project), "--gpu", "H100")
     assert "assumed speed-up" not in plain.stdout  # the default run: nothing assumed, nothing said
 
@@ -270,3 +272,31 @@ def test_check_refuses_fullgraph_compile_with_group_offload_in_one_line(demo_pro
     assert "cannot work with enable_group_offload" in line and "set dynamo_fullgraph: false" in line
     without = run_hvtune("check", "--config", str(demo_project), *flags[:1], *flags[2:])
     assert without.returncode == 0, without.stderr[-2000:]  # compile with offload runs (tests/test_compile_runs.py)
+
+
+def test_plan_counts_an_fp8_weight_only_base_as_the_bytes_torchao_really_stores(tiny):
+    """plan derives fp8wo-torchao's weights from its bf16 simulation: what the real conversion stores (fp8 weights
+    and their scales, measured by plan's own byte tracker on the converted tiny model) is what it predicts."""
+    from hvtune.plan.prediction import fp8_weight_bytes
+    from hvtune.plan.tracker import tensor_bytes
+    from hvtune.train.base_model import fp8_base, fp8_linear
+
+    _, stock = tiny
+    model = copy.deepcopy(stock).to(torch.bfloat16)
+    bf16, predicted = fp8_weight_bytes(model)
+    names = [name for name, module in model.named_modules() if fp8_linear(module, name)]
+    assert sum(tensor_bytes(model.get_submodule(n).weight) for n in names) == bf16
+    assert fp8_base(model, "fp8wo-torchao") == len(names) > 0
+    stored = sum(tensor_bytes(model.get_submodule(n).weight) for n in names)
+    assert stored == predicted and predicted < 0.6 * bf16
+
+
+def test_the_plan_sweep_offers_fp8_matmuls_only_on_cards_that_have_them():
+    from hvtune.model.architectures import GPUS
+    from hvtune.plan.prediction import _fp8_precisions
+
+    cards = {gpu.name: gpu for gpu in GPUS}
+    assert _fp8_precisions(cards["H100"]) == ["fp8wo-torchao", "fp8-torchao"]
+    assert _fp8_precisions(cards["RTX 4090"]) == ["fp8wo-torchao", "fp8-torchao"]
+    assert _fp8_precisions(cards["A100 80GB"]) == ["fp8wo-torchao"]  # weight-only fp8 needs no fp8 matmul
+    assert _fp8_precisions(cards["RTX 3090"]) == ["fp8wo-torchao"]

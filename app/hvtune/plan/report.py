@@ -139,12 +139,15 @@ def fitting(plans: list[Plan], gpu: GPU) -> list[Plan]:
     return fits
 
 
+BASE_NAMES = {"int8-torchao": "int8 base", "fp8wo-torchao": "fp8 weight-only base", "fp8-torchao": "fp8 base"}
+
+
 def format_settings(plan: Plan) -> str:
     s = plan.settings
     parts = ["checkpointing" if s["gradient_checkpointing"] else "no checkpointing"]
     if s["enable_group_offload"]:
         parts.append("group offload" + (" + streams" if s["group_offload_use_stream"] else ""))
-    parts.append("int8 base" if s["base_model_precision"] == "int8-torchao" else "bf16 base")
+    parts.append(BASE_NAMES.get(s["base_model_precision"], "bf16 base"))
     if plan.validation is not None and s["vae_enable_tiling"]:
         parts.append("VAE tiling")
     return ", ".join(parts)
