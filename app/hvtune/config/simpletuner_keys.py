@@ -321,9 +321,9 @@ FEATURE_KEYS: dict[str, KeyPolicy] = {
     "validation_using_datasets": _same("i2v: also validate on training samples' first frames and captions"),
     "eval_dataset_id": _same("which datasets those samples come from (default: all)"),
     "num_eval_images": _same("samples per dataset for validation_using_datasets"),
-    "musubi_blocks_to_swap": _refused(
-        "block swap moves only the last N blocks; hvtune offloads every block: use enable_group_offload "
-        "with group_offload_type block_level"
+    "musubi_blocks_to_swap": _same(
+        "N > 0 runs as enable_group_offload (block_level, 1 block per group), announced: every block offloaded, "
+        "less memory than swapping N and no slower with group_offload_use_stream (hvtune plan, docs/PERFORMANCE.md)"
     ),
     "ramtorch": _refused("use enable_group_offload with group_offload_type leaf_level, hvtune's equivalent"),
     "ramtorch_target_modules": _ignored("only read with ramtorch, which is refused"),
