@@ -259,6 +259,8 @@ def test_plan_states_the_speed_up_it_assumes_for_compile_and_a_kernel_and_simula
     assert "+ compile workspace (assumed)" in result.stdout  # its memory, stated
     rows = [line for line in result.stdout.splitlines() if line.startswith(("  fits", "  no", "  tile"))]
     assert any("fp8 base" in r for r in rows) and any("fp8 weight-only base" in r for r in rows)  # H100: fp8
+    assert 'speed settings H100 can use: dynamo_backend "inductor" x1; attention_mechanism flash-attn' in result.stdout
+    assert 'base_model_precision "fp8-torchao" x1 (assumed factors: none measured yet)' in result.stdout
     plain = run_hvtune("plan", "--config", str(demo_project), "--gpu", "H100")
     assert "assumed speed-up" not in plain.stdout  # the default run: nothing assumed, nothing said
 
@@ -300,3 +302,6 @@ def test_the_plan_sweep_offers_fp8_matmuls_only_on_cards_that_have_them():
     assert _fp8_precisions(cards["RTX 4090"]) == ["fp8wo-torchao", "fp8-torchao"]
     assert _fp8_precisions(cards["A100 80GB"]) == ["fp8wo-torchao"]  # weight-only fp8 needs no fp8 matmul
     assert _fp8_precisions(cards["RTX 3090"]) == ["fp8wo-torchao"]
+    from hvtune.plan.prediction import speed_options
+
+    assert "fp8-torchao" not in speed_options(cards["A100 80GB"]) and "aiter" in speed_options(cards["MI300X"])

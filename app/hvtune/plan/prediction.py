@@ -270,6 +270,19 @@ def _simulated(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def speed_options(gpu: GPU) -> str:
+    """The fast-path settings `gpu` can run, each with the factor plan assumes for it (they change no memory row but
+    fp8's and compile's workspace, so the sweep lists them once, under its table)."""
+    kernels = {"MI300X": "aiter"}.get(gpu.name, "flash-attn, sageattention (inference)")
+    if gpu.name.startswith(("H100", "H200")):
+        kernels += ", flash-attn-3"
+    options = [f'dynamo_backend "inductor" x{SPEEDUPS["compile"][0]:g}']
+    options.append(f"attention_mechanism {kernels} x{SPEEDUPS['attention kernel'][0]:g}")
+    if gpu.name in FP8_CARDS:
+        options.append(f'base_model_precision "fp8-torchao" x{SPEEDUPS["fp8-torchao"][0]:g}')
+    return f"speed settings {gpu.name} can use: {'; '.join(options)} (assumed factors: none measured yet)"
+
+
 def _fp8_precisions(gpu: GPU) -> list[str]:
     """The fp8 bases the sweep derives from its bf16 simulation: weight-only fp8 on any card, fp8 matmuls where the
     card has them."""

@@ -20,6 +20,7 @@ from hvtune.plan.prediction import (
     configured,
     simulate,
     speed_assumption,
+    speed_options,
     sweep,
 )
 from hvtune.plan.shapes import shape_for, shape_lines
@@ -171,6 +172,7 @@ def format_sweep(plans: list[Plan], gpu: GPU) -> str:
         best = fits[0]
         lines.append(f"best that fits: {format_settings(best)}; set in config.json:")
         lines += [f'  "{k}": {json_value(v)},' for k, v in settings_keys(best).items()]
+        lines.append(speed_options(gpu))
     else:
         lines.append(how_to_fit(smallest(plans), gpu))
     return "\n".join(lines)
