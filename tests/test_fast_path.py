@@ -305,3 +305,19 @@ def test_the_plan_sweep_offers_fp8_matmuls_only_on_cards_that_have_them():
     from hvtune.plan.prediction import speed_options
 
     assert "fp8-torchao" not in speed_options(cards["A100 80GB"]) and "aiter" in speed_options(cards["MI300X"])
+
+
+def test_a_compiled_transformer_declares_padding_before_its_blocks_with_the_losses_of_asking_in_each(tiny):
+    """`compile_transformer` answers "is anything padded?" once per forward from the transformer's inputs, so no host
+    sync breaks the compiled blocks' graphs; the answer, and so every loss, is the one the blocks would have asked."""
+    from hvtune.model.attention import declare_padding_before_each_forward
+
+    manifest, stock = tiny
+    asking, declaring = _with_kernel(stock, "kohaku-fa-auto"), _with_kernel(stock, "kohaku-fa-auto")
+    declare_padding_before_each_forward(declaring)
+    for name, batch in _padded_and_unpadded(manifest).items():
+        expected, got = _losses(asking, batch, grad=True), _losses(declaring, batch, grad=True)
+        assert torch.equal(got, expected), name
+        declared = {b.attn.processor.all_valid_declared for b in declaring.transformer_blocks}
+        assert declared == {name == "unpadded"}, (name, declared)
+    assert {b.attn.processor.all_valid_declared for b in asking.transformer_blocks} == {None}  # eager: unchanged
