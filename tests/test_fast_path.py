@@ -273,7 +273,7 @@ def test_check_refuses_fullgraph_compile_with_group_offload_in_one_line(demo_pro
     (line,) = [line for line in result.stderr.splitlines() if "dynamo_fullgraph" in line]
     assert "cannot work with enable_group_offload" in line and "set dynamo_fullgraph: false" in line
     without = run_hvtune("check", "--config", str(demo_project), *flags[:1], *flags[2:])
-    assert without.returncode == 0, without.stderr[-2000:]  # compile with offload runs (tests/test_compile_runs.py)
+    assert without.returncode == 0, without.stderr[-2000:]  # compile with offload runs (docs/PERFORMANCE.md, measured)
 
 
 def test_plan_counts_an_fp8_weight_only_base_as_the_bytes_torchao_really_stores(tiny):
