@@ -95,7 +95,22 @@ MEMORY = {
         base_model_precision="int8-torchao",
     ),
     "plain+int8": dict(gradient_checkpointing=False, base_model_precision="int8-torchao"),
+    # the fast path (issue 22; session.sh fastpath): compile, attention kernels, fp8 base, each against "gc"
+    "gc+compile": dict(gradient_checkpointing=True, dynamo_backend="inductor", dynamo_use_regional_compilation=True),
+    "gc+fp8": dict(gradient_checkpointing=True, base_model_precision="fp8-torchao"),
+    "gc+fp8wo": dict(gradient_checkpointing=True, base_model_precision="fp8wo-torchao"),
+    "gc+compile+fp8": dict(
+        gradient_checkpointing=True,
+        dynamo_backend="inductor",
+        dynamo_use_regional_compilation=True,
+        base_model_precision="fp8-torchao",
+    ),
+    **{
+        f"gc+{kernel}": dict(gradient_checkpointing=True, attention_mechanism=kernel)
+        for kernel in ("native-flash", "native-efficient", "native-math", "cudnn", "flex", "flash-attn", "flash-attn-3")
+    },
 }
+FASTPATH_SMOKE_CONFIGS = ["gc:maskfree", "gc+compile:maskfree", "gc+native-math:maskfree", "gc+fp8:maskfree"]
 # Every configuration runs hvtune.train.base_model.prepare_base, so the blocks use
 # hvtune.model.attention.KeyPaddingAttnProcessor: a
 # (B, 1, 1, S) key mask when a token is padded, no mask otherwise.
@@ -279,15 +294,21 @@ def _prepare(transformer, cfg, device, result: dict) -> tuple[list, object]:
     """The trainer's set-up on `transformer`: base precision, checkpointing and offload, LoRA, the optimizer."""
     import torch
 
+    from hvtune.config.kernels import attention_device_problem
     from hvtune.train.base_model import prepare_base
+    from hvtune.train.compile import compile_transformer
     from hvtune.train.lora import add_lora
     from hvtune.train.optim import build_optimizer
 
+    machine = "cpu" if device.type == "cpu" else "rocm" if torch.version.hip else "cuda"
+    if problem := attention_device_problem(cfg.attention_mechanism, cfg.sageattention_usage, machine):
+        raise RuntimeError(f"skipped: attention_mechanism {cfg.attention_mechanism}: {problem}")
     t0 = time.perf_counter()
     transformer.requires_grad_(False)
     prepare_base(transformer, cfg, device)
     torch.manual_seed(0)
     add_lora(transformer, cfg)
+    compile_transformer(transformer, cfg, print)  # dynamo_backend: as the trainer, after the LoRA (lazy: step 1)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     result["trainable_params"] = sum(p.numel() for p in params)
@@ -305,15 +326,15 @@ def _time_steps(spec: dict, step, device, result: dict) -> float:
         result["setup_peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["resident_after_setup_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, warmup = [], [], []
     for i in range(spec["warmup"] + spec["steps"]):
         _sync(device)
         t0 = time.perf_counter()
         loss = step(i)
         _sync(device)
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
+        (times if i >= spec["warmup"] else warmup).append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
+    result["warmup_times_s"] = [round(t, 2) for t in warmup]  # compiled configurations: the compile is in here
     result.update(_peak(device))
     result["step_times_s"] = [round(t, 4) for t in times]
     s_step = sorted(times)[len(times) // 2]

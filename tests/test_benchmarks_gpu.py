@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 
 import pytest
 
-from benchmark_run import run_benchmark
+from benchmark_run import ROOT, run_benchmark
+
+
+def _bench_gpu():
+    """benchmarks/bench_gpu.py as a module (it imports its neighbour `common`, as when run as a script)."""
+    import sys
+
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -49,6 +63,40 @@ def test_bench_gpu_cpu_smoke(tmp_path):
     assert {c["case"].split(",")[0] for c in sdpa["cases"]} >= {"minimal (maskfree)", "pipeline (padded)"}
     assert all("default" in c for c in sdpa["cases"])
     assert "s/step" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_session_fastpath_mode_runs_configurations_the_benchmark_knows_within_the_ten_minutes():
+    """session.sh fastpath: eager, compiled, torch's attention kernels and fp8 on the same 480p step."""
+    bench = _bench_gpu()
+    text = (ROOT / "benchmarks/gpu/session.sh").read_text()
+    block = text[text.index("fastpath)") : text.index(";;", text.index("fastpath)"))]
+    configs = re.search(r'--configs "([^"]+)"', block).group(1).split(",")
+    assert [bench.parse_config(c)[1] for c in configs] == ["maskfree"] * len(configs)  # no padding: one layout
+    memories = {bench.parse_config(c)[0] for c in configs}
+    assert {"gc", "gc+compile", "gc+cudnn", "gc+fp8", "gc+compile+fp8"} <= memories
+    deadline, per_config = (float(re.search(rf"--{k} (\d+)", block).group(1)) for k in ("deadline", "timeout"))
+    assert deadline + per_config <= 560 and "--res 480p" in block  # leaves time to install and copy under 600 s
+
+
+@pytest.mark.slow
+def test_bench_gpu_fast_path_cpu_smoke(tmp_path):
+    """The fast-path configurations through the benchmark's own code on the tiny model: compiled and the CPU's math
+    kernel give eager's losses (fp32), fp8 stays within 5e-3 (tests/test_fast_path.py states why); each row has
+    s/step, MFU, peak and the warm-up (compile) times."""
+    bench = _bench_gpu()
+    out = tmp_path / "fastpath.json"
+    configs = ",".join(bench.FASTPATH_SMOKE_CONFIGS)
+    args = ("--cpu-smoke", "--configs", configs, "--no-sdpa", "--jobs", "1", "--timeout", "1200", "--out", str(out))
+    run_benchmark("bench_gpu.py", *args, timeout=2400)
+    by_config = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(by_config) == set(bench.FASTPATH_SMOKE_CONFIGS)
+    for name, r in by_config.items():
+        assert r["status"] == "ok", (name, r.get("error"), r.get("traceback"))
+        assert {"s_per_step", "mfu", "warmup_times_s", "step_times_s"} <= set(r), name
+    eager = by_config["gc:maskfree"]["losses"]
+    for name, rtol in (("gc+compile:maskfree", 1e-5), ("gc+native-math:maskfree", 1e-5), ("gc+fp8:maskfree", 5e-3)):
+        got = by_config[name]["losses"]
+        assert all(abs(a - b) <= rtol * abs(b) + 1e-5 for a, b in zip(got, eager, strict=True)), (name, got, eager)
 
 
 @pytest.mark.slow

@@ -169,11 +169,11 @@ def test_context_parallel_2_gives_the_loss_and_lora_gradients_of_one_process(pad
 def test_the_key_mask_of_a_context_parallel_rank_is_its_part_of_the_text_and_padding_is_decided_on_the_whole():
     text = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     # rank 0 holds the first two text tokens of both samples, all valid; it still gets a mask, like rank 1
-    m0 = key_padding_mask(text, 5, (0, 2))
-    m1 = key_padding_mask(text, 5, (1, 2))
+    m0 = key_padding_mask(text, 5, part=(0, 2))
+    m1 = key_padding_mask(text, 5, part=(1, 2))
     assert m0 is not None and m0.shape == (2, 1, 1, 5) and bool(m0.all())
     assert m1[1, 0, 0].tolist() == [True, True, True, False, False]
-    assert key_padding_mask(torch.ones(2, 4, dtype=torch.int64), 5, (1, 2)) is None
+    assert key_padding_mask(torch.ones(2, 4, dtype=torch.int64), 5, part=(1, 2)) is None
 
 
 def test_the_data_side_sees_data_parallel_ranks_and_a_size_that_does_not_divide_the_world_is_one_line():

@@ -87,13 +87,17 @@ def test_what_hvtune_cannot_train_as_asked_is_refused_naming_the_key(tmp_path, c
     assert "lycoris_config" in str(e.value) and named in str(e.value)
 
 
-def test_block_swap_options_are_refused_with_the_equivalent_setting(tmp_path):
+def test_block_swap_runs_as_group_offload_announced_and_ramtorch_is_refused_with_the_equivalent_setting(tmp_path):
     argv = ["--instance_data_dir=.", "--musubi_blocks_to_swap=14", "--ramtorch=true"]
     with pytest.raises(ConfigError) as e:
         load_config(None, env={}, argv=argv, check_paths=False)
     text = str(e.value)
-    assert "musubi_blocks_to_swap" in text and "group_offload_type: block_level" in text
+    assert "musubi_blocks_to_swap" not in text  # group offload dominates block swap (docs/PERFORMANCE.md)
     assert "ramtorch" in text and "leaf_level" in text
+    resolved = load_config(None, env={}, argv=argv[:2], check_paths=False)
+    t = resolved.train
+    assert (t.enable_group_offload, t.group_offload_type, t.group_offload_blocks_per_group) == (True, "block_level", 1)
+    assert any("musubi_blocks_to_swap 14: runs as enable_group_offload: true" in n for n in resolved.notices)
 
 
 def _trained(tiny_t2v, tmp_path, data):

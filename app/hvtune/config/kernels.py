@@ -112,13 +112,15 @@ def attention_device_problem(mechanism: str, sage_usage: str, device: str) -> st
 
 # SimpleTuner's torchao fp8 names (helpers/training/__init__.py quantised_precision_levels; fp8wo in its examples)
 FP8_PRECISIONS = ("fp8-torchao", "fp8wo-torchao")
+FP8_MATMUL_PRECISIONS = ("fp8-torchao",)  # fp8wo stores fp8 weights and multiplies in bf16: any machine runs it
 _FP8_CARDS = "NVIDIA compute capability 8.9+ (L4, L40S, RTX 4090, H100, B200) or AMD MI300"
 
 
 def card_description(device: str) -> tuple[str, bool]:
-    """(the card's name as users know it, whether it has fp8 matmuls) for "cuda", "rocm" or "cpu"."""
+    """(the card's name as users know it, whether it has fp8 matmuls) for "cuda", "rocm" or "cpu". The CPU runs
+    torch's `_scaled_mm` (torch 2.13: measured, slow; it serves the tests, not training)."""
     if device == "cpu":
-        return "CPU (no GPU found)", False
+        return "CPU (no GPU found)", True
     import torch
 
     name = torch.cuda.get_device_name(0)
@@ -131,13 +133,15 @@ def card_description(device: str) -> tuple[str, bool]:
 
 def fp8_problem(precision: str, device: str) -> str | None:
     """Why this machine cannot train with an fp8 base, naming the card and the nearest setting that works."""
-    if precision not in FP8_PRECISIONS:
+    if precision not in FP8_MATMUL_PRECISIONS:
         return None
     card, has_fp8 = card_description(device)
     if not has_fp8:
-        return f"an fp8 base needs fp8 matmuls ({_FP8_CARDS}); this machine: {card}. Nearest that works: int8-torchao"
-    # the card could, but the torchao float8 path is not wired into hvtune's training step yet (issue 22)
-    return f"the fp8 base is not implemented in hvtune yet ({card} has fp8 matmuls). Nearest that works: int8-torchao"
+        return (
+            f"an fp8 base needs fp8 matmuls ({_FP8_CARDS}); this machine: {card}. "
+            "Nearest that works: fp8wo-torchao (fp8 weights, bf16 matmuls) or int8-torchao"
+        )
+    return None
 
 
 def compile_problem(backend: str) -> str | None:
@@ -148,3 +152,12 @@ def compile_problem(backend: str) -> str | None:
 
     known = torch._dynamo.list_backends()
     return None if backend.lower() in known else "no (eager) or one of torch.compile's backends: " + ", ".join(known)
+
+
+def fullgraph_problem(backend: str, fullgraph: bool, group_offload: bool) -> str | None:
+    """The one compile setting that cannot work with what hvtune has: diffusers' group offload moves each group in a
+    function excluded from compilation (`ModuleGroup.onload_`, `torch.compiler.disable`), a graph break inside every
+    offloaded block, which `fullgraph` turns into an error at step 1. Compile with offload works without it."""
+    if backend.lower() != "no" and fullgraph and group_offload:
+        return "true cannot work with enable_group_offload (its onload is a graph break); set dynamo_fullgraph: false"
+    return None

@@ -13,6 +13,7 @@ from hvtune.config.kernels import (
     attention_device_problem,
     compile_problem,
     fp8_problem,
+    fullgraph_problem,
     mechanism_problem,
 )
 from hvtune.config.layering import resolve_path
@@ -85,6 +86,13 @@ def simpletuner_meanings(t: TrainConfig, notices: list[str]) -> None:
             f"lr_scheduler {t.lr_scheduler} with lr_warmup_steps {t.lr_warmup_steps}: runs as {runs}, as in SimpleTuner"
         )
         t.lr_scheduler = runs
+    if t.musubi_blocks_to_swap > 0 and not t.enable_group_offload:
+        notices.append(
+            f"musubi_blocks_to_swap {t.musubi_blocks_to_swap}: runs as enable_group_offload: true, group_offload_type: "
+            "block_level, 1 block per group: every block offloaded, less memory than swapping some, and no slower "
+            "with group_offload_use_stream: true on NVIDIA (hvtune plan; docs/SIMPLETUNER.md)"
+        )
+        t.enable_group_offload, t.group_offload_type, t.group_offload_blocks_per_group = True, "block_level", 1
     if t.validation_negative_prompt is None:
         t.validation_negative_prompt = ""
     if t.validation_prompt is None:
@@ -150,6 +158,8 @@ def unsupported_values(t: TrainConfig) -> list[tuple[str, str]]:
         found.append(("attention_mechanism", rule))
     if rule := compile_problem(t.dynamo_backend):
         found.append(("dynamo_backend", rule))
+    if rule := fullgraph_problem(t.dynamo_backend, t.dynamo_fullgraph, t.enable_group_offload):
+        found.append(("dynamo_fullgraph", rule))
     found += fsdp_conflicts(t)
     found += context_parallel_problems(t)
     if t.validation_prompt_library:
@@ -257,14 +267,11 @@ def check_device_support(t: TrainConfig, device: str, where: str = "config") -> 
 def check_added_features(
     t: TrainConfig, datasets: list[DatasetConfig], where: Where, problems: list[Problem], config_path: Path | None
 ) -> None:
-    """lora_type lycoris needs a readable lycoris_config (resolved like data paths); block-swap options are refused
-    with the setting that does the same job here; validation_using_datasets needs i2v and known eval_dataset_id."""
+    """lora_type lycoris needs a readable lycoris_config (resolved like data paths); RamTorch is refused with the
+    setting that does the same job here (musubi_blocks_to_swap runs as group offload: `simpletuner_meanings`);
+    validation_using_datasets needs i2v and known eval_dataset_id."""
     if t.lora_type == "lycoris":
         check_lycoris_config(t, where, problems, config_path)
-    offload = "enable_group_offload: true with group_offload_type: block_level (all blocks, 1 per group)"
-    if t.musubi_blocks_to_swap > 0:
-        rule = f"hvtune cannot keep some blocks resident and swap the rest; use {offload} and set this to 0"
-        problems.append(Problem(where("musubi_blocks_to_swap"), "musubi_blocks_to_swap", t.musubi_blocks_to_swap, rule))
     if t.ramtorch:
         rule = "RamTorch is not included; use enable_group_offload: true with group_offload_type: leaf_level"
         problems.append(Problem(where("ramtorch"), "ramtorch", True, rule))

@@ -80,7 +80,7 @@ class TrainConfig(_Section):
     text_encoder_path: str | None = None
     vision_encoder_path: str | None = None
     base_model_precision: str = (
-        "no_change"  # no_change, bf16, int8-torchao; fp8 refused by kernels.fp8_problem, others by unsupported_values
+        "no_change"  # no_change, bf16, int8-torchao, fp8wo-torchao, fp8-torchao (kernels.fp8_problem per card)
     )
     # data and outputs
     data_backend_config: str | None = Field(None, alias="dataset_backend_config")
@@ -191,7 +191,7 @@ class TrainConfig(_Section):
     ema_validation: Literal["none", "ema_only", "comparison"] = "comparison"
     lora_type: Literal["standard", "lycoris"] = "standard"
     lycoris_config: str | None = None  # a JSON file as SimpleTuner reads it (algo lokr or loha)
-    musubi_blocks_to_swap: int = Field(0, ge=0)  # refused when > 0: see rules.check_added_features
+    musubi_blocks_to_swap: int = Field(0, ge=0)  # > 0: group offload (rules.simpletuner_meanings)
     ramtorch: bool = False  # refused when true: see rules.check_added_features
     validation_using_datasets: bool | None = None  # i2v: also validate on training samples' first frames
     eval_dataset_id: str | list[str] | None = None  # which datasets those come from (default: all)

@@ -58,8 +58,8 @@ TRAIN_KEYS: dict[str, KeyPolicy] = {
     "revision": _same("hub revision"),
     "base_model_precision": _same(
         "no_change (SimpleTuner's default) keeps the base in the mixed_precision dtype (bf16), 'no' in fp32; "
-        "bf16; int8-torchao (weight-only int8). fp8-torchao / fp8wo-torchao are refused at check naming the card "
-        "(fp8 base not implemented yet). Other quantisations are refused with int8-torchao as the nearest",
+        "bf16; int8-torchao; fp8wo-torchao (fp8 weights, bf16 matmuls); fp8-torchao (torchao float8 training: fp8 "
+        "matmuls, refused on a card without them). Other quantisations are refused with int8-torchao as the nearest",
         CMD_ARGS + " (model_is_bf16)",
     ),
     "data_backend_config": _same("path to multidatabackend.json; hvtune also accepts dataset_backend_config"),
@@ -320,9 +320,9 @@ FEATURE_KEYS: dict[str, KeyPolicy] = {
     "validation_using_datasets": _same("i2v: also validate on training samples' first frames and captions"),
     "eval_dataset_id": _same("which datasets those samples come from (default: all)"),
     "num_eval_images": _same("samples per dataset for validation_using_datasets"),
-    "musubi_blocks_to_swap": _refused(
-        "block swap moves only the last N blocks; hvtune offloads every block: use enable_group_offload "
-        "with group_offload_type block_level"
+    "musubi_blocks_to_swap": _same(
+        "N > 0 runs as enable_group_offload (block_level, 1 block per group), announced: every block offloaded, "
+        "less memory than swapping N and no slower with group_offload_use_stream (hvtune plan, docs/PERFORMANCE.md)"
     ),
     "ramtorch": _refused("use enable_group_offload with group_offload_type leaf_level, hvtune's equivalent"),
     "ramtorch_target_modules": _ignored("only read with ramtorch, which is refused"),

@@ -49,16 +49,39 @@ class _LastAnswer:
         return cls.all_valid
 
 
+def declare_padding_before_each_forward(transformer) -> None:
+    """Answer "is any text or image token padded?" once per forward, from the transformer's own inputs and before
+    its (compiled) blocks run, the way diffusers' forward builds the joint mask: a text token is padded where its
+    mask is 0, and a t2v call's image tokens (all-zero `image_embeds`) are all masked. The answer stays set for the
+    gradient-checkpoint recomputes of that forward's blocks, until the next forward replaces it."""
+
+    def before(module, args, kwargs) -> None:
+        masks = [kwargs.get(k) for k in ("encoder_attention_mask", "encoder_attention_mask_2")]
+        image = kwargs.get("image_embeds")
+        text_valid = all(m is None or bool(m.all()) for m in masks)
+        image_valid = image is None or image.shape[1] == 0 or bool(image.any())
+        for block in module.transformer_blocks:
+            block.attn.processor.all_valid_declared = text_valid and image_valid
+
+    transformer.register_forward_pre_hook(before, with_kwargs=True)
+
+
 def key_padding_mask(
-    token_mask: torch.Tensor | None, seq_len: int, part: tuple[int, int] | None = None
+    token_mask: torch.Tensor | None,
+    seq_len: int,
+    all_valid: bool | None = None,
+    part: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
     """None when every key is valid, else the (B, 1, 1, seq_len) bool mask of valid keys. `token_mask` covers the
-    last tokens of the joint sequence (the text); the video tokens before them are always valid.
+    last tokens of the joint sequence (the text); the video tokens before them are always valid. `all_valid`: the
+    answer declared before the forward (compiled runs), else asked of the mask.
 
     `part` = (rank, ranks) under context parallelism: `token_mask` is the whole text's, and this rank's keys are
     its part of it (`chunk`, as diffusers' sharder splits the text).
     The answer "nothing is padded" is taken on the whole mask, so every rank of the group answers alike."""
-    if token_mask is None or _LastAnswer.all_valid_for(token_mask):
+    if all_valid is None and token_mask is not None:
+        all_valid = _LastAnswer.all_valid_for(token_mask)
+    if token_mask is None or all_valid:
         return None
     if part is not None:
         rank, ranks = part
@@ -82,6 +105,10 @@ class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
     def __init__(self, training_backend: str | None = None, inference_backend: str | None = None) -> None:
         super().__init__()
         self.backends = (training_backend, inference_backend)
+        # set before each forward of a compiled transformer (`declare_padding_before_each_forward`): inside a
+        # compiled block `bool(token_mask.all())` breaks the graph and `_LastAnswer`'s checks add guards that
+        # recompile; a plain bool read there is one guard, two graphs at most (padded, unpadded)
+        self.all_valid_declared: bool | None = None
 
     def _backend(self, mask: torch.Tensor | None) -> str | None:
         backend = self.backends[0] if torch.is_grad_enabled() else self.backends[1]
@@ -109,7 +136,7 @@ class KeyPaddingAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             key = torch.cat([key, text_key], dim=1)
             value = torch.cat([value, text_value], dim=1)
         part = _context_part(self._parallel_config)
-        mask = key_padding_mask(attention_mask, query.shape[1], part)
+        mask = key_padding_mask(attention_mask, query.shape[1], self.all_valid_declared, part)
         out = dispatch_attention_fn(
             query,
             key,

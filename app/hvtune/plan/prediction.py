@@ -91,7 +91,10 @@ class Plan:
 
     @property
     def allowances(self) -> dict[str, int]:
-        return self.allowances_for(self.tracked_peak)
+        found = self.allowances_for(self.tracked_peak)
+        if self.settings.get("dynamo_backend", "no").lower() != "no":
+            found["compile workspace (assumed)"] = int(COMPILE_WORKSPACE_GIB * GiB)
+        return found
 
     @property
     def gpu_peak(self) -> int:
@@ -153,7 +156,7 @@ class Plan:
     def seconds_per_step(self, gpu: GPU, mfu: float = ASSUMED_MFU) -> float:
         """Predicted s/step on `gpu`; a card of unknown speed (a size alone) is ranked at an H100's peak, for the
         order of the sweep only: plan prints no s/step for it."""
-        compute = self.train_flops / ((gpu.bf16_tflops or RANKING_TFLOPS) * 1e12 * mfu)
+        compute = self.train_flops / ((gpu.bf16_tflops or RANKING_TFLOPS) * 1e12 * mfu) / speed_factor(self.settings)
         if not self.settings.get("enable_group_offload"):
             return compute
         passes = 3 if self.settings.get("gradient_checkpointing") else 2  # forward, (recompute,) backward
@@ -164,22 +167,58 @@ class Plan:
 MEMORY_KNOBS = ("gradient_checkpointing", "enable_group_offload", "group_offload_use_stream", "base_model_precision")
 OTHER_SETTINGS = ("lora_rank", "optimizer", "train_batch_size", "vae_enable_tiling", "enable_model_cpu_offload")
 SPEED_SETTINGS = ("attention_mechanism", "dynamo_backend", "dynamo_use_regional_compilation")
-# The s/step factor plan assumes for compile and each attention kernel: 1.0 (none) until a session measures it. No
-# figure for a HunyuanVideo 1.5 LoRA step (frozen base, checkpointing) was found published, and the tiny model on a
-# CPU (docs/PERFORMANCE.md) says nothing about a GPU; benchmarks/gpu is where the first figures will come from.
-ASSUMED_SPEEDUP = {"compile": 1.0, "attention kernel": 1.0}
+# The s/step factor plan assumes for each fast-path setting and where it comes from (docs/PERFORMANCE.md): 1.0 until
+# a session measures it (benchmarks/gpu/session.sh fastpath). No figure for a HunyuanVideo 1.5 LoRA step (frozen base,
+# checkpointing) was found published, and the tiny model on a CPU says nothing about a GPU.
+SPEEDUPS: dict[str, tuple[float, str]] = {
+    "compile": (1.0, "none measured"),
+    "attention kernel": (1.0, "none measured"),
+    "fp8-torchao": (
+        1.0,
+        "none measured for a LoRA step; torchao reports up to 1.5x for float8 pretraining on 512 H100s "
+        "(docs.pytorch.org/ao, pre-training), where fp8 also serves the weight gradients a frozen base does not need",
+    ),
+    "fp8wo-torchao": (1.0, "none measured; its matmuls are bf16 after a per-call dequantize"),
+}
+COMPILE_WORKSPACE_GIB = 0.5  # assumed, not measured: inductor's autotuning buffers and its graphs' own layouts
+# Cards with fp8 matmuls (config.kernels: NVIDIA compute capability 8.9+, AMD MI300): the sweep offers fp8-torchao
+FP8_CARDS = ("RTX 4090", "RTX 5090", "L40S", "H100 PCIe", "H100 NVL", "H100", "H200", "B200", "MI300X")
+
+
+def _chosen_speedups(settings: dict[str, Any]) -> list[tuple[str, float, str]]:
+    chosen = []
+    if settings.get("dynamo_backend", "no").lower() != "no":
+        chosen.append((f"compile ({settings['dynamo_backend']})", *SPEEDUPS["compile"]))
+    if settings.get("attention_mechanism") not in (None, "diffusers", "kohaku-fa-auto"):
+        chosen.append((settings["attention_mechanism"], *SPEEDUPS["attention kernel"]))
+    if settings.get("base_model_precision") in SPEEDUPS:
+        chosen.append((settings["base_model_precision"], *SPEEDUPS[settings["base_model_precision"]]))
+    return chosen
+
+
+def speed_factor(settings: dict[str, Any]) -> float:
+    factor = 1.0
+    for _, speedup, _ in _chosen_speedups(settings):
+        factor *= speedup
+    return factor
 
 
 def speed_assumption(settings: dict[str, Any]) -> str | None:
-    """The line `hvtune plan` prints under s/step when compile or a chosen kernel is on, or None."""
-    chosen = []
-    if settings.get("dynamo_backend", "no").lower() != "no":
-        chosen.append(f"compile ({settings['dynamo_backend']}) x{ASSUMED_SPEEDUP['compile']:g}")
-    if settings.get("attention_mechanism") not in (None, "diffusers", "kohaku-fa-auto"):
-        chosen.append(f"{settings['attention_mechanism']} x{ASSUMED_SPEEDUP['attention kernel']:g}")
+    """The line `hvtune plan` prints under s/step when compile, a chosen kernel or an fp8 base is on, or None."""
+    chosen = _chosen_speedups(settings)
     if not chosen:
         return None
-    return f"assumed speed-up: {', '.join(chosen)} (no measured or published figure yet: the s/step is SDPA eager's)"
+    said = ", ".join(f"{name} x{speedup:g} ({source})" for name, speedup, source in chosen)
+    return f"assumed speed-up: {said}; the s/step is the bf16 eager SDPA step's times these"
+
+
+def fp8_weight_bytes(transformer) -> tuple[int, int]:
+    """(bytes the fp8-converted layers' weights take in bf16, what fp8wo-torchao stores for them: 1 byte a weight and
+    one float32 scale per output row) on the simulated (bf16) transformer: `train.base_model.fp8_linear`'s layers."""
+    from hvtune.train.base_model import fp8_linear
+
+    layers = [m for name, m in transformer.named_modules() if fp8_linear(m, name)]
+    return sum(m.weight.numel() * 2 for m in layers), sum(m.weight.numel() + m.out_features * 4 for m in layers)
 
 
 def _plan(
@@ -194,6 +233,10 @@ def _plan(
         device_weights, host_weights = offload_resident(transformer, cfg)
     else:
         device_weights, host_weights = memory.base_weights, 0
+    if cfg.base_model_precision == "fp8wo-torchao":  # simulated in bf16 (`_simulated`): the fp8 bytes instead
+        bf16, fp8 = fp8_weight_bytes(transformer)
+        ratio = (memory.base_weights - bf16 + fp8) / memory.base_weights
+        device_weights, host_weights = int(device_weights * ratio), int(host_weights * ratio)
     fwd = forward_flops(
         model_config, shape.video_tokens, shape.qwen_tokens, shape.byt5_tokens, shape.image_tokens, shape.batch
     )
@@ -215,8 +258,35 @@ def simulate(cfg: TrainConfig, shape: StepShape, *, autocast_device: str = "cuda
     """The full-size step for `cfg` at `shape` on the meta device, and its validation round when validation is on."""
     model_config = transformer_config(cfg.model_flavour)
     transformer = build_meta_transformer(model_config)
-    memory = run_step(transformer, cfg, shape, device="meta", autocast_device=autocast_device)
+    memory = run_step(transformer, _simulated(cfg), shape, device="meta", autocast_device=autocast_device)
     return _plan(cfg, shape, transformer, memory, model_config, simulate_validation(cfg, shape))
+
+
+def _simulated(cfg: TrainConfig) -> TrainConfig:
+    """The config the meta step runs: an fp8 base as bf16. fp8-torchao keeps bf16 weights and saves what a bf16
+    linear saves (its fp8 copies live one layer at a time); fp8wo-torchao's smaller weights are counted in `_plan`."""
+    if cfg.base_model_precision in SPEEDUPS:
+        return cfg.model_copy(update={"base_model_precision": "bf16"})
+    return cfg
+
+
+def speed_options(gpu: GPU) -> str:
+    """The fast-path settings `gpu` can run, each with the factor plan assumes for it (they change no memory row but
+    fp8's and compile's workspace, so the sweep lists them once, under its table)."""
+    kernels = {"MI300X": "aiter"}.get(gpu.name, "flash-attn, sageattention (inference)")
+    if gpu.name.startswith(("H100", "H200")):
+        kernels += ", flash-attn-3"
+    options = [f'dynamo_backend "inductor" x{SPEEDUPS["compile"][0]:g}']
+    options.append(f"attention_mechanism {kernels} x{SPEEDUPS['attention kernel'][0]:g}")
+    if gpu.name in FP8_CARDS:
+        options.append(f'base_model_precision "fp8-torchao" x{SPEEDUPS["fp8-torchao"][0]:g}')
+    return f"speed settings {gpu.name} can use: {'; '.join(options)} (assumed factors: none measured yet)"
+
+
+def _fp8_precisions(gpu: GPU) -> list[str]:
+    """The fp8 bases the sweep derives from its bf16 simulation: weight-only fp8 on any card, fp8 matmuls where the
+    card has them."""
+    return ["fp8wo-torchao", *(["fp8-torchao"] if gpu.name in FP8_CARDS else [])]
 
 
 def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print, known: Plan | None = None) -> list[Plan]:
@@ -246,11 +316,12 @@ def sweep(cfg: TrainConfig, shape: StepShape, gpu: GPU, progress=print, known: P
             started = time.perf_counter()
             transformer = build_meta_transformer(model_config)
             memory = run_step(transformer, variant, shape, device="meta")
-            for offload in offloads:
-                variant_plan = _plan(
-                    variant.model_copy(update=offload), shape, transformer, memory, model_config, validation
+            derived = [precision] + (_fp8_precisions(gpu) if precision == "bf16" else [])  # fp8: the bf16 step's
+            for offload, as_precision in ((o, p) for p in derived for o in offloads):
+                update = {**offload, "base_model_precision": as_precision}
+                plans.append(
+                    _plan(variant.model_copy(update=update), shape, transformer, memory, model_config, validation)
                 )
-                plans.append(variant_plan)
             progress(
                 f"  simulated checkpointing={'on' if checkpointing else 'off'} base={precision} "
                 f"({time.perf_counter() - started:.0f} s)"

@@ -20,6 +20,7 @@ from hvtune.plan.prediction import (
     configured,
     simulate,
     speed_assumption,
+    speed_options,
     sweep,
 )
 from hvtune.plan.scale import format_scale, parse_interconnect, scale_sweep
@@ -140,12 +141,15 @@ def fitting(plans: list[Plan], gpu: GPU) -> list[Plan]:
     return fits
 
 
+BASE_NAMES = {"int8-torchao": "int8 base", "fp8wo-torchao": "fp8 weight-only base", "fp8-torchao": "fp8 base"}
+
+
 def format_settings(plan: Plan) -> str:
     s = plan.settings
     parts = ["checkpointing" if s["gradient_checkpointing"] else "no checkpointing"]
     if s["enable_group_offload"]:
         parts.append("group offload" + (" + streams" if s["group_offload_use_stream"] else ""))
-    parts.append("int8 base" if s["base_model_precision"] == "int8-torchao" else "bf16 base")
+    parts.append(BASE_NAMES.get(s["base_model_precision"], "bf16 base"))
     if plan.validation is not None and s["vae_enable_tiling"]:
         parts.append("VAE tiling")
     return ", ".join(parts)
@@ -169,6 +173,7 @@ def format_sweep(plans: list[Plan], gpu: GPU) -> str:
         best = fits[0]
         lines.append(f"best that fits: {format_settings(best)}; set in config.json:")
         lines += [f'  "{k}": {json_value(v)},' for k, v in settings_keys(best).items()]
+        lines.append(speed_options(gpu))
     else:
         lines.append(how_to_fit(smallest(plans), gpu))
     return "\n".join(lines)

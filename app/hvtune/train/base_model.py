@@ -7,7 +7,8 @@ something real:
 - `base_model_precision`: `bf16` casts the frozen base to bf16; `int8-torchao` casts it to bf16 and quantizes its
   linear weights in place (torchao `Int8WeightOnlyConfig`, LoRA layers skipped), so the LoRA layers added afterwards
   wrap int8 base layers and stay float32; `no_change` follows `mixed_precision`
-  (bf16 with bf16, as loaded with "no"), as in SimpleTuner. LoRA parameters are always float32.
+  (bf16 with bf16, as loaded with "no"), as in SimpleTuner. LoRA parameters are always float32. The fp8 bases
+  (`fp8_base`) convert the frozen blocks' linear layers only; LoRA layers are added afterwards and stay float32.
 - `gradient_checkpointing`: diffusers' block-level activation recomputation (`enable_gradient_checkpointing`).
 - `enable_group_offload`: diffusers group offload (`enable_group_offload`, offload device = CPU): the frozen base
   weights live on the CPU and groups of blocks (`block_level`, `group_offload_blocks_per_group` per group) or single
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from hvtune.config.kernels import fp8_problem
+from hvtune.config.kernels import FP8_PRECISIONS, fp8_problem
 from hvtune.config.settings import TrainConfig
 from hvtune.errors import UserError
 from hvtune.model.registry import detect_device
@@ -59,7 +60,8 @@ def prepare_base(transformer, cfg: TrainConfig, device: torch.device | str) -> N
         raise RuntimeError("prepare_base must run before add_lora (it casts, quantizes and offloads the base only)")
     device = torch.device(device)
     check_offload(cfg, device)
-    if rule := fp8_problem(cfg.base_model_precision, "cpu" if device.type == "cpu" else detect_device()):
+    machine = "cpu" if device.type in ("cpu", "meta") else detect_device()  # meta: plan simulates another card
+    if device.type != "meta" and (rule := fp8_problem(cfg.base_model_precision, machine)):
         raise UserError(f"base_model_precision {cfg.base_model_precision}: {rule}")  # check says it first
     from hvtune.config.kernels import attention_backends
     from hvtune.model.attention import use_key_padding_attention
@@ -89,6 +91,43 @@ def _set_precision(transformer, cfg: TrainConfig) -> None:
             return isinstance(module, torch.nn.Linear) and "lora_" not in fqn
 
         quantize_(transformer, Int8WeightOnlyConfig(), filter_fn=base_linear)
+    elif cfg.base_model_precision in FP8_PRECISIONS:
+        transformer.to(torch.bfloat16)
+        fp8_base(transformer, cfg.base_model_precision)
+
+
+def fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """The linear layers an fp8 base converts: those of the repeated blocks (98% of the weights) whose widths are
+    multiples of 16 (what fp8 matmul kernels accept); embedders, refiner and output layer stay bf16, as do LoRA
+    layers (added afterwards; `lora_` guards a second call)."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and fqn.startswith("transformer_blocks.")
+        and "lora_" not in fqn
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def fp8_base(transformer, precision: str) -> int:
+    """SimpleTuner's torchao fp8 names on the frozen blocks' linears; returns the number of layers converted.
+
+    - `fp8-torchao`: torchao's float8 training path (`convert_to_float8_training`, dynamic tensor-wise scales): the
+      forward and the input-gradient matmuls run in fp8 (e4m3 / e5m2 for gradients), the weights stay bf16 in memory.
+      (SimpleTuner quantizes with `Float8DynamicActivationFloat8WeightConfig`, an inference config that has no
+      backward without SimpleTuner's own patches; torchao's training path is the maintained one with a backward.)
+    - `fp8wo-torchao`: `Float8WeightOnlyConfig`, as SimpleTuner: weights stored in fp8 e4m3 with one scale per
+      output row (half of bf16's bytes), dequantized to bf16 for every matmul (no fp8 matmul needed)."""
+    converted = [name for name, module in transformer.named_modules() if fp8_linear(module, name)]
+    if precision == "fp8-torchao":
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(transformer, module_filter_fn=fp8_linear)
+    else:
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+        quantize_(transformer, Float8WeightOnlyConfig(), filter_fn=fp8_linear)
+    return len(converted)
 
 
 # ------------------------------------------------------------------------------------------------------------ offload

@@ -34,6 +34,9 @@ def compile_transformer(transformer, cfg, say: Callable[[str], None] = print) ->
     None when dynamo_backend is no."""
     if cfg.dynamo_backend.lower() == "no":
         return None
+    from hvtune.model.attention import declare_padding_before_each_forward
+
+    declare_padding_before_each_forward(transformer)  # no host sync, graph break or extra guard inside the blocks
     options = compile_options(cfg)
     if cfg.dynamo_use_regional_compilation:
         transformer.compile_repeated_blocks(**options)
