@@ -163,6 +163,37 @@ def test_two_machines_on_localhost_meet_and_train_one_run(demo_project, tmp_path
     assert not (tmp_path / "machine1" / "out" / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_machines_that_would_resume_from_different_steps_are_refused_in_one_line(demo_project, tmp_path):
+    """Each box reads its own output_dir: machine 0 holds a checkpoint of step 2, machine 1 none. Training both would
+    mix a resumed process with a fresh one; every process stops instead, naming what each would do and the fix."""
+    from conftest import run_hvtune
+
+    first = run_hvtune(
+        "train", "--config", str(demo_project), f"--output_dir={tmp_path / 'machine0' / 'out'}", "--max_train_steps=2",
+        *STEPS[1:],
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    port = str(_free_port())
+    machines = {"NUM_PROCESSES": "2", "NUM_MACHINES": "2", "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": port}
+    procs = []
+    for rank in (0, 1):
+        home = tmp_path / f"machine{rank}"
+        home.mkdir(exist_ok=True)
+        env = _entrypoint_env(
+            home, demo_project, HVTUNE_OUTPUT_DIR=str(home / "out"), MACHINE_RANK=str(rank), **machines
+        )
+        env["HVTUNE_RENDEZVOUS_TIMEOUT"] = "60"
+        procs.append(_start("train", env, *STEPS))
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, results, strict=True):
+        assert p.returncode != 0
+        (line,) = [line for line in _errors(stderr) if "would not continue from the same point" in line]
+        assert "process 0: checkpoint-000002" in line and "process 1: a fresh start" in line, line
+        assert "copy machine 0's output_dir/checkpoints to every machine" in line
+    assert not (tmp_path / "machine1" / "out" / "checkpoints").exists()  # nothing trained on machine 1
+
+
 def test_compose_machines_file_puts_only_train_on_the_host_network():
     """NCCL between machines opens ports of its own choosing: training needs the host's network, the cache none."""
     from test_container_static import compose_config

@@ -27,6 +27,7 @@ from hvtune.output import preflight
 from hvtune.output.checkpoints import (
     LoopState,
     RunStart,
+    agree_on_start,
     clear_run_outputs,
     plan_start,
     restore_checkpoint,
@@ -151,6 +152,7 @@ def _set_up(resolved: ResolvedConfig, max_steps_this_run: int | None) -> _Run | 
     total_steps = preflight.total_steps(cfg, manifest, accelerator.num_processes)
     identity = run_identity(cfg.model_dump(), manifest.samples_hash)
     start = plan_start(out, cfg.resume_from_checkpoint, identity, total_steps, overwrite=cfg.overwrite_output_dir)
+    agree_on_start(start)
     if start.finished_at is not None:  # a restarted container, or the same command twice: keep the outputs
         lora, main = RunFiles(out).lora, accelerator.is_main_process
         return TrainResult(out, start.finished_at, False, lora if lora.is_file() else None, main, already_finished=True)

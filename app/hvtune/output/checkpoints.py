@@ -193,6 +193,29 @@ class RunStart:
     clear: list[Path] = field(default_factory=list)  # outputs of a replaced run (overwrite_output_dir)
 
 
+def agree_on_start(start: RunStart) -> None:
+    """Every process continues from the same point. On several machines each reads its own output_dir: a machine
+    without machine 0's checkpoints would start at step 0 while the others resume, and the run would mix them."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    mine = (start.resume.name if start.resume else None, start.finished_at)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) == 1:
+        return
+    said = ", ".join(
+        f"process {rank}: " + (f"finished at step {end}" if end is not None else resume or "a fresh start")
+        for rank, (resume, end) in enumerate(everyone)
+    )
+    raise UserError(
+        f"the processes would not continue from the same point ({said}): each machine reads its own output_dir; "
+        "copy machine 0's output_dir/checkpoints to every machine (docs/CONTAINERS.md#several-boxes), or train into "
+        "a new output_dir on all of them"
+    )
+
+
 def _previous_record(output_dir: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(RunFiles(output_dir).record.read_text())
