@@ -218,7 +218,8 @@ def _open_loop(run: _Run) -> None:
     run.loss_log = LossLog(RunFiles(run.out).loss_log, step, run.accelerator.print) if run.main else None
     run.stop = StopFlag(run.accelerator.print)
     run.parallelism = sharding.parallelism(cfg, run.accelerator)
-    run.accelerator.print(f"training on {run.parallelism.describe()}")
+    if run.parallelism.world_size > 1:  # one process: nothing to say
+        run.accelerator.print(f"training on {run.parallelism.describe()}")
     run.bar = TrainProgress(run.total_steps, step, enabled=run.main, parallelism=run.parallelism)
     accelerator = run.accelerator
     run.step_inputs = dict(

@@ -24,6 +24,7 @@ import math
 import mimetypes
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -364,6 +365,10 @@ def serve(
         print("  reachable from other machines; the token above is required (HVTUNE_PAGE_TOKEN)", flush=True)
     if ready is not None:
         ready(server)
+    if threading.current_thread() is threading.main_thread():
+        # why: a process started in the background by a script (`hvtune serve ... &`, as the entrypoints do) inherits
+        # SIGINT ignored, and Python then never turns Ctrl-C / kill -INT into KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
