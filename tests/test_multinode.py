@@ -140,19 +140,11 @@ def test_a_bad_combination_stops_the_cache_service_at_start(tmp_path, machines, 
 @pytest.mark.slow
 def test_two_machines_on_localhost_meet_and_train_one_run(demo_project, tmp_path):
     """NUM_MACHINES=2 on 127.0.0.1, one process each, each "machine" with its own output folder (as on two boxes):
-    they find each other, accelerate launches one 2-process run, machine 0 writes the run and machine 1 nothing."""
+    they find each other, accelerate launches one 2-process run, machine 0 writes the run and machine 1 nothing.
+    Continued without copying machine 0's checkpoints, every process stops before step 1 with one line."""
     port = str(_free_port())
     machines = {"NUM_PROCESSES": "2", "NUM_MACHINES": "2", "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": port}
-    procs = []
-    for rank in (0, 1):
-        home = tmp_path / f"machine{rank}"
-        home.mkdir()
-        env = _entrypoint_env(
-            home, demo_project, HVTUNE_OUTPUT_DIR=str(home / "out"), MACHINE_RANK=str(rank), **machines
-        )
-        env["HVTUNE_RENDEZVOUS_TIMEOUT"] = "60"  # machine 1 starts 0-10 s after machine 0 on a loaded box
-        procs.append(_start("train", env, *STEPS))
-    results = [p.communicate(timeout=300) for p in procs]
+    procs, results = _both_machines(tmp_path, demo_project, machines, STEPS)
     for p, (_, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0, stderr[-3000:]
     assert "all 2 machines reached 127.0.0.1" in results[0][1]
@@ -161,37 +153,27 @@ def test_two_machines_on_localhost_meet_and_train_one_run(demo_project, tmp_path
     assert run["world_size"] == 2
     assert (tmp_path / "machine0" / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "machine1" / "out" / "pytorch_lora_weights.safetensors").exists()
+    # continued with more steps, machine 0's checkpoints not copied: machine 0 would resume, machine 1 start afresh
+    machines["MAIN_PROCESS_PORT"] = str(_free_port())
+    procs, results = _both_machines(tmp_path, demo_project, machines, ["--max_train_steps=6", *STEPS[1:]])
+    for p, (_, stderr) in zip(procs, results, strict=True):
+        assert p.returncode != 0
+        (line,) = [line for line in _errors(stderr) if "would not continue from the same point" in line]
+        assert "process 0: checkpoint-000004" in line and "process 1: a fresh start" in line, line
+        assert "copy machine 0's output_dir/checkpoints to every machine" in line
+    assert not (tmp_path / "machine1" / "out" / "checkpoints").exists()  # nothing trained on machine 1
 
 
-@pytest.mark.slow
-def test_machines_that_would_resume_from_different_steps_are_refused_in_one_line(demo_project, tmp_path):
-    """Each box reads its own output_dir: machine 0 holds a checkpoint of step 2, machine 1 none. Training both would
-    mix a resumed process with a fresh one; every process stops instead, naming what each would do and the fix."""
-    from conftest import run_hvtune
-
-    first = run_hvtune(
-        "train", "--config", str(demo_project), f"--output_dir={tmp_path / 'machine0' / 'out'}", "--max_train_steps=2",
-        *STEPS[1:],
-    )  # fmt: skip
-    assert first.returncode == 0, first.stderr[-3000:]
-    port = str(_free_port())
-    machines = {"NUM_PROCESSES": "2", "NUM_MACHINES": "2", "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": port}
+def _both_machines(tmp_path: Path, config: Path, machines: dict, steps: list[str]) -> tuple[list, list]:
+    """The train entrypoint on two "machines" (each its own folder and output_dir), until both end."""
     procs = []
     for rank in (0, 1):
         home = tmp_path / f"machine{rank}"
         home.mkdir(exist_ok=True)
-        env = _entrypoint_env(
-            home, demo_project, HVTUNE_OUTPUT_DIR=str(home / "out"), MACHINE_RANK=str(rank), **machines
-        )
-        env["HVTUNE_RENDEZVOUS_TIMEOUT"] = "60"
-        procs.append(_start("train", env, *STEPS))
-    results = [p.communicate(timeout=300) for p in procs]
-    for p, (_, stderr) in zip(procs, results, strict=True):
-        assert p.returncode != 0
-        (line,) = [line for line in _errors(stderr) if "would not continue from the same point" in line]
-        assert "process 0: checkpoint-000002" in line and "process 1: a fresh start" in line, line
-        assert "copy machine 0's output_dir/checkpoints to every machine" in line
-    assert not (tmp_path / "machine1" / "out" / "checkpoints").exists()  # nothing trained on machine 1
+        env = _entrypoint_env(home, config, HVTUNE_OUTPUT_DIR=str(home / "out"), MACHINE_RANK=str(rank), **machines)
+        env["HVTUNE_RENDEZVOUS_TIMEOUT"] = "60"  # machine 1 starts 0-10 s after machine 0 on a loaded box
+        procs.append(_start("train", env, *steps))
+    return procs, [p.communicate(timeout=300) for p in procs]
 
 
 def test_compose_machines_file_puts_only_train_on_the_host_network():
