@@ -41,6 +41,15 @@ def demo_project(tmp_path_factory):
     return config
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a launcher's rendezvous, a test's second process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_hvtune(*args: str, env: dict | None = None, cwd=None, timeout: int = 600):
     """`python -m hvtune ...` in a subprocess, as a user would run it."""
     import subprocess

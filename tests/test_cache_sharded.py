@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_hvtune
+from conftest import free_port, run_hvtune
 from hvtune.cache.shard import BUILDS_FILE, Shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +66,6 @@ def test_a_build_records_where_it_encoded_next_to_the_cache(demo_project):
 # --------------------------------------------------------------------------------------------------- the processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -93,7 +86,7 @@ def _launch(config: Path) -> list[str]:
         "--multi_gpu",
         "--mixed_precision=no",
         "--dynamo_backend=no",
-        f"--main_process_port={_free_port()}",
+        f"--main_process_port={free_port()}",
         "-m",
         "hvtune",
         "cache",
@@ -111,7 +104,7 @@ def _entrypoint_cache(config: Path, data_root: Path) -> subprocess.CompletedProc
         HVTUNE_CONFIG=str(config),
         HVTUNE_SKIP_FETCH="1",
         NUM_PROCESSES="2",
-        MAIN_PROCESS_PORT=str(_free_port()),
+        MAIN_PROCESS_PORT=str(free_port()),
     )
     return subprocess.run(["bash", str(ROOT / "entrypoints" / "cache")], capture_output=True, text=True, env=env)
 

@@ -9,13 +9,13 @@ Ring attention (`allgather`) is refused (diffusers 0.42.1 cannot train it here: 
 from __future__ import annotations
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from hvtune.errors import UserError
 from hvtune.model.attention import key_padding_mask
 from hvtune.train.context_parallel import (
@@ -27,12 +27,6 @@ from hvtune.train.context_parallel import (
 )
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4  # gradients: max |difference| <= GRAD_RTOL x max |gradient|, per tensor
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(checkpointing: bool):
@@ -131,7 +125,7 @@ def _run_two(padded: bool, checkpointing: bool = False) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(r, 2, _free_port() if r == 0 else 0, padded, checkpointing, results))
+        ctx.Process(target=_worker, args=(r, 2, free_port() if r == 0 else 0, padded, checkpointing, results))
         for r in range(2)
     ]
     port = procs[0]._args[2]
@@ -252,7 +246,7 @@ def test_hvtune_train_on_two_processes_with_context_parallel_2_is_equivalent_to_
     env = {**os.environ, "PYTHONPATH": str(root / "app"), "OMP_NUM_THREADS": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     launch = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     cmd = [*launch, "-m", "hvtune", "train", "--config", str(demo_project), f"--output_dir={two}", *steps]
     r = subprocess.run([*cmd, "--context_parallel_size=2"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--max_train_steps=4", "--validation_disable=true", "--checkpointing_steps=4", "--train_batch_size=1"]
 TIMEOUT_S = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entrypoint_env(tmp_path: Path, config: Path | None, **machines: str) -> dict[str, str]:
@@ -56,7 +51,7 @@ def _errors(stderr: str) -> list[str]:
 def test_wrong_main_process_ip_is_one_line_within_the_timeout(demo_project, tmp_path):
     """Machine rank 1 pointed at an address where no machine 0 listens (TEST-NET-1, never routed): the train
     entrypoint stops with one line naming the address and port it tried, within the timeout, before training."""
-    port = _free_port()
+    port = free_port()
     env = _entrypoint_env(
         tmp_path, demo_project, HVTUNE_OUTPUT_DIR=str(tmp_path / "out"), NUM_PROCESSES="2", NUM_MACHINES="2",
         MACHINE_RANK="1", MAIN_PROCESS_IP="192.0.2.1", MAIN_PROCESS_PORT=str(port),
@@ -78,7 +73,7 @@ def test_runpod_instant_cluster_variables_stand_in_for_accelerates(demo_project,
     """A RunPod instant cluster node sets PRIMARY_ADDR / PRIMARY_PORT / NODE_RANK / NUM_NODES / NUM_TRAINERS and
     WORLD_SIZE (docs.runpod.io/instant-clusters): node 1 tries machine 0 at PRIMARY_ADDR:PRIMARY_PORT with
     NUM_NODES x NUM_TRAINERS processes, and the platform's WORLD_SIZE does not turn a lone process into a group."""
-    port = _free_port()
+    port = free_port()
     env = _entrypoint_env(
         tmp_path, demo_project, HVTUNE_OUTPUT_DIR=str(tmp_path / "out"), PRIMARY_ADDR="127.0.0.1",
         PRIMARY_PORT=str(port), NODE_RANK="1", NUM_NODES="2", NUM_TRAINERS="1", WORLD_SIZE="2",
@@ -101,7 +96,7 @@ def test_runpod_instant_cluster_variables_stand_in_for_accelerates(demo_project,
 
 def test_machine_rank_0_names_the_machines_that_never_came(tmp_path):
     """Machine rank 0 alone: after the timeout, one line saying which ranks never connected and what to set there."""
-    port = _free_port()
+    port = free_port()
     env = _entrypoint_env(tmp_path, None, NUM_MACHINES="3", MACHINE_RANK="0", MAIN_PROCESS_IP="127.0.0.1")
     r = subprocess.run(
         [sys.executable, "-m", "hvtune", "rendezvous", f"--port={port}"], env=env, capture_output=True, text=True,
@@ -142,7 +137,7 @@ def test_two_machines_on_localhost_meet_and_train_one_run(demo_project, tmp_path
     """NUM_MACHINES=2 on 127.0.0.1, one process each, each "machine" with its own output folder (as on two boxes):
     they find each other, accelerate launches one 2-process run, machine 0 writes the run and machine 1 nothing.
     Continued without copying machine 0's checkpoints, every process stops before step 1 with one line."""
-    port = str(_free_port())
+    port = str(free_port())
     machines = {"NUM_PROCESSES": "2", "NUM_MACHINES": "2", "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": port}
     procs, results = _both_machines(tmp_path, demo_project, machines, STEPS)
     for p, (_, stderr) in zip(procs, results, strict=True):
@@ -154,7 +149,7 @@ def test_two_machines_on_localhost_meet_and_train_one_run(demo_project, tmp_path
     assert (tmp_path / "machine0" / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "machine1" / "out" / "pytorch_lora_weights.safetensors").exists()
     # continued with more steps, machine 0's checkpoints not copied: machine 0 would resume, machine 1 start afresh
-    machines["MAIN_PROCESS_PORT"] = str(_free_port())
+    machines["MAIN_PROCESS_PORT"] = str(free_port())
     procs, results = _both_machines(tmp_path, demo_project, machines, ["--max_train_steps=6", *STEPS[1:]])
     for p, (_, stderr) in zip(procs, results, strict=True):
         assert p.returncode != 0
